@@ -1,0 +1,3 @@
+"""finetune: vendor-neutral LLM fine-tuning."""
+
+__version__ = "0.1.0"

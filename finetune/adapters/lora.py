@@ -1,0 +1,45 @@
+"""Attach LoRA-family adapters through peft, and merge them back into the base weights."""
+
+from __future__ import annotations
+
+import logging
+
+from finetune.config.schema import PeftConfig
+
+logger = logging.getLogger(__name__)
+
+
+def apply_adapter(model, cfg: PeftConfig):
+    """Wrap `model` with the configured adapter and return the model to train.
+
+    `method: none` returns the model unchanged with every weight trainable (full fine-tune).
+    Adapter weights stay fp32 even when the frozen base is bf16/fp16.
+    """
+    if cfg.method == "none":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules
+    if not isinstance(targets, str):
+        targets = list(targets)
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias=cfg.bias,
+        task_type="CAUSAL_LM",
+        use_dora=cfg.method == "dora",
+        use_rslora=cfg.method == "rslora",
+    )
+    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    return peft_model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,1 @@
+"""Atomic checkpoints with manifests, exact resume, retention and preemption signals."""

@@ -1,0 +1,246 @@
+"""Checkpoint layout, save, load, discovery and retention.
+
+A checkpoint is `OUTPUT_DIR/checkpoints/step_NNNNNNN/`. It is built in a temporary sibling
+directory, every file is fsync'd, the manifest (sha256 of every file) is written last, and only
+then is the directory renamed into place. A checkpoint without a valid manifest is never used.
+Nothing is unpickled on load: tensors come from safetensors, optimizer/scheduler state from
+`torch.load(weights_only=True)`, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from finetune.checkpoint.files import (
+    MANIFEST,
+    publish_directory,
+    verify_manifest,
+    write_json,
+    write_manifest,
+)
+from finetune.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+SCALER = "scaler.pt"
+STATE = "trainer_state.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoints_root(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def tmp_dir_for(output_dir: Path, step: int) -> Path:
+    return checkpoints_root(output_dir) / f".tmp-{step_dir_name(step)}"
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states: tensors (torch, CUDA/HIP) and JSON (python, numpy)."""
+    tensors = {"torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = state
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    plain = {"python": [py_version, list(py_state), py_gauss],
+             "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss),
+                       float(np_gauss)]}
+    return tensors, plain
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.random.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    py_version, py_state, py_gauss = plain["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    kind, keys, pos, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def write_rank_rng(directory: Path, rank: int) -> None:
+    tensors, plain = capture_rng()
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              str(directory / f"rng_rank{rank}.safetensors"))
+    write_json(directory / f"rng_rank{rank}.json", plain)
+
+
+def read_rank_rng(directory: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+    tensor_file = directory / f"rng_rank{rank}.safetensors"
+    if not tensor_file.is_file():
+        return None
+    plain = json.loads((directory / f"rng_rank{rank}.json").read_text(encoding="utf-8"))
+    return load_file(str(tensor_file)), plain
+
+
+# ---------------------------------------------------------------- save
+
+
+@dataclass
+class CheckpointPayload:
+    """What rank 0 writes besides every rank's RNG."""
+
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    state: dict  # step, tokens_seen, elapsed_s, data position, world size, wandb id, ...
+    config_yaml: str
+    kernel_plan: dict
+
+
+def prepare_tmp(output_dir: Path, step: int) -> Path:
+    """Rank 0: a clean temporary directory for this step (a leftover from a crash is removed)."""
+    tmp = tmp_dir_for(output_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_payload(tmp: Path, payload: CheckpointPayload) -> None:
+    """Rank 0: write weights, optimizer, scheduler, state, config and plan into `tmp`."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in payload.trainable.items()},
+              str(tmp / TRAINABLE))
+    torch.save(payload.optimizer, tmp / OPTIMIZER)
+    torch.save(payload.scheduler, tmp / SCHEDULER)
+    if payload.scaler is not None:
+        torch.save(payload.scaler, tmp / SCALER)
+    write_json(tmp / STATE, payload.state)
+    (tmp / "config.yaml").write_text(payload.config_yaml, encoding="utf-8")
+    write_json(tmp / "kernel_plan.json", payload.kernel_plan)
+
+
+def finish_checkpoint(output_dir: Path, step: int) -> Path:
+    """Rank 0, after every rank wrote into the tmp dir: manifest, then the atomic rename."""
+    tmp = tmp_dir_for(output_dir, step)
+    final = checkpoints_root(output_dir) / step_dir_name(step)
+    write_manifest(tmp, {"step": step})
+    if final.exists():
+        # A complete checkpoint of this step already exists; never replace a finished one.
+        shutil.rmtree(tmp)
+        return final
+    publish_directory(tmp, final)
+    return final
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------- discovery and load
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """All step directories (complete or not), oldest first."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint whose manifest verifies; broken ones are skipped with a warning."""
+    for _step, path in reversed(list_checkpoints(output_dir)):
+        problem = verify_manifest(path)
+        if problem is None:
+            return path
+        logger.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    state: dict
+    config_yaml: str
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Verify and load a checkpoint directory (CheckpointError when it is not usable)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"resume={path}: no such checkpoint directory. Use resume=auto to "
+                              "pick the newest complete checkpoint of output_dir.")
+    problem = verify_manifest(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is not usable: {problem}. Resume from an "
+                              "earlier one (resume=PATH) or use resume=auto.")
+    try:
+        scaler = (torch.load(path / SCALER, weights_only=True, map_location="cpu")
+                  if (path / SCALER).is_file() else None)
+        return LoadedCheckpoint(
+            path=path,
+            trainable=load_file(str(path / TRAINABLE)),
+            optimizer=torch.load(path / OPTIMIZER, weights_only=True, map_location="cpu"),
+            scheduler=torch.load(path / SCHEDULER, weights_only=True, map_location="cpu"),
+            scaler=scaler,
+            state=json.loads((path / STATE).read_text(encoding="utf-8")),
+            config_yaml=(path / "config.yaml").read_text(encoding="utf-8"),
+        )
+    except Exception as exc:  # a verified file that still fails to parse is a broken checkpoint
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(exc).__name__}: "
+                              f"{exc}). Resume from an earlier checkpoint.") from None
+
+
+# ---------------------------------------------------------------- retention
+
+
+def apply_retention(output_dir: Path, keep_last_n: int, best_step: int | None = None) -> list[Path]:
+    """Delete complete checkpoints older than the newest `keep_last_n` (0 keeps all).
+
+    The newest complete checkpoint and the best one (`best_step`) are never deleted, nor is a
+    directory without a manifest (it may be someone's only copy to inspect). Checksums are
+    verified on resume, not here, so retention stays cheap for multi-GB checkpoints.
+    """
+    if keep_last_n <= 0:
+        return []
+    complete = [(s, p) for s, p in list_checkpoints(output_dir) if (p / MANIFEST).is_file()]
+    keep = {p for _s, p in complete[-keep_last_n:]}
+    removed = []
+    for step, path in complete:
+        if path in keep or step == best_step:
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
+
+
+def remove_stale_tmp(output_dir: Path) -> None:
+    """Remove temporary directories left by a save that was killed (never complete ones)."""
+    root = checkpoints_root(output_dir)
+    if root.is_dir():
+        for path in root.glob(".tmp-step_*"):
+            shutil.rmtree(path, ignore_errors=True)

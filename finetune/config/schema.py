@@ -1,0 +1,120 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Defaults live here and only here; the YAML files under configs/ select options and hold what
+differs. Struct mode makes an unknown key an error before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from finetune.config.data import DataConfig
+from finetune.config.kernels import KernelsConfig
+
+
+@dataclass
+class ModelConfig:
+    """The base model: `tiny` (built in), a local Hugging Face folder, or a hub id."""
+
+    name_or_path: str = "???"
+    revision: Any = None
+    trust_remote_code: bool = False
+    cache_dir: Any = None  # where the built-in tiny model is written; None: ~/.cache/finetune
+
+
+@dataclass
+class PeftConfig:
+    """The adapter; `method: none` trains every weight (full fine-tune)."""
+
+    method: str = "lora"  # lora | dora | rslora | none
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"  # a list of module names, or all-linear
+    bias: str = "none"
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop: batch shape, length, schedule, evaluation and checkpoint cadence."""
+
+    max_steps: int = -1  # -1: run `epochs` full passes
+    epochs: int = 1
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    eval_every_n_steps: int = 0  # 0: only at the end
+    eval_max_batches: int = 50
+    save_every_n_steps: int = 0  # 0: only at the end
+    save_every_minutes: float = 0.0
+    keep_last_n: int = 0  # 0: keep all
+    keep_best_by: Any = None  # None | eval_loss
+    log_every_n_steps: int = 1
+    on_nan: str = "stop"  # stop | skip
+
+
+@dataclass
+class OptimConfig:
+    """AdamW hyper-parameters and the learning-rate schedule."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides metrics.jsonl and the console."""
+
+    name: str = "console"  # console | wandb
+    project: str = "finetune"
+    entity: Any = None
+    run_name: Any = None
+    mode: str = "online"  # online | offline | disabled (wandb only)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    """One run: every group plus the run-level keys."""
+
+    recipe: str = "???"
+    output_dir: Any = None  # None: runs/<recipe>-<timestamp>
+    resume: Any = None  # None | auto | path to a checkpoint
+    resume_force: bool = False
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "peft": PeftConfig,
+    "trainer": TrainerConfig,
+    "optim": OptimConfig,
+    "kernels": KernelsConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_schemas() -> None:
+    """Register the run schema (`run_schema`) and each group's (`<group>/schema`)."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name="schema", node=schema)

@@ -1,0 +1,1 @@
+"""Console progress, metrics.jsonl, W&B, MFU and the end-of-run summary."""

@@ -1,0 +1,13 @@
+"""Model loading: the built-in tiny model and any Hugging Face causal LM."""
+
+from finetune.models.load import (
+    ModelFacts,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    model_facts,
+    resolve_model_path,
+)
+
+__all__ = ["ModelFacts", "load_model", "load_model_config", "load_tokenizer", "model_facts",
+           "resolve_model_path"]

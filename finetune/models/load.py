@@ -1,0 +1,122 @@
+"""Load a causal LM and its tokenizer: the built-in tiny model, a local folder, or a hub id.
+
+All three go through `AutoModelForCausalLM` / `AutoTokenizer`; the tiny model is first written
+as an ordinary Hugging Face folder. `trust_remote_code` stays off unless the config turns it on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.config.schema import ModelConfig
+from finetune.errors import ConfigError
+from finetune.models.tiny import TINY_NAME, ensure_tiny_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Architecture facts the kernel plan needs before the weights are loaded."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    model_type: str
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """Return a local folder or hub id for `cfg.name_or_path`; build the tiny model if asked.
+
+    Raises ConfigError when a path-like value does not exist.
+    """
+    name = cfg.name_or_path
+    if name == TINY_NAME:
+        return str(ensure_tiny_model(Path(cfg.cache_dir) if cfg.cache_dir else None))
+    path = Path(name).expanduser()
+    looks_like_path = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    if looks_like_path:
+        if not path.is_dir():
+            raise ConfigError(
+                f"model.name_or_path={name}: no such model folder. Give a folder holding "
+                "config.json and the weights (as written by save_pretrained), a hub id such as "
+                "Qwen/Qwen2.5-0.5B-Instruct, or `tiny` for the built-in model.")
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.name_or_path={name}: the folder has no config.json, so it is not a "
+                "Hugging Face model folder. Point it at the folder save_pretrained wrote.")
+        return str(path)
+    return name
+
+
+def _hub_error(name: str, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"model.name_or_path={name}: could not load it ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else ''}). If it is a hub id, this machine may "
+        "not reach the hub: download it elsewhere with `huggingface-cli download` and pass the "
+        "local folder instead; if it is a local folder, check the path.")
+
+
+def load_model_config(cfg: ModelConfig):
+    """The transformers config of the model (no weights loaded)."""
+    from transformers import AutoConfig
+
+    source = resolve_model_path(cfg)
+    try:
+        return AutoConfig.from_pretrained(source, revision=cfg.revision,
+                                          trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(cfg.name_or_path, exc) from None
+
+
+def model_facts(hf_config) -> ModelFacts:
+    """Extract the facts the kernel plan needs from a transformers config."""
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    return ModelFacts(
+        num_heads=heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        model_type=hf_config.model_type,
+    )
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """Load the model's tokenizer; give it a pad token (EOS) if it has none."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
+                                                  trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(cfg.name_or_path, exc) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype):
+    """Load the causal LM with the plan's attention implementation and weight dtype."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    source = resolve_model_path(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=attn_implementation, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(cfg.name_or_path, exc) from None
+    logger.info("loaded %s (%s, %s, attention=%s)", cfg.name_or_path, type(model).__name__,
+                dtype, model.config._attn_implementation)
+    return model

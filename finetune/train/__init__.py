@@ -1,0 +1,1 @@
+"""The one training loop, loss normalisation, schedules and evaluation."""

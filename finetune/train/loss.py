@@ -1,0 +1,58 @@
+"""Loss normalisation over a whole gradient-accumulation window.
+
+Each micro-batch's summed token loss is divided by the number of trained tokens in the *whole*
+window (across every micro-batch and every rank), not averaged per micro-batch. So 1×8 and
+4×2 micro-batching give the same gradients, whatever the padding or document lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import torch
+
+IGNORE_INDEX = -100
+
+# loss_fn(model, batch, num_items) -> that micro-batch's summed token loss divided by num_items
+LossFn = Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor]
+
+
+def trained_tokens(batch: dict) -> int:
+    """Tokens that contribute to the loss: labels after the causal shift that are not ignored."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed over trained tokens, divided by `num_items`.
+
+    Uses the model's own loss path (`num_items_in_batch`), so fused-loss patches such as Liger's
+    fused linear cross-entropy apply and the full logits need not be kept in memory twice.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, labels=batch["labels"], num_items_in_batch=num_items, use_cache=False)
+    return out.loss
+
+
+def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], loss_fn: LossFn,
+                         *, window_tokens: int, backward: Callable[[torch.Tensor], None],
+                         grad_scale: float = 1.0,
+                         no_sync: Callable[[], object] | None = None) -> float:
+    """Run forward+backward over a window; return the window's summed token loss on this rank.
+
+    `window_tokens` is the trained-token count of the whole window (all ranks). `grad_scale`
+    undoes the averaging of a data-parallel wrapper (the world size under DDP). `no_sync`, when
+    given, is a context factory that skips gradient synchronisation for all but the last
+    micro-batch.
+    """
+    denominator = torch.tensor(float(max(window_tokens, 1)))
+    loss_sum = 0.0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        context = no_sync() if (no_sync is not None and not last) else nullcontext()
+        with context:
+            loss = loss_fn(model, batch, denominator)
+            backward(loss * grad_scale)
+        loss_sum += float(loss.detach()) * float(denominator)
+    return loss_sum
+

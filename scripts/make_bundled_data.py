@@ -1,0 +1,159 @@
+"""Regenerate the bundled instruction dataset and the tiny model's tokenizer.
+
+Writes finetune/data/bundled/instructions.jsonl (alpaca format: instruction / input / output)
+and finetune/models/tiny_tokenizer.json. Every row is generated here from templates with a fixed
+seed, so the data is license-clean and the output is byte-identical on every run:
+
+    python scripts/make_bundled_data.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_FILE = ROOT / "finetune" / "data" / "bundled" / "instructions.jsonl"
+TOKENIZER_FILE = ROOT / "finetune" / "models" / "tiny_tokenizer.json"
+
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "grey", "pink"]
+ANIMALS = ["cat", "dog", "horse", "owl", "fox", "bear", "whale", "otter", "eagle", "rabbit",
+           "lion", "tiger", "mouse", "goat", "sheep", "camel", "zebra", "panda", "wolf", "frog"]
+FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach", "pear", "plum"]
+WORDS = ANIMALS + FRUITS + ["river", "mountain", "forest", "garden", "window", "candle", "bridge",
+                            "letter", "planet", "rocket", "piano", "pencil", "castle", "island"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+                "seventeen", "eighteen", "nineteen", "twenty"]
+OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark",
+             "open": "closed", "early": "late", "happy": "sad", "full": "empty", "old": "new",
+             "high": "low", "hard": "soft", "left": "right", "wet": "dry", "near": "far"}
+
+
+def _arithmetic(rng: random.Random) -> dict:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    op = rng.choice(["+", "-", "*"])
+    result = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return {"instruction": "Compute the result of the expression.", "input": f"{a} {op} {b}",
+            "output": f"{a} {op} {b} = {result}."}
+
+
+def _reverse(rng: random.Random) -> dict:
+    words = rng.sample(WORDS, rng.randint(3, 6))
+    return {"instruction": "Reverse the order of the words.", "input": " ".join(words),
+            "output": " ".join(reversed(words))}
+
+
+def _sort(rng: random.Random) -> dict:
+    numbers = [rng.randint(0, 50) for _ in range(rng.randint(3, 7))]
+    ascending = rng.random() < 0.5
+    order = "ascending" if ascending else "descending"
+    ordered = sorted(numbers, reverse=not ascending)
+    return {"instruction": f"Sort these numbers in {order} order.",
+            "input": ", ".join(map(str, numbers)), "output": ", ".join(map(str, ordered))}
+
+
+def _count_letters(rng: random.Random) -> dict:
+    word = rng.choice(WORDS)
+    letter = rng.choice(sorted(set(word)))
+    count = word.count(letter)
+    times = "time" if count == 1 else "times"
+    return {"instruction": f"How many times does the letter '{letter}' appear in the word?",
+            "input": word, "output": f"The letter '{letter}' appears {count} {times} in '{word}'."}
+
+
+def _number_word(rng: random.Random) -> dict:
+    n = rng.randint(0, 20)
+    if rng.random() < 0.5:
+        return {"instruction": "Write the number in words.", "input": str(n),
+                "output": NUMBER_WORDS[n]}
+    return {"instruction": "Write the word as a number.", "input": NUMBER_WORDS[n],
+            "output": str(n)}
+
+
+def _opposite(rng: random.Random) -> dict:
+    word, opposite = rng.choice(sorted(OPPOSITES.items()))
+    if rng.random() < 0.5:
+        word, opposite = opposite, word
+    return {"instruction": "Give the opposite of the word.", "input": word, "output": opposite}
+
+
+def _describe(rng: random.Random) -> dict:
+    colour, animal = rng.choice(COLOURS), rng.choice(ANIMALS)
+    n = rng.randint(2, 9)
+    return {"instruction": f"Write one sentence about {n} {colour} {animal}s.", "input": "",
+            "output": f"There were {NUMBER_WORDS[n]} {colour} {animal}s resting by the "
+                      f"{rng.choice(['river', 'forest', 'garden', 'bridge', 'castle'])}."}
+
+
+def _uppercase(rng: random.Random) -> dict:
+    words = rng.sample(WORDS, rng.randint(2, 4))
+    text = " ".join(words)
+    return {"instruction": "Convert the text to upper case.", "input": text,
+            "output": text.upper()}
+
+
+def _max(rng: random.Random) -> dict:
+    numbers = rng.sample(range(0, 100), rng.randint(3, 6))
+    return {"instruction": "Which number is the largest?", "input": " ".join(map(str, numbers)),
+            "output": f"The largest number is {max(numbers)}."}
+
+
+def _fruit_or_animal(rng: random.Random) -> dict:
+    word = rng.choice(ANIMALS + FRUITS)
+    kind = "an animal" if word in ANIMALS else "a fruit"
+    return {"instruction": "Is this word a fruit or an animal?", "input": word,
+            "output": f"'{word}' is {kind}."}
+
+
+TASKS = [_arithmetic, _reverse, _sort, _count_letters, _number_word, _opposite, _describe,
+         _uppercase, _max, _fruit_or_animal]
+
+
+def generate_rows(n_rows: int, seed: int = 0) -> list[dict]:
+    """Return `n_rows` alpaca rows, the same for the same seed."""
+    rng = random.Random(seed)
+    return [TASKS[i % len(TASKS)](rng) for i in range(n_rows)]
+
+
+SPECIAL_TOKENS = ["<|pad|>", "<|begin|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def train_tokenizer(rows: list[dict], vocab_size: int = 4096) -> str:
+    """Train a byte-level BPE tokenizer on the rows and return its JSON."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [" ".join(str(v) for v in row.values()) for row in rows]
+    corpus += ["You are a helpful assistant. Answer briefly and exactly."]
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return tokenizer.to_str()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows = generate_rows(args.rows, args.seed)
+    DATA_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with DATA_FILE.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    TOKENIZER_FILE.write_text(train_tokenizer(rows), encoding="utf-8")
+    print(f"wrote {len(rows)} rows to {DATA_FILE.relative_to(ROOT)}")
+    print(f"wrote tokenizer to {TOKENIZER_FILE.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

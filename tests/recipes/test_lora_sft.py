@@ -1,0 +1,127 @@
+"""The default recipe end to end on the tiny model, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests._cli import QUICK, read_step_metrics, run_cli
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("default") / "run"
+    result = run_cli("run", "lora_sft", f"output_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir / "stdout.txt").write_text(result.stdout)
+    return run_dir
+
+
+def test_default_run_outputs(default_run: Path) -> None:
+    for name in ("config.yaml", "metrics.jsonl", "kernel_plan.json", "summary.json",
+                 "final/adapter_config.json", "final/adapter_model.safetensors",
+                 "final/tokenizer.json", "final/tokenizer_config.json",
+                 "checkpoints/step_0000040/manifest.json",
+                 "checkpoints/step_0000080/manifest.json"):
+        assert (default_run / name).is_file(), name
+    steps = read_step_metrics(default_run)
+    assert [r["step"] for r in steps] == list(range(1, 81))
+    assert all({"step", "loss", "lr"} <= set(r) for r in steps)
+    plan = json.loads((default_run / "kernel_plan.json").read_text())
+    assert plan["hardware"]["vendor"] == "cpu"
+    assert plan["kernels"]["attention"]["choice"] in ("sdpa", "eager")
+    stdout = (default_run / "stdout.txt").read_text()
+    assert "attention:" in stdout and "done." in stdout
+
+
+def test_default_run_loss_falls(default_run: Path) -> None:
+    losses = [r["loss"] for r in read_step_metrics(default_run)]
+    tenth = len(losses) // 10
+    first = sum(losses[:tenth]) / tenth
+    last = sum(losses[-tenth:]) / tenth
+    assert last <= 0.8 * first, (first, last)
+    summary = json.loads((default_run / "summary.json").read_text())
+    assert summary["last_loss"] == pytest.approx(last)
+    assert summary["eval_loss"] is not None and summary["eval_loss"] < first
+
+
+def test_adapter_reloads_in_peft_with_identical_logits(default_run: Path) -> None:
+    """final/ loads with plain peft and equals the weights the run ended with."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.adapters.export import load_trained_model
+
+    adapter_cfg = json.loads((default_run / "final/adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(adapter_cfg["base_model_name_or_path"],
+                                                dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, str(default_run / "final")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(default_run / "final")
+    ids = tokenizer("Reverse the order of the words: owl fox cat", return_tensors="pt")
+    at_end, _ = load_trained_model(default_run / "checkpoints/step_0000080")
+    at_end.eval()
+    with torch.no_grad():
+        expected = at_end(**ids).logits
+        got = reloaded(**ids).logits
+    assert torch.equal(got, expected)
+    base_only = AutoModelForCausalLM.from_pretrained(adapter_cfg["base_model_name_or_path"],
+                                                     dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base_only(**ids).logits, got)  # the adapter really matters
+
+
+def test_merge_and_generate(default_run: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = tmp_path / "merged"
+    result = run_cli("merge", str(default_run), str(merged_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    from finetune.adapters.export import load_trained_model
+
+    peft_model, tokenizer = load_trained_model(default_run)
+    ids = tokenizer("What is 3 + 4?", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, peft_model.eval()(**ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    generated = run_cli("generate", str(default_run), "--prompt", "Write the number in words.",
+                        "--max-new-tokens", "5")
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    assert generated.stdout.strip()
+
+
+def test_seeded_runs_are_identical(tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        result = run_cli("run", "lora_sft", *QUICK, f"output_dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append([r["loss"] for r in read_step_metrics(tmp_path / name)])
+    assert runs[0] == runs[1]
+    other = run_cli("run", "lora_sft", *QUICK, "seed=7", f"output_dir={tmp_path / 'c'}")
+    assert other.returncode == 0
+    assert [r["loss"] for r in read_step_metrics(tmp_path / "c")] != runs[0]
+    a = load_file(str(tmp_path / "a/final/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b/final/adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_sft_recipe(tmp_path: Path) -> None:
+    result = run_cli("run", "full_sft", *QUICK, f"output_dir={tmp_path / 'full'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "full/final/model.safetensors").is_file()
+    assert (tmp_path / "full/final/config.json").is_file()
+
+
+def test_multirun_sweep(tmp_path: Path) -> None:
+    result = run_cli("run", "lora_sft", "-m", "peft.r=2,4", "trainer.max_steps=2",
+                     "trainer.micro_batch_size=2", "data.max_seq_len=32",
+                     "trainer.eval_every_n_steps=0", "trainer.eval_max_batches=1",
+                     f"output_dir={tmp_path / 'sweep'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for job, rank in (("job0", 2), ("job1", 4)):
+        adapter = json.loads((tmp_path / "sweep" / job / "final/adapter_config.json").read_text())
+        assert adapter["r"] == rank
