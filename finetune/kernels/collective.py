@@ -1,0 +1,42 @@
+"""Collective family: the torch.distributed backend for multi-process runs.
+
+nccl on NVIDIA and on ROCm (where torch's nccl backend is RCCL), xccl on Intel XPU, gloo on
+CPU and Apple. Facts: /work/shared/reference/gpu-kernels.md section 4.
+"""
+
+from __future__ import annotations
+
+from finetune.hardware.profile import HardwareProfile
+from finetune.kernels.registry import Candidate, ModelFacts, Registry, Support
+
+
+def _nccl(profile: HardwareProfile, facts: ModelFacts) -> Support:
+    if profile.vendor == "nvidia":
+        return True, "NCCL between NVIDIA GPUs"
+    if profile.vendor == "amd":
+        return True, "RCCL: torch's nccl backend is hipified to RCCL on ROCm"
+    return False, "needs NVIDIA or AMD GPUs (NCCL/RCCL)"
+
+
+def _xccl(profile: HardwareProfile, facts: ModelFacts) -> Support:
+    if profile.vendor == "intel":
+        return True, "oneCCL through torch's xccl backend"
+    return False, "needs Intel XPUs (oneCCL)"
+
+
+def _gloo(profile: HardwareProfile, facts: ModelFacts) -> Support:
+    if profile.vendor in ("cpu", "apple"):
+        return True, f"host-side collectives for {profile.arch}"
+    if profile.vendor == "intel":
+        return False, "does not take XPU tensors; use xccl"
+    return True, "works, but much slower than NCCL/RCCL between GPUs"
+
+
+COLLECTIVE: Registry[Candidate] = Registry(
+    "collective",
+    [
+        Candidate("nccl", _nccl, default_rank=0),
+        Candidate("xccl", _xccl, default_rank=0),
+        Candidate("gloo", _gloo, default_rank=1),
+    ],
+)

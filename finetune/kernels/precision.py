@@ -1,0 +1,113 @@
+"""Precision family: bf16 where it is native, else fp16 with a grad scaler (GPU), else fp32.
+
+Trainable weights and optimizer state always stay fp32; `base_dtype` is the dtype of the
+frozen weights, `autocast` says whether the forward runs under autocast in the chosen dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune.hardware.arch import (
+    AMD_BF16_NATIVE,
+    AMD_HIPBLASLT_TF32,
+    is_amd,
+    is_nvidia_sm80_plus,
+)
+from finetune.hardware.profile import HardwareProfile
+from finetune.kernels.registry import Candidate, ModelFacts, Registry, Support, torch_at_least
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+MPS_BF16_MIN_MACOS = 14
+MPS_BF16_MIN_TORCH = "2.6"
+
+
+def _macos_major(profile: HardwareProfile) -> int:
+    try:
+        return int((profile.macos or "0").split(".")[0])
+    except ValueError:
+        return 0
+
+
+def _bf16(profile: HardwareProfile, facts: ModelFacts) -> Support:
+    if profile.vendor == "nvidia":
+        if is_nvidia_sm80_plus(profile):
+            return True, f"native bf16 on {profile.arch} (compute capability 8.0+)"
+        return False, (
+            f"needs compute capability 8.0+ for native bf16; {profile.arch} only emulates it "
+            "(torch.cuda.is_bf16_supported() counts emulation)"
+        )
+    if profile.vendor == "amd":
+        if is_amd(profile, AMD_BF16_NATIVE):
+            return True, f"native bf16 on {profile.arch}"
+        return False, f"needs AMD gfx90a or newer for native bf16; this is {profile.arch}"
+    if profile.vendor == "intel":
+        return True, "native bf16 on Intel XPU"
+    if profile.vendor == "apple":
+        if _macos_major(profile) >= MPS_BF16_MIN_MACOS and torch_at_least(
+            profile, MPS_BF16_MIN_TORCH
+        ):
+            return True, f"bf16 on MPS (macOS {profile.macos}, torch {profile.torch})"
+        return False, (
+            f"needs macOS {MPS_BF16_MIN_MACOS}+ and torch {MPS_BF16_MIN_TORCH}+ on MPS; this is "
+            f"macOS {profile.macos}, torch {profile.torch}"
+        )
+    if profile.cpu_bf16:
+        return True, "the CPU has AMX-BF16/AVX512-BF16 (native bf16)"
+    return False, "needs a CPU with AMX-BF16 or AVX512-BF16 (not in /proc/cpuinfo flags)"
+
+
+def _fp16(profile: HardwareProfile, facts: ModelFacts) -> Support:
+    if profile.vendor in ("nvidia", "amd", "intel"):
+        return True, "fp16 autocast with a grad scaler"
+    if profile.vendor == "apple":
+        return False, "is not offered on MPS (fp16 with a grad scaler is not validated there)"
+    return False, "has no fast matmul on CPUs without AMX-FP16; use bf16 where native, else fp32"
+
+
+def _fp32(profile: HardwareProfile, facts: ModelFacts) -> Support:
+    return True, "full fp32"
+
+
+PRECISION: Registry[Candidate] = Registry(
+    "precision",
+    [
+        Candidate("bf16", _bf16, default_rank=0),
+        Candidate("fp16", _fp16, default_rank=1),
+        Candidate("fp32", _fp32, default_rank=2),
+    ],
+)
+
+
+def tf32_enabled(profile: HardwareProfile) -> bool:
+    """TF32 matmuls for fp32 work: NVIDIA Ampere+, and hipBLASLt on MI300 and newer."""
+    return is_nvidia_sm80_plus(profile) or is_amd(profile, AMD_HIPBLASLT_TF32)
+
+
+def precision_details(profile: HardwareProfile, choice: str) -> dict[str, Any]:
+    """The fields recorded next to the precision choice in kernel_plan.json."""
+    return {
+        "base_dtype": choice,
+        "trainable_dtype": "fp32",
+        "autocast": choice in ("bf16", "fp16"),
+        "grad_scaler": choice == "fp16",
+        "tf32": tf32_enabled(profile),
+    }
+
+
+def precision_env(profile: HardwareProfile) -> dict[str, tuple[str, str]]:
+    """Environment variables the precision choice needs: name -> (value, reason)."""
+    if is_amd(profile, AMD_HIPBLASLT_TF32):
+        return {
+            "HIPBLASLT_ALLOW_TF32": (
+                "1",
+                f"hipBLASLt TF32 for fp32 matmuls; honoured on MI300+ ({profile.arch})",
+            )
+        }
+    return {}

@@ -1,0 +1,89 @@
+"""`finetune env`: plan display, JSON, table, overrides and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.commands.env import main, parse_kernel_overrides
+from finetune.kernels.table import markdown_kernel_table
+
+
+def test_impossible_override_exits_2_with_one_paragraph(capsys) -> None:
+    assert main(["--profile", "t4", "kernels.attention=flash_attention_2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "kernels.attention=flash_attention_2 is not possible here" in err
+    assert "one of: sdpa, eager" in err
+    assert "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["kernels.atention=sdpa"], "Did you mean kernels.attention?"),
+        (["kernels.attention=flash"], "use one of: auto, flash_attention_3"),
+        (["kernels.selfcheck=maybe"], "true or false"),
+        (["attention=sdpa"], "kernels.KEY=VALUE"),
+        (["--profile", "h1000"], "valid profiles"),
+        (["--profile", "cpu", "kernels.precision=bf16"], "AMX-BF16"),
+    ],
+)
+def test_bad_input_exits_2(capsys, argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_option_exits_2(capsys) -> None:
+    assert main(["--assume-packages", "some"]) == 2
+
+
+def test_help_exits_0(capsys) -> None:
+    assert main(["--help"]) == 0
+    assert "--profile" in capsys.readouterr().out
+
+
+def test_json_for_a_simulated_profile(capsys) -> None:
+    assert main(["--profile", "h100", "--assume-packages", "all", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["hardware"]["arch"] == "sm_90"
+    assert data["kernels"]["attention"]["choice"] == "flash_attention_3"
+    assert data["kernels"]["attention"]["selfcheck"] == "not run (simulated profile)"
+
+
+def test_simulated_profile_assumes_no_packages_by_default(capsys) -> None:
+    assert main(["--profile", "h100", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["hardware"]["packages"] == []
+    assert data["kernels"]["attention"]["choice"] == "sdpa"
+
+
+def test_overrides_are_honoured(capsys) -> None:
+    assert main(["--profile", "a100", "--assume-packages", "all", "--json",
+                 "kernels.attention=eager", "kernels.fused_ops=none"]) == 0
+    kernels = json.loads(capsys.readouterr().out)["kernels"]
+    assert kernels["attention"]["choice"] == "eager"
+    assert kernels["fused_ops"]["choice"] == "none"
+
+
+def test_this_machine_is_detected_and_self_checked(capsys) -> None:
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hardware: ")
+    assert "self-check passed" in out
+
+
+def test_selfcheck_can_be_switched_off(capsys) -> None:
+    assert main(["--json", "kernels.selfcheck=false"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["kernels"]["attention"]["selfcheck"] == "skipped (kernels.selfcheck=false)"
+
+
+def test_table_is_the_generated_table(capsys) -> None:
+    assert main(["--table"]) == 0
+    assert capsys.readouterr().out == markdown_kernel_table()
+
+
+def test_parse_kernel_overrides() -> None:
+    cfg = parse_kernel_overrides(["kernels.precision=fp32", "kernels.selfcheck=no"])
+    assert (cfg.precision, cfg.selfcheck, cfg.attention) == ("fp32", False, "auto")
