@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -103,16 +104,50 @@ def cmd_run(args: list[str]) -> int:
     except ValueError:
         raise ConfigError(f"--nproc {flags['--nproc']}: give a whole number of processes.") from None
     config_dir, config_name = resolve_recipe(recipe)
+    cfg = None
     if not multirun:
         cfg = compose_run_config(recipe, overrides)  # every key and type checked before work
         if cfg.output_dir is None:
             overrides = [*overrides, f"output_dir={default_output_dir(cfg.recipe)}"]
+    elif not any(o.startswith("output_dir=") for o in overrides):
+        overrides = [*overrides, f"output_dir={default_output_dir(Path(recipe).stem)}"]
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={nproc}", "-m", "finetune.cli", "run", recipe,
-                   *overrides, *(["-m"] if multirun else [])]
-        return subprocess.call(command)
+        if multirun:
+            raise ConfigError("-m sweeps run one job after another in this process; combine "
+                              "them with --nproc by launching each job separately.")
+        return _launch_processes(nproc, recipe, overrides, Path(cfg.output_dir or
+                                 next(o.split("=", 1)[1] for o in overrides
+                                      if o.startswith("output_dir="))))
     return _hydra_run(config_dir, config_name, overrides, multirun)
+
+
+def _launch_processes(nproc: int, recipe: str, overrides: list[str], output_dir: Path) -> int:
+    """Run the recipe on `nproc` processes with torchrun (torch.distributed.run).
+
+    torchrun runs in its own process group, so a terminal's Ctrl-C reaches only this process,
+    which forwards one SIGTERM: each rank then finishes its step and the ranks save one
+    checkpoint together. torchrun reports a rank's exit 75 as a plain failure, so the
+    preemption marker the run leaves in output_dir restores the documented exit code.
+    """
+    from finetune.train.signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "finetune.cli", "run", recipe, *overrides]
+    proc = subprocess.Popen(command, start_new_session=True)
+
+    def forward(_signum: int, _frame: object) -> None:
+        proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code != 0 and (output_dir / PREEMPTED_MARKER).is_file():
+        return PREEMPTED_EXIT_CODE
+    return code
 
 
 def _hydra_run(config_dir: Path, config_name: str, overrides: list[str], multirun: bool) -> int:
@@ -150,8 +185,12 @@ def _hydra_run(config_dir: Path, config_name: str, overrides: list[str], multiru
             failures.append(f"{label}{exc}")
             codes.append(code)
 
+    # A sweep's jobs go to OUTPUT_DIR/jobN; Hydra's record of the sweep, multirun.yaml, to
+    # OUTPUT_DIR itself. Hydra creates no other directory and leaves logging alone.
+    sweep_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), ".")
     hydra_args = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none",
-                  "hydra/hydra_logging=none", "hydra.sweep.dir=.", "hydra.sweep.subdir=."]
+                  "hydra/hydra_logging=none", f"hydra.sweep.dir={sweep_dir}",
+                  "hydra.sweep.subdir=."]
     if config_dir != shipped_config_dir():
         hydra_args.append(f"hydra.searchpath=[file://{shipped_config_dir()}]")
     saved_argv = sys.argv
@@ -199,8 +238,10 @@ def cmd_cp(args: list[str]) -> int:
     if target.exists():
         raise ConfigError(f"{target} already exists; not overwriting it. Choose another DEST.")
     shutil.copyfile(source, target)
+    group = name.split("/")[0]
     hint = (f"run it with `finetune run {target}`" if "/" not in name
-            else f"use it with `finetune run RECIPE` after editing (or merge it into a copy of a recipe)")
+            else f"paste its values under `{group}:` in a recipe copy (`finetune cp lora_sft "
+                 "my.yaml`) and run that")
     print(f"copied {name} to {target}; {hint}")
     return 0
 

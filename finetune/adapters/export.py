@@ -49,7 +49,9 @@ def load_trained_model(source: Path | str, *, dtype=None):
         base_cfg = ModelConfig(name_or_path=adapter_cfg["base_model_name_or_path"])
         base = load_model(base_cfg, attn_implementation="sdpa", dtype=dtype)
         model = PeftModel.from_pretrained(base, str(path))
-        return model, load_tokenizer(ModelConfig(name_or_path=str(path)))
+        from transformers import AutoTokenizer
+
+        return model, AutoTokenizer.from_pretrained(str(path))  # saved beside the adapter
     if path.is_dir() and (path / "trainable.safetensors").is_file():
         problem = verify_manifest(path)
         if problem is not None:

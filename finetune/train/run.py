@@ -29,7 +29,7 @@ from finetune.models import load_model, load_model_config, load_tokenizer, model
 from finetune.train.loss import LossFn
 from finetune.train.run_dir import check_output_dir, default_output_dir, find_resume_checkpoint
 from finetune.train.schedule import build_scheduler
-from finetune.train.signals import PREEMPTED_EXIT_CODE
+from finetune.train.signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from finetune.train.trainer import LoopState, Trainer
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ def run_training(cfg: RunConfig, loss_fn: LossFn) -> int:
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         store.remove_stale_tmp(run_dir)
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml(cfg), encoding="utf-8")
         write_json(run_dir / "kernel_plan.json", plan_dict)
     out(f"finetune {cfg.recipe}: output_dir={run_dir}")
@@ -171,6 +172,8 @@ def run_training(cfg: RunConfig, loss_fn: LossFn) -> int:
     base_params = sum(p.numel() for p in model.parameters())
     model = apply_adapter(model, cfg.peft)
     trainable, total = count_parameters(model)
+    if plan_dict["kernels"]["compile"]["choice"] == "on":
+        model.compile()  # in place: parameter names and state_dict keys stay unchanged
     data = build_data(cfg.data, tokenizer, attention=attention, seed=cfg.seed,
                       micro_batch_size=cfg.trainer.micro_batch_size,
                       rank=acc.process_index, world_size=acc.num_processes)
@@ -253,6 +256,8 @@ def run_training(cfg: RunConfig, loss_fn: LossFn) -> int:
     try:
         result = trainer.fit()
         if result.stopped_by == "preempted":
+            if acc.is_main_process:
+                (run_dir / PREEMPTED_MARKER).write_text(f"step {state.step}\n")
             out(f"preempted at step {state.step}: checkpoint saved; rerun with resume=auto to "
                 f"continue (exit code {PREEMPTED_EXIT_CODE})")
             return PREEMPTED_EXIT_CODE

@@ -15,6 +15,9 @@ import signal
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" — requeue and resume=auto
+# Left in output_dir by a preempted run (removed when the run starts again), so a launcher that
+# cannot pass exit codes through (torchrun) can still tell preemption from failure.
+PREEMPTED_MARKER = "PREEMPTED"
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests._cli import QUICK, read_step_metrics, run_cli
+from tests._cli import QUICK, REPO, read_step_metrics, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,5 @@ def test_multirun_sweep(tmp_path: Path) -> None:
     for job, rank in (("job0", 2), ("job1", 4)):
         adapter = json.loads((tmp_path / "sweep" / job / "final/adapter_config.json").read_text())
         assert adapter["r"] == rank
+    assert (tmp_path / "sweep/multirun.yaml").is_file()
+    assert not (REPO / "multirun.yaml").exists() and not (REPO / "outputs").exists()

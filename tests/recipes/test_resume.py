@@ -143,24 +143,62 @@ def test_resume_from_other_adapter_shape_is_refused(data_file: Path, straight: P
     assert "another model or adapter shape" in result.stderr
 
 
-def test_two_processes_kill9_resume_identical(data_file: Path, tmp_path: Path) -> None:
-    straight2 = tmp_path / "straight2"
-    extra = ["trainer.micro_batch_size=2"]
-    result = run_cli(*_args(data_file, straight2, *extra), "--nproc", "2")
+TWO = ["trainer.micro_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def straight2(data_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight2") / "run"
+    result = run_cli(*_args(data_file, run_dir, *TWO), "--nproc", "2")
     assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_two_processes_kill9_resume_identical(data_file: Path, straight2: Path,
+                                              tmp_path: Path) -> None:
     crashed = tmp_path / "crashed2"
-    assert _crash(_args(data_file, crashed, *extra), 6, "after", nproc=2) != 0
-    result = run_cli(*_args(data_file, crashed, *extra, "resume=auto"), "--nproc", "2")
+    assert _crash(_args(data_file, crashed, *TWO), 6, "after", nproc=2) != 0
+    result = run_cli(*_args(data_file, crashed, *TWO, "resume=auto"), "--nproc", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_identical(straight2, crashed)
-    # world size 2 -> 1 (same global batch of 4): continues at the same global sample position
+
+
+def test_two_processes_sigterm_then_resume(data_file: Path, straight2: Path,
+                                           tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = _args(data_file, run_dir, *TWO, "trainer.save_every_n_steps=0")
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", *args, "--nproc", "2"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    saved = list((run_dir / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "manifest.json").is_file()
+    assert {p.name for p in saved[0].glob("rng_rank*.json")} == {"rng_rank0.json",
+                                                                "rng_rank1.json"}
+    result = run_cli(*_args(data_file, run_dir, *TWO, "trainer.save_every_n_steps=0",
+                            "resume=auto"), "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_identical(straight2, run_dir)
+
+
+def test_world_size_two_to_one(data_file: Path, straight2: Path, tmp_path: Path) -> None:
+    """2 processes -> 1 (same global batch of 4): continues at the same global position."""
     one = tmp_path / "one"
-    assert _crash(_args(data_file, one, *extra), 3, "after", nproc=2) != 0
+    assert _crash(_args(data_file, one, *TWO), 3, "after", nproc=2) != 0
     result = run_cli(*_args(data_file, one, "trainer.micro_batch_size=4", "resume=auto"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 1" not in result.stdout
     state = json.loads((one / "checkpoints/step_0000012/trainer_state.json").read_text())
     ref = json.loads((straight2 / "checkpoints/step_0000012/trainer_state.json").read_text())
-    assert state["data"] == ref["data"] and state["world_size"] == 1
+    assert state["data"]["position"] == ref["data"]["position"] == 12 * 4
+    assert state["world_size"] == 1 and ref["world_size"] == 2
     wa, wb = _weights(straight2), _weights(one)
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
