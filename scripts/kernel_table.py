@@ -1,4 +1,4 @@
-"""Print, write or check the kernel plan table of docs/hardware-and-kernels.md.
+"""Print, write or check the kernel plan table of README.md and docs/hardware-and-kernels.md.
 
     python scripts/kernel_table.py                 print the table
     python scripts/kernel_table.py --write         replace the table in the docs
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from finetune.kernels.table import TABLE_END, TABLE_START, markdown_kernel_table
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "hardware-and-kernels.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = (ROOT / "README.md", ROOT / "docs" / "hardware-and-kernels.md")
 
 
 def table_in_doc(text: str) -> str:
@@ -34,21 +35,23 @@ def replace_table(text: str, table: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--write", action="store_true", help=f"update {DOC.name} in place")
-    action.add_argument("--check", action="store_true", help=f"fail when {DOC.name} is stale")
-    parser.add_argument("--doc", type=Path, default=DOC, help="the Markdown file with markers")
+    action.add_argument("--write", action="store_true", help="update the documents in place")
+    action.add_argument("--check", action="store_true", help="fail when a document is stale")
+    parser.add_argument("--doc", type=Path, action="append",
+                        help="a Markdown file with the markers (default: README and docs)")
     args = parser.parse_args(argv)
+    docs = args.doc or list(DOCS)
     table = markdown_kernel_table()
     if args.write:
-        args.doc.write_text(replace_table(args.doc.read_text(), table))
-        print(f"wrote the kernel table to {args.doc}")
+        for doc in docs:
+            doc.write_text(replace_table(doc.read_text(), table))
+            print(f"wrote the kernel table to {doc}")
         return 0
     if args.check:
-        if table_in_doc(args.doc.read_text()) != table:
-            print(f"{args.doc} is stale; run python scripts/kernel_table.py --write",
-                  file=sys.stderr)
-            return 1
-        return 0
+        stale = [doc for doc in docs if table_in_doc(doc.read_text()) != table]
+        for doc in stale:
+            print(f"{doc} is stale; run python scripts/kernel_table.py --write", file=sys.stderr)
+        return 1 if stale else 0
     print(table, end="")
     return 0
 

@@ -8,12 +8,8 @@ from finetune.errors import CheckpointError
 
 # Keys whose change would silently corrupt the run: another model, adapter shape, data or order.
 REFUSED_PREFIXES = ("model.", "peft.", "data.", "seed")
-# Keys that only steer the run's length, logging and bookkeeping.
-HARMLESS_PREFIXES = ("trainer.max_steps", "trainer.epochs", "trainer.save_every_n_steps",
-                     "trainer.save_every_minutes", "trainer.keep_last_n", "trainer.keep_best_by",
-                     "trainer.log_every_n_steps", "trainer.eval_every_n_steps",
-                     "trainer.eval_max_batches", "logger.", "output_dir", "resume",
-                     "kernels.selfcheck")
+# How the run was started, not what it trains: never reported as a change.
+RUN_CONTROL = ("resume", "resume_force", "output_dir")
 
 
 def _flatten(node: object, prefix: str = "") -> dict[str, object]:
@@ -30,13 +26,16 @@ def config_changes(saved_yaml: str, current: dict) -> list[tuple[str, object, ob
     saved = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
     now = _flatten(current)
     keys = sorted(set(saved) | set(now))
-    return [(k, saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)]
+    return [(k, saved.get(k), now.get(k)) for k in keys
+            if k not in RUN_CONTROL and saved.get(k) != now.get(k)]
 
 
 def check_resume_compatible(saved_yaml: str, current: dict, *, force: bool,
                             checkpoint: str) -> tuple[list[str], list[str]]:
     """Refuse changes that would corrupt the run; return (allowed, forced) change descriptions.
 
+    Everything else (run length, logging, eval and save cadence, batch shape, kernels) is
+    allowed and listed, so the user sees what differs from the checkpoint.
     With `force`, refused changes are accepted and returned as `forced` so they can be recorded.
     """
     allowed, refused = [], []

@@ -107,16 +107,19 @@ class Trainer:
             batches = self.data.val_batches(self.cfg.trainer.eval_max_batches)
             self._val_batches = batches[self.acc.process_index::self.acc.num_processes]
         loss_sum, tokens = 0.0, 0
-        self.model.eval()
+        # The unwrapped model: DDP's forward broadcasts buffers, a collective that would hang
+        # when ranks hold different numbers of eval batches.
+        model = self.acc.unwrap_model(self.model)
+        model.eval()
         for batch in self._val_batches:
             n = trained_tokens(batch)
             if n == 0:
                 continue
-            loss = self.loss_fn(self.model, _to_device(batch, self.acc.device),
+            loss = self.loss_fn(model, _to_device(batch, self.acc.device),
                                 torch.tensor(float(n)))
             loss_sum += float(loss) * n
             tokens += n
-        self.model.train()
+        model.train()
         total_tokens = self._reduce_sum(tokens)
         if total_tokens == 0:
             return None

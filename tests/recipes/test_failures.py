@@ -30,7 +30,8 @@ def test_nan_stop_names_the_step_and_keeps_checkpoints(tmp_path: Path) -> None:
 def test_nan_skip_counts_skipped_steps(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_cli("run", "lora_sft", *QUICK, "optim.lr=1e30", "optim.warmup_steps=0",
-                     "trainer.max_grad_norm=0", "trainer.on_nan=skip", f"output_dir={run_dir}")
+                     "trainer.max_grad_norm=0", "trainer.on_nan=skip", "trainer.max_steps=4",
+                     f"output_dir={run_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     skipped = [r for r in read_step_metrics(run_dir) if r.get("skipped_non_finite")]

@@ -21,11 +21,12 @@ def _load(name: str) -> ModuleType:
     return module
 
 
-def test_docs_table_equals_generated_table() -> None:
+@pytest.mark.parametrize("doc", ["README.md", "docs/hardware-and-kernels.md"])
+def test_docs_table_equals_generated_table(doc: str) -> None:
     kernel_table = _load("kernel_table")
-    doc = (ROOT / "docs" / "hardware-and-kernels.md").read_text()
-    assert kernel_table.table_in_doc(doc) == markdown_kernel_table(), (
-        "docs/hardware-and-kernels.md is stale: run python scripts/kernel_table.py --write"
+    text = (ROOT / doc).read_text()
+    assert kernel_table.table_in_doc(text) == markdown_kernel_table(), (
+        f"{doc} is stale: run python scripts/kernel_table.py --write"
     )
 
 
