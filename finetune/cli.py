@@ -51,7 +51,6 @@ def _setup_logging() -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # peft calls a transformers method that transformers 5 renamed; the warning is not the user's.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                             category=FutureWarning)

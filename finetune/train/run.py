@@ -174,9 +174,11 @@ def run_training(cfg: RunConfig, loss_fn: LossFn) -> int:
     trainable, total = count_parameters(model)
     if plan_dict["kernels"]["compile"]["choice"] == "on":
         model.compile()  # in place: parameter names and state_dict keys stay unchanged
-    data = build_data(cfg.data, tokenizer, attention=attention, seed=cfg.seed,
-                      micro_batch_size=cfg.trainer.micro_batch_size,
-                      rank=acc.process_index, world_size=acc.num_processes)
+    with acc.main_process_first():  # rank 0 fills the tokenized cache; the others read it
+        data = build_data(cfg.data, tokenizer, attention=attention, seed=cfg.seed,
+                          micro_batch_size=cfg.trainer.micro_batch_size,
+                          rank=acc.process_index, world_size=acc.num_processes,
+                          mask_dtype=DTYPES[precision["choice"]])
     total_steps = _total_steps(cfg, data, acc.num_processes)
     optimizer = build_optimizer(
         plan_dict["kernels"]["optimizer"]["choice"], [p for p in model.parameters()

@@ -42,8 +42,8 @@ class LoopResult:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-            for k, v in batch.items()}
+    # Tensors and flex-attention BlockMasks both move with .to(device).
+    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
 def _input_tokens(batch: dict) -> int:
@@ -103,9 +103,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        if self._val_batches is None:
-            batches = self.data.val_batches(self.cfg.trainer.eval_max_batches)
-            self._val_batches = batches[self.acc.process_index::self.acc.num_processes]
+        if self._val_batches is None:  # already this rank's share, equal in count on all ranks
+            self._val_batches = self.data.val_batches(self.cfg.trainer.eval_max_batches)
         loss_sum, tokens = 0.0, 0
         # The unwrapped model: DDP's forward broadcasts buffers, a collective that would hang
         # when ranks hold different numbers of eval batches.

@@ -127,3 +127,44 @@ def test_multirun_sweep(tmp_path: Path) -> None:
         assert adapter["r"] == rank
     assert (tmp_path / "sweep/multirun.yaml").is_file()
     assert not (REPO / "multirun.yaml").exists() and not (REPO / "outputs").exists()
+
+
+def test_local_model_folder_and_plan_overrides(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Any local HF folder loads through the same path; a forced kernel is really applied."""
+    import shutil
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(tiny_model_dir, folder)
+    run_dir = tmp_path / "run"
+    result = run_cli("run", "lora_sft", *QUICK, "trainer.max_steps=2",
+                     f"model.name_or_path={folder}", "kernels.attention=eager",
+                     "kernels.optimizer=adamw_foreach", f"output_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "attention=eager" in result.stderr  # the model was loaded with the plan's choice
+    plan = json.loads((run_dir / "kernel_plan.json").read_text())
+    assert plan["kernels"]["attention"]["choice"] == "eager"
+    assert plan["kernels"]["optimizer"]["choice"] == "adamw_foreach"
+    adapter = json.loads((run_dir / "final/adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(folder)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:
+    losses = []
+    for name, flag in (("plain", "false"), ("ckpt", "true")):
+        result = run_cli("run", "lora_sft", *QUICK, "trainer.max_steps=3",
+                         f"trainer.gradient_checkpointing={flag}", f"output_dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses.append([r["loss"] for r in read_step_metrics(tmp_path / name)])
+    for a, b in zip(*losses, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_packed_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli("run", "lora_sft", *QUICK, "trainer.max_steps=3", "data.packing=true",
+                     "data.max_seq_len=256", "trainer.micro_batch_size=2",
+                     f"output_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data"]["packing_efficiency"] > 0.8
+    assert summary["data"]["packed_sequences"] < summary["data"]["rows"]

@@ -1,0 +1,36 @@
+"""Schema of the `data` config group: sources, format, templating, masking and packing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from and how it becomes token ids and labels.
+
+    `path` is a file, a glob, a directory, `hf:org/name` for a hub dataset (or `hf:/local/dir`
+    for a folder written by `save_to_disk` or a folder of data files), `builtin:NAME` for a
+    dataset shipped with finetune, or a list of any of these. docs/data.md describes each key.
+    """
+
+    path: Any = "???"
+    format: str = "auto"  # auto | alpaca | chat | sharegpt | text | prompt_completion | preference
+    split: str = "train"  # split of an hf: dataset
+    weights: Any = None  # one weight per path when `path` is a list (a mixture)
+    columns: dict[str, str] = field(default_factory=dict)  # format field -> column in the data
+    json_key: Any = None  # key that holds the records in a .json object; None: found by shape
+    text_unit: str = "line"  # .txt files: one document per line | paragraph | file
+    val_path: Any = None  # held-out data; None: hold out `val_split` of `path`
+    val_split: float = 0.05
+    max_seq_len: int = 512
+    truncation: str = "truncate"  # truncate | drop | error
+    train_on: str = "assistant"  # assistant | all | last_turn
+    packing: bool = False
+    streaming: bool = False
+    stream_buffer: int = 2048  # streaming: rows shuffled and packed together
+    shuffle: bool = True
+    on_bad_row: str = "error"  # error | skip
+    chat_template: Any = None  # None: the tokenizer's own (built-in if none) | builtin | Jinja text
+    cache_dir: Any = None  # tokenized-data cache; None: $FINETUNE_CACHE/data or ~/.cache/finetune/data

@@ -1,0 +1,103 @@
+"""Collating examples into model inputs: padded rows, or packed rows with document isolation.
+
+A batch is a list of rows; a row is a list of documents, each `(token ids, trained flags)`.
+Labels are the token ids where trained and -100 elsewhere (not shifted: the model shifts).
+Unpacked rows (one document each) are right-padded to the longest row with a 2D
+attention_mask. Packed rows follow `packing_isolation` (see finetune.data.packing):
+
+- `block_mask_4d`: attention_mask is [B, 1, T, T] in `mask_dtype`, 0 inside a document's causal
+  triangle and the dtype's minimum elsewhere; the padding tail is its own block, so no query row
+  is fully masked (which would give NaN).
+- `flex_block_mask`: attention_mask is a flex-attention BlockMask with the same pattern (on CPU; move
+  it with `.to(device)`).
+- `varlen`: the batch is flattened to one row [1, N] without padding and without attention_mask;
+  position_ids restart at 0 for each document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+Document = tuple[np.ndarray, np.ndarray]
+IGNORE_INDEX = -100
+
+
+class Collator:
+    """Builds the batch dict the model is called with."""
+
+    def __init__(self, *, pad_id: int, isolation: str | None,
+                 mask_dtype: torch.dtype = torch.float32) -> None:
+        self.pad_id, self.isolation, self.mask_dtype = pad_id, isolation, mask_dtype
+
+    def __call__(self, rows: list[list[Document]]) -> dict[str, Any]:
+        if self.isolation == "varlen":
+            rows = [[doc for row in rows for doc in row]]
+        width = max(sum(len(ids) for ids, _ in row) for row in rows)
+        batch = len(rows)
+        input_ids = np.full((batch, width), self.pad_id, dtype=np.int64)
+        labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
+        positions = np.zeros((batch, width), dtype=np.int64)
+        doc_index = np.zeros((batch, width), dtype=np.int64)
+        spans: list[list[tuple[int, int]]] = []  # (start, end) of each document, per row
+        for b, row in enumerate(rows):
+            at = 0
+            spans.append([])
+            for d, (ids, trained) in enumerate(row):
+                n = len(ids)
+                input_ids[b, at:at + n] = ids
+                labels[b, at:at + n] = np.where(trained, ids, IGNORE_INDEX)
+                positions[b, at:at + n] = np.arange(n)
+                doc_index[b, at:at + n] = d
+                spans[b].append((at, at + n))
+                at += n
+            # The padding tail: its own document, positions from 0.
+            positions[b, at:] = np.arange(width - at)
+            doc_index[b, at:] = len(row)
+            if at < width:
+                spans[b].append((at, width))
+        out: dict[str, Any] = {
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(positions),
+        }
+        if self.isolation is None:
+            lengths = np.array([sum(len(ids) for ids, _ in row) for row in rows])
+            out["attention_mask"] = torch.from_numpy(
+                (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64))
+        elif self.isolation == "block_mask_4d":
+            out["attention_mask"] = block_diagonal_mask(spans, width, self.mask_dtype)
+        elif self.isolation == "flex_block_mask":
+            out["attention_mask"] = flex_block_mask(torch.from_numpy(doc_index))
+        return out
+
+
+def block_diagonal_mask(spans: list[list[tuple[int, int]]], width: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, T, T] additive mask: 0 where query and key are in the same document (`spans` gives
+    each row's documents as (start, end)) and the key is not in the future, the dtype's minimum
+    elsewhere. Built block by block in numpy (one thread; a full T x T comparison in torch costs
+    ~10x more per batch on a busy CPU); the minimum of `dtype` is exact in float32."""
+    blocked = torch.finfo(dtype).min
+    mask = np.full((len(spans), 1, width, width), blocked, dtype=np.float32)
+    causal = np.triu(np.full((width, width), blocked, dtype=np.float32), 1)
+    for b, row in enumerate(spans):
+        for start, end in row:
+            n = end - start
+            mask[b, 0, start:end, start:end] = causal[:n, :n]
+    out = torch.from_numpy(mask)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def flex_block_mask(doc_index: torch.Tensor) -> Any:
+    """A flex-attention BlockMask for documents packed in rows (same pattern as above)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, width = doc_index.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (doc_index[b, q] == doc_index[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, batch, None, width, width, device="cpu")

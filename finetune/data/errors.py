@@ -1,0 +1,42 @@
+"""The one error type of the data pipeline, and where a row came from."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class DataError(ValueError):
+    """Bad data or a data setting that cannot work; the message is written for the user.
+
+    It names the file and 1-based line (or record) when a row is at fault, the field or setting
+    involved, and what to do about it.
+    """
+
+
+class RowOrigin(NamedTuple):
+    """Where a row was read: `file:line` for text files, `file:record N` for the others."""
+
+    source: str
+    index: int  # 1-based line number (jsonl, csv, txt) or record number (json, parquet, hf)
+    unit: str = "line"
+
+    def __str__(self) -> str:
+        if self.unit == "line":
+            return f"{self.source}:{self.index}"
+        return f"{self.source}: {self.unit} {self.index}"
+
+
+class BadRow(Exception):
+    """Raised inside the pipeline for one row; turned into a DataError or a counted skip.
+
+    `reason` is a short key counted in the stats when rows are skipped (`malformed_json`,
+    `missing_field`, ...); `message` is the full user-facing text without the location.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def at(self, origin: RowOrigin) -> DataError:
+        return DataError(f"{origin}: {self.message}")

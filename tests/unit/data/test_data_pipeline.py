@@ -1,0 +1,142 @@
+"""build_data as a whole: cache, held-out split, mixtures, statistics, batch shapes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from finetune.data import DataError, build_data
+from finetune.data.tokenized import ExampleEncoder
+
+
+def _build(cfg, tokenizer, **kwargs):
+    kwargs.setdefault("micro_batch_size", 2)
+    return build_data(cfg, tokenizer, attention=kwargs.pop("attention", "sdpa"), seed=0, **kwargs)
+
+
+@pytest.fixture
+def count_tokenizer_calls(monkeypatch):
+    calls = []
+    original = ExampleEncoder._encode_texts
+
+    def counting(self, texts):
+        calls.append(len(texts))
+        return original(self, texts)
+
+    monkeypatch.setattr(ExampleEncoder, "_encode_texts", counting)
+    return calls
+
+
+def test_second_build_reads_the_cache_without_tokenizing(tokenizer, data_cfg, jsonl, alpaca_rows,
+                                                         count_tokenizer_calls, tmp_path):
+    path = jsonl(alpaca_rows(50))
+    cfg = data_cfg(path=str(path), packing=True, max_seq_len=64)
+    first = _build(cfg, tokenizer)
+    assert count_tokenizer_calls and not first.stats.sources[0]["from_cache"]
+    count_tokenizer_calls.clear()
+    second = _build(cfg, tokenizer)
+    assert count_tokenizer_calls == []
+    assert second.stats.sources[0]["from_cache"]
+    assert second.stats.to_dict() | {"sources": None} == first.stats.to_dict() | {"sources": None}
+    a, b = next(iter(first.train)), next(iter(second.train))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    entries = os.listdir(tmp_path / "cache")
+    assert len(entries) == 1 and not entries[0].startswith(".")  # no temporary folder left
+
+
+def test_cache_is_invalidated_by_data_and_settings(tokenizer, data_cfg, jsonl, alpaca_rows,
+                                                   count_tokenizer_calls):
+    path = jsonl(alpaca_rows(5))
+    _build(data_cfg(path=str(path)), tokenizer)
+    count_tokenizer_calls.clear()
+    _build(data_cfg(path=str(path), max_seq_len=100), tokenizer)  # a setting that changes tokens
+    assert count_tokenizer_calls
+    count_tokenizer_calls.clear()
+    jsonl(alpaca_rows(6))  # the file changed
+    assert _build(data_cfg(path=str(path)), tokenizer).stats.rows == 6
+    assert count_tokenizer_calls
+
+
+def test_cache_dir_defaults_to_finetune_cache(tokenizer, jsonl, alpaca_rows, monkeypatch, tmp_path):
+    from finetune.config.data import DataConfig
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "fc"))
+    _build(DataConfig(path=str(jsonl(alpaca_rows(3))), val_split=0), tokenizer)
+    assert len(os.listdir(tmp_path / "fc" / "data")) == 1
+
+
+def test_held_out_split_is_fixed_across_seeds(tokenizer, data_cfg, jsonl, alpaca_rows):
+    cfg = data_cfg(path=str(jsonl(alpaca_rows(40))), val_split=0.1)
+    bundles = [build_data(cfg, tokenizer, attention="sdpa", seed=s, micro_batch_size=2)
+               for s in (0, 1)]
+    assert bundles[0].stats.val_rows == 4 and bundles[0].stats.rows == 36
+    vals = [b.val_batches(None) for b in bundles]
+    assert len(vals[0]) == 2
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(*vals, strict=True))
+    assert len(bundles[0].val_batches(1)) == 1
+
+
+def test_val_path_and_rank_sharded_held_out_batches(tokenizer, data_cfg, jsonl, alpaca_rows):
+    train, val = jsonl(alpaca_rows(8), "train.jsonl"), jsonl(alpaca_rows(5, start=100), "val.jsonl")
+    cfg = data_cfg(path=str(train), val_path=str(val))
+    ranks = [build_data(cfg, tokenizer, attention="sdpa", seed=0, micro_batch_size=2, rank=r,
+                        world_size=2).val_batches(None) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [2, 2]  # same number of batches on every rank
+    sizes = [[b["input_ids"].shape[0] for b in r] for r in ranks]
+    assert sizes == [[2, 1], [2, 1]]
+    filler = ranks[1][1]  # rank 1 has nothing left in the second step: a fully masked filler
+    assert (filler["labels"] == -100).all()
+    trained = sum(int((b["labels"] != -100).sum()) for r in ranks for b in r)
+    alone = build_data(cfg, tokenizer, attention="sdpa", seed=0, micro_batch_size=8)
+    assert trained == int((alone.val_batches(None)[0]["labels"] != -100).sum())
+
+
+def test_mixture_weights_set_each_source_share(tokenizer, data_cfg, jsonl, alpaca_rows):
+    a = jsonl(alpaca_rows(10), "a.jsonl")
+    b = jsonl([{"text": f"document {i}"} for i in range(10)], "b.jsonl")
+    bundle = _build(data_cfg(path=[str(a), str(b)], weights=[3, 1]), tokenizer)
+    assert bundle.stats.rows == 20 and bundle.stats.format == "alpaca+text"
+    docs = [bundle.train.documents(i)[0][0] for i in range(20)]
+    from_b = sum(tokenizer.decode(ids.tolist()).startswith("<|begin|>document") for ids in docs)
+    assert from_b == 5
+    with pytest.raises(DataError, match="data.weights has 1 values for 2"):
+        _build(data_cfg(path=[str(a), str(b)], weights=[1]), tokenizer)
+
+
+def test_stats_count_tokens_and_packing_efficiency(tokenizer, data_cfg, jsonl, alpaca_rows):
+    cfg = data_cfg(path=str(jsonl(alpaca_rows(30))), packing=True, max_seq_len=128)
+    stats = _build(cfg, tokenizer).stats.to_dict()
+    assert stats["rows"] == 30 and stats["packed_sequences"] >= 1
+    assert stats["packing_efficiency"] == pytest.approx(
+        stats["tokens"] / (stats["packed_sequences"] * 128), abs=1e-4)
+    assert 0 < stats["trained_tokens"] < stats["tokens"]
+    for key in ("format", "rows", "tokens", "trained_tokens", "skipped_rows", "truncated_rows",
+                "dropped_rows", "packed_sequences", "packing_efficiency"):
+        assert key in stats
+
+
+def test_unpacked_batch_shapes_and_labels(tokenizer, data_cfg, jsonl, alpaca_rows):
+    bundle = _build(data_cfg(path=str(jsonl(alpaca_rows(6)))), tokenizer)
+    batch = next(iter(bundle.train))
+    assert set(batch) == {"input_ids", "labels", "position_ids", "attention_mask"}
+    shape = batch["input_ids"].shape
+    assert all(v.shape == shape and v.dtype == torch.long for v in batch.values())
+    pad = batch["attention_mask"] == 0
+    assert (batch["labels"][pad] == -100).all()
+    assert (batch["input_ids"][pad] == tokenizer.pad_token_id).all()
+
+
+def test_packing_refuses_an_attention_that_cannot_isolate(tokenizer, data_cfg, jsonl, alpaca_rows):
+    cfg = data_cfg(path=str(jsonl(alpaca_rows(3))), packing=True)
+    with pytest.raises(DataError, match="cannot keep packed documents apart"):
+        _build(cfg, tokenizer, attention="paged|sdpa")
+
+
+def test_mask_dtype_follows_the_model_dtype(tokenizer, data_cfg, jsonl, alpaca_rows):
+    cfg = data_cfg(path=str(jsonl(alpaca_rows(6))), packing=True, max_seq_len=64)
+    batch = next(iter(_build(cfg, tokenizer, mask_dtype=torch.bfloat16).train))
+    mask = batch["attention_mask"]
+    assert mask.dtype == torch.bfloat16 and mask.shape[1] == 1
+    assert set(mask.unique().tolist()) == {0.0, torch.finfo(torch.bfloat16).min}
