@@ -90,13 +90,13 @@ def ensure_tiny_model(cache_root: Path | None = None) -> Path:
     The folder is built in a temporary directory and renamed into place, so a crash or a
     concurrent process never leaves a half-written model behind.
     """
-    import torch
-    from transformers import LlamaForCausalLM
-
     root = Path(cache_root) if cache_root else default_cache_root()
     target = root / f"tiny-llama-v{TINY_VERSION}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    import torch
+    from transformers import LlamaForCausalLM
+
     root.mkdir(parents=True, exist_ok=True)
     logger.info("building the built-in tiny model in %s", target)
     tokenizer = build_tiny_tokenizer()

@@ -50,6 +50,21 @@ def _crash(args: list[str], step: int, mode: str, nproc: int = 1) -> int:
                           timeout=600).returncode
 
 
+def _sigterm_after_two_steps(args: list[str], run_dir: Path) -> tuple[int, str]:
+    """Start `finetune ARGS`, send SIGTERM once two steps are logged; (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "final/adapter_model.safetensors"))
 
@@ -93,17 +108,8 @@ def test_kill9_then_resume_is_bitwise_identical(data_file: Path, straight: Path,
 def test_sigterm_saves_then_resumes(data_file: Path, straight: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = _args(data_file, run_dir, "trainer.save_every_n_steps=0")
-    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-3000:]
+    code, err = _sigterm_after_two_steps(args, run_dir)
+    assert code == 75, err[-3000:]
     saved = list((run_dir / "checkpoints").glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "manifest.json").is_file()
     assert not (run_dir / "final").exists()
@@ -167,17 +173,8 @@ def test_two_processes_sigterm_then_resume(data_file: Path, straight2: Path,
                                            tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = _args(data_file, run_dir, *TWO, "trainer.save_every_n_steps=0")
-    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", *args, "--nproc", "2"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-3000:]
+    code, err = _sigterm_after_two_steps([*args, "--nproc", "2"], run_dir)
+    assert code == 75, err[-3000:]
     saved = list((run_dir / "checkpoints").glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "manifest.json").is_file()
     assert {p.name for p in saved[0].glob("rng_rank*.json")} == {"rng_rank0.json",
