@@ -50,8 +50,9 @@ def _crash(args: list[str], step: int, mode: str, nproc: int = 1) -> int:
                           timeout=600).returncode
 
 
-def _sigterm_after_two_steps(args: list[str], run_dir: Path) -> tuple[int, str]:
-    """Start `finetune ARGS`, send SIGTERM once two steps are logged; (exit code, stderr)."""
+def _signal_after_two_steps(args: list[str], run_dir: Path,
+                            signum: int = signal.SIGTERM) -> tuple[int, str]:
+    """Start `finetune ARGS`, send `signum` once two steps are logged; (exit code, stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -60,7 +61,7 @@ def _sigterm_after_two_steps(args: list[str], run_dir: Path) -> tuple[int, str]:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
     return proc.returncode, err
 
@@ -108,7 +109,7 @@ def test_kill9_then_resume_is_bitwise_identical(data_file: Path, straight: Path,
 def test_sigterm_saves_then_resumes(data_file: Path, straight: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = _args(data_file, run_dir, "trainer.save_every_n_steps=0")
-    code, err = _sigterm_after_two_steps(args, run_dir)
+    code, err = _signal_after_two_steps(args, run_dir)
     assert code == 75, err[-3000:]
     saved = list((run_dir / "checkpoints").glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "manifest.json").is_file()
@@ -169,11 +170,12 @@ def test_two_processes_kill9_resume_identical(data_file: Path, straight2: Path,
     _assert_identical(straight2, crashed)
 
 
-def test_two_processes_sigterm_then_resume(data_file: Path, straight2: Path,
+def test_two_processes_sigusr1_then_resume(data_file: Path, straight2: Path,
                                            tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = _args(data_file, run_dir, *TWO, "trainer.save_every_n_steps=0")
-    code, err = _sigterm_after_two_steps([*args, "--nproc", "2"], run_dir)
+    # SLURM's --signal=USR1: the launcher forwards it, every rank stops after the same step
+    code, err = _signal_after_two_steps([*args, "--nproc", "2"], run_dir, signal.SIGUSR1)
     assert code == 75, err[-3000:]
     saved = list((run_dir / "checkpoints").glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "manifest.json").is_file()
