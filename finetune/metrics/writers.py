@@ -31,6 +31,14 @@ class MetricsFile:
         self._file.close()
 
 
+def step_losses(path: Path) -> list[float]:
+    """The training loss of every step recorded in metrics.jsonl, in order (whole run)."""
+    if not path.is_file():
+        return []
+    records = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
+    return [r["loss"] for r in records if "loss" in r]
+
+
 def truncate_metrics(path: Path, after_step: int) -> None:
     """On resume, drop lines past the checkpoint's step so metrics.jsonl has each step once."""
     if not path.is_file():

@@ -24,7 +24,7 @@ from finetune.checkpoint.compat import check_resume_compatible
 from finetune.checkpoint.files import write_json
 from finetune.config.schema import RunConfig
 from finetune.errors import CheckpointError, ConfigError
-from finetune.metrics.writers import WandbLogger, truncate_metrics
+from finetune.metrics.writers import WandbLogger, step_losses, truncate_metrics
 from finetune.models import load_model, load_model_config, load_tokenizer, model_facts
 from finetune.train.loss import LossFn
 from finetune.train.run_dir import check_output_dir, default_output_dir, find_resume_checkpoint
@@ -267,7 +267,9 @@ def run_training(cfg: RunConfig, loss_fn: LossFn) -> int:
             trainer.save_checkpoint()
         if acc.is_main_process:
             final = _export_final(unwrapped, tokenizer, run_dir)
-            summary = _summary(state, data, total_steps, acc, allowed_changes, forced_changes)
+            losses = step_losses(run_dir / "metrics.jsonl")  # the whole run, across resumes
+            summary = _summary(state, losses, data, total_steps, acc, allowed_changes,
+                               forced_changes)
             write_json(run_dir / "summary.json", summary)
             if wandb is not None:
                 wandb.finish(summary)
@@ -287,8 +289,8 @@ def _tenth_mean(values: list[float], last: bool) -> float | None:
     return sum(part) / len(part)
 
 
-def _summary(state: LoopState, data, total_steps: int, acc, allowed: list[str],
-             forced: list[str]) -> dict:
+def _summary(state: LoopState, losses: list[float], data, total_steps: int, acc,
+             allowed: list[str], forced: list[str]) -> dict:
     stats = data.stats.to_dict()
     return {
         "steps": state.step,
@@ -296,8 +298,8 @@ def _summary(state: LoopState, data, total_steps: int, acc, allowed: list[str],
         "tokens_seen": state.tokens_seen,
         "elapsed_s": round(state.elapsed_s, 3),
         "trained_tokens_per_s": state.tokens_seen / state.elapsed_s if state.elapsed_s else None,
-        "first_loss": _tenth_mean(state.losses, last=False),
-        "last_loss": _tenth_mean(state.losses, last=True),
+        "first_loss": _tenth_mean(losses, last=False),
+        "last_loss": _tenth_mean(losses, last=True),
         "eval_loss": state.last_eval_loss,
         "best_eval_loss": state.best_eval_loss,
         "nan_skipped_steps": state.nan_skipped,

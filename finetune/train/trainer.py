@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +32,6 @@ class LoopState:
     best_eval_loss: float | None = None
     best_step: int | None = None
     last_eval_loss: float | None = None
-    losses: list[float] = field(default_factory=list)  # this session's step losses
 
 
 @dataclass
@@ -214,7 +213,6 @@ class Trainer:
                 self.state.tokens_seen += window_tokens
                 self.state.elapsed_s += dt
                 session_steps += 1
-                self.state.losses.append(loss)
                 self._log_step(loss, lr, grad_norm, window_tokens, input_tokens, dt, skip,
                                session_steps)
                 self._maybe_eval()

@@ -65,3 +65,22 @@ def test_wheel_works_outside_the_source_tree(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "finetune/data/bundled/instructions.jsonl" in names
     assert "finetune/models/tiny_tokenizer.json" in names
+
+
+def test_wandb_offline_and_no_secrets_written(tmp_path: Path) -> None:
+    """logger=wandb works offline; API keys and tokens from the environment land nowhere."""
+    run_dir = tmp_path / "run"
+    secrets = {"WANDB_API_KEY": "wandb-secret-4f1c9a", "HF_TOKEN": "hf-secret-77d2b0"}
+    result = run_cli("run", "lora_sft", *QUICK, "trainer.max_steps=2", "logger=wandb",
+                     "logger.mode=offline", "trainer.save_every_n_steps=1",
+                     f"output_dir={run_dir}", env={**secrets, "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(run_dir.glob("wandb/offline-run-*")), "the W&B offline run was written"
+    state = json.loads((run_dir / "checkpoints/step_0000002/trainer_state.json").read_text())
+    assert state["wandb_run_id"]
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for value in secrets.values():
+                assert value.encode() not in data, f"{value} written to {path}"
+    assert all(v not in result.stdout + result.stderr for v in secrets.values())
