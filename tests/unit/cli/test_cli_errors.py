@@ -59,5 +59,10 @@ def test_help_ls_cp_validate(tmp_path: Path) -> None:
     validated = run_cli("validate", str(tmp_path / "mine.yaml"), "peft.r=4")
     assert validated.returncode == 0, validated.stderr
     assert "max_steps: 7" in validated.stdout and "r: 4" in validated.stdout
+    ran = run_cli("run", str(tmp_path / "mine.yaml"), "trainer.max_steps=1",
+                  "data.max_seq_len=32", "trainer.micro_batch_size=2",
+                  "trainer.eval_max_batches=1", f"output_dir={tmp_path / 'run'}")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert (tmp_path / "run/final/adapter_model.safetensors").is_file()
     again = run_cli("cp", "lora_sft", str(tmp_path / "mine.yaml"))
     assert again.returncode == 2 and "already exists" in again.stderr
