@@ -1,7 +1,6 @@
 """Model loading: the built-in tiny model and any Hugging Face causal LM."""
 
 from finetune.models.load import (
-    ModelFacts,
     load_model,
     load_model_config,
     load_tokenizer,
@@ -9,5 +8,5 @@ from finetune.models.load import (
     resolve_model_path,
 )
 
-__all__ = ["ModelFacts", "load_model", "load_model_config", "load_tokenizer", "model_facts",
+__all__ = ["load_model", "load_model_config", "load_tokenizer", "model_facts",
            "resolve_model_path"]

@@ -7,27 +7,14 @@ as an ordinary Hugging Face folder. `trust_remote_code` stays off unless the con
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config.schema import ModelConfig
 from finetune.errors import ConfigError
+from finetune.kernels.registry import ModelFacts
 from finetune.models.tiny import TINY_NAME, ensure_tiny_model
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """Architecture facts the kernel plan needs before the weights are loaded."""
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    model_type: str
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
@@ -75,17 +62,12 @@ def load_model_config(cfg: ModelConfig):
 
 
 def model_facts(hf_config) -> ModelFacts:
-    """Extract the facts the kernel plan needs from a transformers config."""
+    """The attention shape the kernel plan checks candidates against, from a transformers config."""
     heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     return ModelFacts(
         num_heads=heads,
         num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        num_layers=hf_config.num_hidden_layers,
-        model_type=hf_config.model_type,
+        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
     )
 
 

@@ -48,13 +48,11 @@ def config_yaml(cfg: RunConfig) -> str:
 def _plan(cfg: RunConfig):
     """Detect the hardware and choose kernels; set the plan's env vars before CUDA/HIP work."""
     from finetune.hardware import detect
-    from finetune.kernels import ModelFacts, apply_env, plan
+    from finetune.kernels import apply_env, plan
 
     facts = model_facts(load_model_config(cfg.model))
     profile = detect()
-    kernel_plan = plan(profile, cfg.kernels, ModelFacts(num_heads=facts.num_heads,
-                                                        num_kv_heads=facts.num_kv_heads,
-                                                        head_dim=facts.head_dim))
+    kernel_plan = plan(profile, cfg.kernels, facts)
     apply_env(kernel_plan)
     return profile, kernel_plan
 
