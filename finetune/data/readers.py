@@ -59,7 +59,9 @@ def _decode(raw: bytes) -> str:
                      "re-encode the file as UTF-8 or set data.on_bad_row=skip") from None
 
 
-def _read_jsonl(path: Path, start: FilePosition) -> Iterator[RowItem]:
+def _numbered_lines(path: Path,
+                    start: FilePosition) -> Iterator[tuple[bytes, RowOrigin, FilePosition]]:
+    """Raw lines from `start` on, each with its 1-based origin and the position after it."""
     source = str(path)
     offset, number = start.offset, start.number
     with open(path, "rb") as f:
@@ -68,22 +70,26 @@ def _read_jsonl(path: Path, start: FilePosition) -> Iterator[RowItem]:
             offset += len(raw)
             origin = RowOrigin(source, number)
             number += 1
-            resume = FilePosition(offset, number)
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(_decode(raw))
-            except BadRow as bad:
-                yield bad, origin, resume
-                continue
-            except json.JSONDecodeError as exc:
-                yield (BadRow("malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno}); "
-                              "fix the line or set data.on_bad_row=skip"), origin, resume)
-                continue
-            if not isinstance(row, dict):
-                row = BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}; "
-                             "each line must be one object like {\"field\": ...}")
-            yield row, origin, resume
+            yield raw, origin, FilePosition(offset, number)
+
+
+def _read_jsonl(path: Path, start: FilePosition) -> Iterator[RowItem]:
+    for raw, origin, resume in _numbered_lines(path, start):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(_decode(raw))
+        except BadRow as bad:
+            yield bad, origin, resume
+            continue
+        except json.JSONDecodeError as exc:
+            yield (BadRow("malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno}); "
+                          "fix the line or set data.on_bad_row=skip"), origin, resume)
+            continue
+        if not isinstance(row, dict):
+            row = BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}; "
+                         "each line must be one object like {\"field\": ...}")
+        yield row, origin, resume
 
 
 def _records_in(data: Any, path: Path, json_key: str | None) -> list:
@@ -220,32 +226,26 @@ def _read_txt(path: Path, unit: str, start: FilePosition) -> Iterator[RowItem]:
         if text.strip():
             yield {"text": text.rstrip("\n")}, RowOrigin(source, 1), FilePosition(1, 2)
         return
-    offset, number = start.offset, start.number
     para: list[str] = []
-    para_start = number
-    with open(path, "rb") as f:
-        f.seek(offset)
-        for raw in f:
-            offset += len(raw)
-            origin = RowOrigin(source, number)
-            number += 1
-            try:
-                line = _decode(raw).rstrip("\r\n")
-            except BadRow as bad:
-                yield bad, origin, FilePosition(offset, number)
-                para = []
-                continue
-            if unit == "line":
-                if line.strip():
-                    yield {"text": line}, origin, FilePosition(offset, number)
-                continue
+    para_start = start.number
+    resume = start
+    for raw, origin, resume in _numbered_lines(path, start):
+        try:
+            line = _decode(raw).rstrip("\r\n")
+        except BadRow as bad:
+            yield bad, origin, resume
+            para = []
+            continue
+        if unit == "line":
             if line.strip():
-                if not para:
-                    para_start = origin.index
-                para.append(line)
-            elif para:
-                yield ({"text": "\n".join(para)}, RowOrigin(source, para_start),
-                       FilePosition(offset, number))
-                para = []
-        if para:
-            yield {"text": "\n".join(para)}, RowOrigin(source, para_start), FilePosition(offset, number)
+                yield {"text": line}, origin, resume
+            continue
+        if line.strip():
+            if not para:
+                para_start = origin.index
+            para.append(line)
+        elif para:
+            yield {"text": "\n".join(para)}, RowOrigin(source, para_start), resume
+            para = []
+    if para:
+        yield {"text": "\n".join(para)}, RowOrigin(source, para_start), resume
