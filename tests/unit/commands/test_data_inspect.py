@@ -45,7 +45,7 @@ def test_report_counts_and_shows_the_masked_example(tokenizer, tmp_path):
 
 
 def test_command_prints_json_for_a_recipe(capsys):
-    code = main(["lora_sft", "--json", "data.max_seq_len=40", "data.truncation=drop"])
+    code = main(["lora_sft", "--json", "data.max_seq_len=30", "data.truncation=drop"])
     out = capsys.readouterr().out
     assert code == 0
     report = json.loads(out)
