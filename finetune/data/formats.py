@@ -23,7 +23,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": ASSISTANT, "assistant"
                   "chatgpt": ASSISTANT, "model": ASSISTANT, "system": "system", "tool": "tool"}
 
 
-@dataclass
+@dataclass(slots=True)
 class Example:
     """One training example. Exactly one of `messages` and `segments` is set.
 
@@ -52,6 +52,8 @@ class DataFormat:
 
 def _text(row: Mapping[str, Any], field: str, *, optional: bool = False) -> str:
     value = row.get(field)
+    if value.__class__ is str:
+        return value
     if value is None:
         if optional:
             return ""
@@ -117,11 +119,14 @@ def _conversation(turns: list[tuple[str, str]], system: str = "") -> Example:
 
 
 def _alpaca(row: Mapping[str, Any]) -> Example:
+    # Built directly rather than through _conversation: the turns always hold one assistant
+    # turn and no system turn (this runs for every row of the most common format).
     instruction = _text(row, "instruction")
     extra = _text(row, "input", optional=True)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return _conversation([("user", prompt), (ASSISTANT, _text(row, "output"))],
-                         _text(row, "system", optional=True))
+    turns = [("user", prompt), (ASSISTANT, _text(row, "output"))]
+    system = _text(row, "system", optional=True)
+    return Example(messages=[("system", system), *turns] if system else turns)
 
 
 def _chat(row: Mapping[str, Any]) -> Example:
@@ -194,9 +199,11 @@ class RowConverter:
         self.required = tuple(columns.get(f, f) for f in _DETECT_KEYS.get(fmt.name, fmt.required))
 
     def __call__(self, row: Mapping[str, Any]) -> Example:
-        missing = [c for c in self.required if c not in row]
-        if missing:
-            raise BadRow("missing_field", _missing_message(missing, row, self.format, self.rename))
+        for column in self.required:
+            if column not in row:
+                missing = [c for c in self.required if c not in row]
+                raise BadRow("missing_field",
+                             _missing_message(missing, row, self.format, self.rename))
         if self.rename:
             row = {self.rename.get(k, k): v for k, v in row.items()}
         return self.format.convert(row)

@@ -12,14 +12,22 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from finetune.config.data import DataConfig
 from finetune.data.cache import TokenCache, cache_key
 from finetune.data.errors import BadRow, DataError, RowOrigin
 from finetune.data.formats import Example, RowConverter, converter_for, detect_format
+from finetune.data.shards import shard_starts, tokenize_in_shards
 from finetune.data.sources import Source, SourcePosition, SourceRow
-from finetune.data.tokenized import ExampleEncoder, RowCounts, TokenizedRows, reject
+from finetune.data.tokenized import (
+    ExampleEncoder,
+    RowCounts,
+    TokenizedRows,
+    gc_paused,
+    reject,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +76,34 @@ def examples_from(rows: Iterator[SourceRow], converter: RowConverter, counts: Ro
         yield example, origin, position
 
 
+def batches_of(examples: Iterator[tuple[Example, RowOrigin, SourcePosition]]
+               ) -> Iterator[list[tuple[Example, RowOrigin]]]:
+    """Lists of ENCODE_BATCH (example, origin) pairs."""
+    while True:
+        batch = [(example, origin) for example, origin, _ in
+                 itertools.islice(examples, ENCODE_BATCH)]
+        if not batch:
+            return
+        yield batch
+
+
+def tokenize_rows(rows: Iterator[SourceRow], *, converter: RowConverter, encoder: ExampleEncoder,
+                  on_bad_row: str, threads: bool) -> tuple[TokenizedRows, RowCounts]:
+    """Rows -> examples -> tokens in this process; with `threads`, tokenizing overlaps the
+    Python work on worker threads (ExampleEncoder.encode_batches)."""
+    counts = RowCounts()
+    batches = batches_of(examples_from(rows, converter, counts, on_bad_row))
+    if threads:
+        parts = list(encoder.encode_batches(batches, counts))
+    else:
+        with gc_paused():
+            parts = [encoder.encode(batch, counts) for batch in batches]
+    return TokenizedRows.concat(parts), counts
+
+
 def settings_material(cfg: DataConfig, tokenizer_hash: str) -> dict[str, Any]:
-    """Every setting that changes the tokens of a source (the cache key, minus the source)."""
+    """Every setting that changes the tokens of a source (the cache key, minus the source;
+    not data.num_proc, which changes only how fast they are made)."""
     return {"tokenizer": tokenizer_hash, "format": cfg.format,
             "columns": sorted(dict(cfg.columns or {}).items()), "max_seq_len": cfg.max_seq_len,
             "truncation": cfg.truncation, "train_on": cfg.train_on, "on_bad_row": cfg.on_bad_row}
@@ -88,16 +122,13 @@ def tokenize_source(source: Source, cfg: DataConfig, encoder: ExampleEncoder,
                                 key, True)
     started = time.perf_counter()
     name, converter = source_converter(source, cfg)
-    counts = RowCounts()
-    parts = []
-    examples = examples_from(source.rows(), converter, counts, cfg.on_bad_row)
-    while True:
-        batch = [(example, origin) for example, origin, _ in
-                 itertools.islice(examples, ENCODE_BATCH)]
-        if not batch:
-            break
-        parts.append(encoder.encode(batch, counts))
-    rows = TokenizedRows.concat(parts)
+    tokenize = partial(tokenize_rows, converter=converter, encoder=encoder,
+                       on_bad_row=cfg.on_bad_row)
+    starts = shard_starts(source, cfg.num_proc)
+    if len(starts) > 1:
+        rows, counts = tokenize_in_shards(source, starts, tokenize)
+    else:
+        rows, counts = tokenize(source.rows(), threads=True)
     logger.info("%s: tokenized %d rows into %d examples in %.1fs (%s format)", source.spec,
                 counts.read, len(rows), time.perf_counter() - started, name)
     if cache is not None:

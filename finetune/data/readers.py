@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import orjson
+
 from finetune.data.errors import BadRow, DataError, RowOrigin
 
 READ_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -75,21 +77,27 @@ def _numbered_lines(path: Path,
 
 def _read_jsonl(path: Path, start: FilePosition) -> Iterator[RowItem]:
     for raw, origin, resume in _numbered_lines(path, start):
-        if not raw.strip():
-            continue
         try:
-            row = json.loads(_decode(raw))
-        except BadRow as bad:
-            yield bad, origin, resume
-            continue
-        except json.JSONDecodeError as exc:
-            yield (BadRow("malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno}); "
-                          "fix the line or set data.on_bad_row=skip"), origin, resume)
-            continue
-        if not isinstance(row, dict):
+            row = orjson.loads(raw)
+        except orjson.JSONDecodeError:  # or blank, or valid only to json (NaN, huge integers)
+            if not raw.strip():
+                continue
+            row = _json_line(raw)
+        if not isinstance(row, (dict, BadRow)):
             row = BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}; "
                          "each line must be one object like {\"field\": ...}")
         yield row, origin, resume
+
+
+def _json_line(raw: bytes) -> Any:
+    """Parse a line with the standard library, for its messages; a BadRow says what is wrong."""
+    try:
+        return json.loads(_decode(raw))
+    except BadRow as bad:
+        return bad
+    except json.JSONDecodeError as exc:
+        return BadRow("malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno}); "
+                      "fix the line or set data.on_bad_row=skip")
 
 
 def _records_in(data: Any, path: Path, json_key: str | None) -> list:

@@ -145,9 +145,8 @@ class StreamingTrainBatches:
                 exhausted = True
                 break
             examples.append(item)
-        parts = [self.encoder.encode(examples[i:i + ENCODE_BATCH], stream.counts)
-                 for i in range(0, len(examples), ENCODE_BATCH)]
-        rows = TokenizedRows.concat(parts)
+        chunks = (examples[i:i + ENCODE_BATCH] for i in range(0, len(examples), ENCODE_BATCH))
+        rows = TokenizedRows.concat(list(self.encoder.encode_batches(chunks, stream.counts)))
         if self.cfg.packing:
             units = pack_documents(rows.lengths, self.cfg.max_seq_len)
         else:

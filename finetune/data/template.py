@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from itertools import accumulate
+from typing import Any, NamedTuple
 
 from finetune.data.errors import BadRow, DataError
 from finetune.data.formats import ASSISTANT, Example
@@ -44,8 +45,7 @@ BUILTIN_CHAT_TEMPLATE = (
 TRAIN_ON = ("assistant", "all", "last_turn")
 
 
-@dataclass(frozen=True)
-class Rendered:
+class Rendered(NamedTuple):
     """Text to tokenize; `spans` are trained (start, end, needs_eos) character ranges."""
 
     text: str
@@ -69,6 +69,7 @@ def resolve_template(tokenizer: Any, setting: Any) -> tuple[str, str]:
     raise DataError(f"data.chat_template={setting!r} is not null, 'builtin' or a Jinja template")
 
 
+_NO_LAYOUT_YET = object()
 _PRINT_ONLY_TESTS = {"string", "defined", "undefined", "none", "mapping", "iterable", "sequence"}
 
 
@@ -147,10 +148,12 @@ def prints_contents_only(source: str) -> bool:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Literal pieces around the contents, and trained spans as (piece, offset) positions."""
+    """Literal pieces around the contents, and the trained spans as (ka, base_a, kb, base_b,
+    needs_eos): a span starts at base_a plus the length of contents [0, ka), and ends at base_b
+    plus the length of contents [0, kb)."""
 
     pieces: tuple[str, ...]
-    spans: tuple[tuple[tuple[int, int], tuple[int, int], bool], ...]
+    spans: tuple[tuple[int, int, int, int, bool], ...]
 
 
 class ChatRenderer:
@@ -169,13 +172,13 @@ class ChatRenderer:
         if example.segments is not None:
             return self._render_segments(example.segments)
         assert example.messages is not None
-        roles = tuple(role for role, _ in example.messages)
-        if self.fast:
-            if roles not in self._layouts:
-                self._layouts[roles] = self._layout_for(example.messages)
-            layout = self._layouts[roles]
+        if self.fast and example.messages:
+            roles, contents = zip(*example.messages, strict=True)
+            layout = self._layouts.get(roles, _NO_LAYOUT_YET)
+            if layout is _NO_LAYOUT_YET:
+                layout = self._layouts[roles] = self._layout_for(example.messages)
             if layout is not None:
-                return self._apply_layout(layout, [c for _, c in example.messages])
+                return self._apply_layout(layout, contents)
         return self._render_exact(example.messages)
 
     def _render_segments(self, segments: list[tuple[str, bool]]) -> Rendered:
@@ -285,12 +288,15 @@ class ChatRenderer:
                 piece_start = b
             return len(bounds), char - piece_start
 
+        before = [0]  # length of the pieces before piece k
+        for piece in pieces:
+            before.append(before[-1] + len(piece))
         spans = []
         for start, end, needs_eos in rendered.spans:
             a, b = locate(start), locate(end)
             if a is None or b is None:
                 return None
-            spans.append((a, b, needs_eos))
+            spans.append((a[0], before[a[0]] + a[1], b[0], before[b[0]] + b[1], needs_eos))
         layout = _Layout(tuple(pieces), tuple(spans))
         exact = self._render_exact(messages)
         if self._apply_layout(layout, [c for _, c in messages]) != exact:
@@ -301,16 +307,10 @@ class ChatRenderer:
 
     @staticmethod
     def _apply_layout(layout: _Layout, contents: list[str]) -> Rendered:
-        pieces = layout.pieces
-        starts, pos = [], 0
-        parts = []
-        for k, content in enumerate(contents):
-            starts.append(pos)
-            parts.append(pieces[k])
-            parts.append(content)
-            pos += len(pieces[k]) + len(content)
-        starts.append(pos)
-        parts.append(pieces[-1])
-        spans = tuple((starts[a[0]] + a[1], starts[b[0]] + b[1], needs_eos)
-                      for a, b, needs_eos in layout.spans)
+        parts: list[str] = [""] * (2 * len(contents) + 1)
+        parts[0::2] = layout.pieces
+        parts[1::2] = contents
+        before = [0, *accumulate(map(len, contents))]  # length of the contents before turn k
+        spans = tuple((base_a + before[ka], base_b + before[kb], needs_eos)
+                      for ka, base_a, kb, base_b, needs_eos in layout.spans)
         return Rendered("".join(parts), spans)

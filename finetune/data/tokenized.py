@@ -10,10 +10,15 @@ also keeps packed documents from learning across their boundary.
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections import Counter
+import os
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -24,6 +29,7 @@ from finetune.data.template import ChatRenderer
 logger = logging.getLogger(__name__)
 
 TRUNCATION = ("truncate", "drop", "error")
+TOKENIZE_CHUNK = 128  # rows per tokenizer call: small enough to share a batch between threads
 ON_BAD_ROW = ("error", "skip")
 
 
@@ -112,18 +118,57 @@ def _backend(tokenizer: Any):
     return getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
 
 
-def _first_token_from(enc: Any, char: int, n_chars: int, n_tokens: int) -> int:
-    """Index of the first token that starts at or after character `char`."""
-    while char < n_chars:
+def _token_at(enc: Any, char: int, end: int) -> tuple[int, int] | None:
+    """(index, start char) of the token holding the first mapped character in [char, end)."""
+    while char < end:
         t = enc.char_to_token(char)
         if t is not None:
-            return t if enc.token_to_chars(t)[0] >= char else t + 1
+            return t, enc.token_to_chars(t)[0]
         char += 1
-    return n_tokens
+    return None
+
+
+def _span_tokens(enc: Any, a: int, b: int, n_chars: int, n_tokens: int) -> tuple[int, int]:
+    """Token range [ta, tb) of the tokens that hold any character of text[a:b]. A token that
+    straddles the start is trained: it is what the model must emit to begin the turn (e.g.
+    "\u2581Sure" after a prompt ending in a space)."""
+    if b <= a:
+        return n_tokens, n_tokens
+    ta = enc.char_to_token(a)
+    if ta is None:  # a character the tokenizer dropped (or no token at all)
+        first = _token_at(enc, a, b)
+        if first is None:
+            return n_tokens, n_tokens
+        ta = first[0]
+    last = enc.char_to_token(b) if b < n_chars else None
+    if last is None:
+        found = _token_at(enc, b, n_chars)
+        if found is None:
+            return ta, n_tokens
+        last = found[0]
+    return ta, last if enc.token_to_chars(last)[0] >= b else last + 1
+
+
+class _Ids(NamedTuple):
+    """Token ids from a tokenizer without offsets (in place of a fast tokenizer's Encoding)."""
+
+    ids: list[int]
+
+
+@dataclass
+class _RenderedBatch:
+    texts: list[str]
+    spans: list[tuple[tuple[int, int, bool], ...]]
+    origins: list[RowOrigin]
 
 
 class ExampleEncoder:
-    """Turns batches of (Example, origin) into TokenizedRows; bad rows raise or are counted."""
+    """Turns batches of (Example, origin) into TokenizedRows; bad rows raise or are counted.
+
+    `encode` does one batch; `encode_batches` does many, tokenizing on worker threads (the fast
+    tokenizer releases the GIL) while the calling thread reads and renders the next batch and
+    assembles the previous one.
+    """
 
     def __init__(self, tokenizer: Any, renderer: ChatRenderer, *, max_seq_len: int,
                  truncation: str = "truncate", on_bad_row: str = "error") -> None:
@@ -140,18 +185,68 @@ class ExampleEncoder:
         self.backend = _backend(tokenizer)
         self.train_all = renderer.train_on == "all"
 
-    def _encode_texts(self, texts: list[str]) -> list[tuple[list[int], Any]]:
+    def encode(self, items: list[tuple[Example, RowOrigin]], counts: RowCounts) -> TokenizedRows:
+        batch = self._render(items, counts)
+        return self._assemble(batch, self._encode_texts(batch.texts), counts)
+
+    def encode_batches(self, batches: Iterable[list[tuple[Example, RowOrigin]]],
+                       counts: RowCounts) -> Iterator[TokenizedRows]:
+        """`encode` over each batch, in order, with tokenization overlapped (see the class)."""
+        if self.backend is None:
+            yield from (self.encode(items, counts) for items in batches)
+            return
+        with gc_paused(), single_threaded_tokenizer(), \
+                ThreadPoolExecutor(tokenizer_threads()) as pool:
+            pending: deque = deque()
+            for items in batches:
+                batch = self._render(items, counts)
+                chunks = [batch.texts[i:i + TOKENIZE_CHUNK]
+                          for i in range(0, len(batch.texts), TOKENIZE_CHUNK)]
+                pending.append((batch, chunks, [pool.submit(self._encode_texts, c)
+                                                for c in chunks]))
+                if len(pending) > 1:
+                    yield self._finish(*pending.popleft(), counts)
+            while pending:
+                yield self._finish(*pending.popleft(), counts)
+
+    def _finish(self, batch: _RenderedBatch, chunks: list[list[str]], futures: list[Future],
+                counts: RowCounts) -> TokenizedRows:
+        """Assemble a batch once its chunks are tokenized. The calling thread tokenizes the
+        chunks no worker has started yet (last first, while the workers go front to back), so
+        it is never idle while the workers are still busy."""
+        encoded: list[list] = [[] for _ in chunks]
+        for k in reversed(range(len(chunks))):
+            if futures[k].cancel():
+                encoded[k] = self._encode_texts(chunks[k])
+        for k, future in enumerate(futures):
+            if not future.cancelled():
+                encoded[k] = future.result()
+        return self._assemble(batch, [e for part in encoded for e in part], counts)
+
+    def _render(self, items: list[tuple[Example, RowOrigin]], counts: RowCounts) -> _RenderedBatch:
+        texts, spans, origins = [], [], []
+        render = self.renderer.render
+        for example, origin in items:
+            try:
+                rendered = render(example)
+            except BadRow as bad:
+                reject(bad, origin, counts, self.on_bad_row)
+                continue
+            texts.append(rendered.text)
+            spans.append(rendered.spans)
+            origins.append(origin)
+        return _RenderedBatch(texts, spans, origins)
+
+    def _encode_texts(self, texts: list[str]) -> list[Any]:
         if self.backend is not None:
-            encodings = self.backend.encode_batch(texts, add_special_tokens=False)
-            return [(e.ids, e) for e in encodings]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [(list(i), None) for i in ids]
+            return self.backend.encode_batch(texts, add_special_tokens=False)
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return [_Ids(list(i)) for i in ids]
 
     def _token_spans(self, text: str, ids: list[int], enc: Any, spans) -> list:
         n_chars, n_tokens = len(text), len(ids)
-        if enc is not None:
-            return [(_first_token_from(enc, a, n_chars, n_tokens),
-                     _first_token_from(enc, b, n_chars, n_tokens), needs_eos)
+        if not isinstance(enc, _Ids):
+            return [(*_span_tokens(enc, a, b, n_chars, n_tokens), needs_eos)
                     for a, b, needs_eos in spans]
         # A tokenizer without offsets: count the tokens of each prefix.
         def count(char: int) -> int:
@@ -160,56 +255,52 @@ class ExampleEncoder:
             return len(self.tokenizer(text[:char], add_special_tokens=False)["input_ids"])
         return [(count(a), count(b), needs_eos) for a, b, needs_eos in spans]
 
-    def encode(self, items: list[tuple[Example, RowOrigin]], counts: RowCounts) -> TokenizedRows:
-        rendered, origins = [], []
-        for example, origin in items:
-            try:
-                rendered.append(self.renderer.render(example))
-                origins.append(origin)
-            except BadRow as bad:
-                reject(bad, origin, counts, self.on_bad_row)
-        if not rendered:
-            return TokenizedRows.empty()
-        encoded = self._encode_texts([r.text for r in rendered])
+    def _assemble(self, batch: _RenderedBatch, encoded: list[Any],
+                  counts: RowCounts) -> TokenizedRows:
         flat: list[int] = []
         starts: list[int] = []
         ends: list[int] = []
         offsets = [0]
-        for r, origin, (ids, enc) in zip(rendered, origins, encoded, strict=True):
-            spans = self._token_spans(r.text, ids, enc, r.spans)
-            if self.bos is not None and (not ids or ids[0] != self.bos):
-                ids = [self.bos, *ids]
-                spans = [(a + 1, b + 1, e) for a, b, e in spans]
-            ids, spans = self._insert_eos(ids, spans, origin)
+        bos, max_len = self.bos, self.max_seq_len
+        for text, spans, origin, enc in zip(batch.texts, batch.spans, batch.origins, encoded,
+                                            strict=True):
+            ids = enc.ids
+            spans = self._token_spans(text, ids, enc, spans)
+            shift = 0
+            if bos is not None and (not ids or ids[0] != bos):
+                ids.insert(0, bos)
+                shift = 1
+            if any(needs_eos for _, _, needs_eos in spans):
+                spans = [(a + shift, b + shift, e) for a, b, e in spans]
+                ids, spans = self._insert_eos(ids, spans, origin)
+                shift = 0
             n = len(ids)
-            if n > self.max_seq_len:
+            if n > max_len:
                 if self.truncation == "error":
                     raise DataError(f"{origin}: {n} tokens, longer than data.max_seq_len="
-                                    f"{self.max_seq_len}; raise data.max_seq_len or set "
+                                    f"{max_len}; raise data.max_seq_len or set "
                                     "data.truncation=truncate (cut) or drop (skip such rows)")
                 if self.truncation == "drop":
                     counts.dropped += 1
                     continue
-                n = self.max_seq_len
-                ids = ids[:n]
+                n = max_len
+                del ids[n:]
                 counts.truncated += 1
-            trained = [(0, n)] if self.train_all else [(a, min(b, n)) for a, b, _ in spans]
-            trained = [(max(a, 1), b) for a, b in trained if b > max(a, 1)]
-            if not trained:
+            base, kept = len(flat), len(starts)
+            for a, b, _ in ((0, n - shift, False),) if self.train_all else spans:
+                a, b = max(a + shift, 1), min(b + shift, n)  # the first token is never a target
+                if b > a:
+                    starts.append(base + a)
+                    ends.append(base + b)
+            if len(starts) == kept:
                 counts.dropped += 1
                 logger.debug("%s: no trained tokens left after truncation; dropped", origin)
                 continue
-            base = len(flat)
             flat.extend(ids)
-            for a, b in trained:
-                starts.append(base + a)
-                ends.append(base + b)
             offsets.append(len(flat))
         return _pack_rows(flat, starts, ends, offsets)
 
     def _insert_eos(self, ids: list[int], spans, origin: RowOrigin):
-        if not any(needs_eos for _, _, needs_eos in spans):
-            return ids, spans
         if self.eos is None:
             raise DataError(f"{origin}: the tokenizer has no EOS token to end an assistant turn; "
                             "set one on the tokenizer (eos_token)")
@@ -222,6 +313,51 @@ class ExampleEncoder:
                 shift += 1
             out.append((a, b, False))
         return ids, out
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use, shared with the other ranks on this machine (torchrun sets
+    LOCAL_WORLD_SIZE)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cpus // max(1, ranks))
+
+
+def tokenizer_threads() -> int:
+    """Worker threads that tokenize: one per usable CPU, less the calling thread (which reads,
+    renders, assembles, and tokenizes whatever the workers have not started)."""
+    return max(1, usable_cpus() - 1)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector. Tokenizing creates millions of short-lived lists
+    and no reference cycles (reference counting frees them all), and with the collector on, its
+    passes over every live object cost about as much as the reading and rendering themselves."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextmanager
+def single_threaded_tokenizer() -> Iterator[None]:
+    """Turn off the fast tokenizer's own thread pool while our threads tokenize (its pool would
+    compete with them for the same cores), unless the user set TOKENIZERS_PARALLELISM."""
+    if "TOKENIZERS_PARALLELISM" in os.environ:
+        yield
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
 def _pack_rows(flat: list[int], starts: list[int], ends: list[int],

@@ -80,6 +80,22 @@ def test_builtin_template_is_used_without_a_tokenizer_template(tokenizer):
     assert trained_text(bare, ids, trained) == "Two.<|end|>Four, surely.<|end|>"
 
 
+# The generation prompt ends in a space, so the first answer token ("\u2581the") straddles it.
+SPACE_PROMPT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
+                         "{{ 'A: ' + m['content'] + eos_token + '\n' }}"
+                         "{% else %}{{ 'Q: ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_token_straddling_the_turn_start_is_trained(tokenizer, fast):
+    example = Example(messages=[("user", "And 2 + 2?"), ("assistant", "the number is four.")])
+    ids, trained = encode(tokenizer, example, template=SPACE_PROMPT_TEMPLATE, fast=fast)
+    first = int(np.flatnonzero(trained)[0])
+    assert tokenizer.convert_ids_to_tokens(int(ids[first])) == "\u2581the"
+    assert trained_text(tokenizer, ids, trained) == " the number is four.<|end|>"
+
+
 def test_eos_is_inserted_when_the_template_has_none(tokenizer):
     ids, trained = encode(tokenizer, CONVERSATION, template=NO_EOS_TEMPLATE)
     assert trained_text(tokenizer, ids, trained) == "Two.<|end|>Four, surely.<|end|>"

@@ -1,0 +1,142 @@
+"""Tokenizing a source in several processes gives exactly what one process gives."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.data import DataError, shards
+from finetune.data.ingest import tokenize_source
+from finetune.data.sources import resolve_source
+from finetune.data.template import ChatRenderer
+from finetune.data.tokenized import ExampleEncoder
+
+pytestmark = pytest.mark.skipif(not shards.can_fork(), reason="sharding forks (Linux only)")
+
+
+@pytest.fixture(autouse=True)
+def tiny_shards(monkeypatch):
+    monkeypatch.setattr(shards, "MIN_SHARD_BYTES", 1)  # shard even these small files
+
+
+def source_for(spec: str):
+    return resolve_source(spec, split="train", json_key=None, text_unit="line")
+
+
+def tokenize(tokenizer, data_cfg, spec: str, num_proc: int, **settings):
+    cfg = data_cfg(path=spec, num_proc=num_proc, **settings)
+    encoder = ExampleEncoder(tokenizer, ChatRenderer(tokenizer, tokenizer.chat_template),
+                             max_seq_len=cfg.max_seq_len, on_bad_row=cfg.on_bad_row)
+    return tokenize_source(source_for(spec), cfg, encoder, None, "tok")
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def alpaca_lines(rows: list[dict], bad_at: tuple[int, ...] = ()) -> list[str]:
+    lines = [json.dumps(r) for r in rows]
+    for i in bad_at:
+        lines[i] = '{"instruction": "broken'
+    return lines
+
+
+def test_shards_start_at_line_starts_with_their_line_numbers(tmp_path, alpaca_rows):
+    path = write_lines(tmp_path / "d.jsonl", alpaca_lines(alpaca_rows(50)))
+    data = path.read_bytes()
+    starts = shards.shard_starts(source_for(str(path)), 4)
+    assert len(starts) == 4 and starts[0].file.offset == 0
+    for start in starts[1:]:
+        offset, number = start.file.offset, start.file.number
+        assert data[offset - 1:offset] == b"\n"
+        assert data[:offset].count(b"\n") + 1 == number
+
+
+def test_one_shard_for_formats_that_cannot_be_cut(tmp_path, alpaca_rows):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(alpaca_rows(50)))
+    assert len(shards.shard_starts(source_for(str(path)), 4)) == 1
+    jsonl = write_lines(tmp_path / "d.jsonl", alpaca_lines(alpaca_rows(50)))
+    assert len(shards.shard_starts(source_for(str(jsonl)), 1)) == 1
+    with pytest.raises(DataError, match="data.num_proc=0 must be at least 1"):
+        shards.shard_starts(source_for(str(jsonl)), 0)
+
+
+def test_sharded_tokenizing_matches_one_process(tokenizer, data_cfg, tmp_path, alpaca_rows):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    rows = alpaca_rows(120)
+    write_lines(folder / "a.jsonl", alpaca_lines(rows[:70], bad_at=(3, 41)) + ["", "  "])
+    write_lines(folder / "b.jsonl", [""] + alpaca_lines(rows[70:], bad_at=(30,)))
+    one = tokenize(tokenizer, data_cfg, str(folder), 1, on_bad_row="skip")
+    many = tokenize(tokenizer, data_cfg, str(folder), 3, on_bad_row="skip")
+    for name in ("tokens", "trained", "offsets"):
+        assert np.array_equal(getattr(one.rows, name), getattr(many.rows, name)), name
+    assert many.counts.to_dict() == one.counts.to_dict()
+    assert many.counts.read == 120 and many.counts.skipped["malformed_json"] == 3
+    assert f"{folder / 'a.jsonl'}:4: malformed JSON" in many.counts.first_skips[0]
+    assert f"{folder / 'b.jsonl'}:32: malformed JSON" in many.counts.first_skips[2]
+
+
+def test_sharded_text_lines_match_one_process(tokenizer, data_cfg, tmp_path):
+    path = write_lines(tmp_path / "d.txt", [f"document number {i}" + " word" * (i % 9)
+                                            for i in range(80)])
+    one = tokenize(tokenizer, data_cfg, str(path), 1, format="text")
+    many = tokenize(tokenizer, data_cfg, str(path), 3, format="text")
+    assert np.array_equal(one.rows.tokens, many.rows.tokens)
+    assert np.array_equal(one.rows.offsets, many.rows.offsets)
+
+
+def test_the_first_bad_line_is_reported_whichever_process_finds_it(tokenizer, data_cfg,
+                                                                    tmp_path, alpaca_rows):
+    lines = alpaca_lines(alpaca_rows(90))
+    path = write_lines(tmp_path / "d.jsonl", lines)
+    starts = shards.shard_starts(source_for(str(path)), 3)
+    bad = [starts[1].file.number + 2, starts[2].file.number + 2]  # in shards 2 and 3
+    for number in bad:  # broken lines of the same length keep the shard boundaries
+        lines[number - 1] = '{"instruction": "broken'.ljust(len(lines[number - 1]))
+    write_lines(path, lines)
+    assert shards.shard_starts(source_for(str(path)), 3) == starts
+    with pytest.raises(DataError, match=rf"^{path}:{bad[0]}: malformed JSON"):
+        tokenize(tokenizer, data_cfg, str(path), 3)
+
+
+def test_a_worker_that_dies_is_redone_in_this_process(tokenizer, data_cfg, tmp_path,
+                                                      alpaca_rows, monkeypatch, caplog):
+    path = write_lines(tmp_path / "d.jsonl", alpaca_lines(alpaca_rows(60)))
+    expected = tokenize(tokenizer, data_cfg, str(path), 1)
+    monkeypatch.setattr(shards, "_child", lambda *args: os._exit(3))
+    with caplog.at_level(logging.WARNING, logger="finetune.data.shards"):
+        got = tokenize(tokenizer, data_cfg, str(path), 2)
+    assert np.array_equal(got.rows.tokens, expected.rows.tokens)
+    assert "exited with code 3" in caplog.text and "tokenizing that part here" in caplog.text
+
+
+def test_threaded_batches_match_one_batch_at_a_time(tokenizer, monkeypatch):
+    from finetune.data import tokenized
+    from finetune.data.errors import RowOrigin
+    from finetune.data.formats import Example
+    from finetune.data.tokenized import RowCounts, TokenizedRows
+
+    monkeypatch.setattr(tokenized, "TOKENIZE_CHUNK", 3)  # several chunks per batch to share
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    encoder = ExampleEncoder(tokenizer, ChatRenderer(tokenizer, tokenizer.chat_template),
+                             max_seq_len=64)
+    items = [(Example(messages=[("user", f"question {i}" + " more" * (i % 5)),
+                                ("assistant", f"answer {i}")]), RowOrigin("t.jsonl", i + 1))
+             for i in range(40)]
+    batches = [items[i:i + 7] for i in range(0, 40, 7)]
+    threaded = TokenizedRows.concat(list(encoder.encode_batches(iter(batches), RowCounts())))
+    serial = TokenizedRows.concat([encoder.encode(b, RowCounts()) for b in batches])
+    assert np.array_equal(threaded.tokens, serial.tokens)
+    assert np.array_equal(threaded.trained, serial.trained)
+    assert np.array_equal(threaded.offsets, serial.offsets)
+    import gc
+
+    assert gc.isenabled() and "TOKENIZERS_PARALLELISM" not in os.environ
