@@ -33,5 +33,5 @@ class DataConfig:
     shuffle: bool = True
     on_bad_row: str = "error"  # error | skip
     chat_template: Any = None  # None: the tokenizer's own (built-in if none) | builtin | Jinja text
-    num_proc: Any = None  # processes that tokenize a large local .jsonl/.txt source; None: per CPU
+    num_proc: int = 0  # processes that tokenize a large local .jsonl/.txt source; 0: one per CPU
     cache_dir: Any = None  # tokenized-data cache; None: $FINETUNE_CACHE/data or ~/.cache/finetune/data

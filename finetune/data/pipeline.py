@@ -97,6 +97,8 @@ def check_settings(cfg: DataConfig) -> None:
     if cfg.format != "auto" and cfg.format not in FORMATS:
         raise DataError(f"unknown data.format={cfg.format!r}; choose one of auto, "
                         f"{', '.join(FORMATS)}")
+    if cfg.num_proc < 0:
+        raise DataError(f"data.num_proc={cfg.num_proc} must be 0 (one process per CPU) or more")
     if cfg.text_unit not in TEXT_UNITS:
         raise DataError(f"data.text_unit={cfg.text_unit!r} is not one of {', '.join(TEXT_UNITS)}")
 

@@ -8,7 +8,7 @@ the others, and the pieces are joined in file order. The rows, the counts, the l
 messages and the error raised are those of a one-process run.
 
 Forking is used on Linux only (where it is cheap and the default for `datasets.map(num_proc=)`),
-for sources of at least MIN_SHARD_BYTES per process, and when `data.num_proc` (None: one per
+for sources of at least MIN_SHARD_BYTES per process, and when `data.num_proc` (0: one per
 usable CPU) allows more than one process. A child runs only Python and the tokenizer, with the
 tokenizer's own thread pool off, and ends through os._exit (as multiprocessing does), so no
 exit handler of the parent's libraries runs in it.
@@ -41,15 +41,15 @@ MIN_SHARD_BYTES = 1 << 20  # below ~5k rows per process, forking costs more than
 
 
 def can_fork() -> bool:
-    return sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
+    """Linux, and not inside a daemonic process (which may not have children)."""
+    return (sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
+            and not mp.current_process().daemon)
 
 
-def shard_starts(source: Source, num_proc: int | None) -> list[SourcePosition]:
+def shard_starts(source: Source, num_proc: int) -> list[SourcePosition]:
     """Where each shard of `source` starts (the first at the beginning); one shard when the
     source cannot be cut at line starts or is too small for the processes to pay off."""
-    processes = usable_cpus() if num_proc is None else int(num_proc)
-    if processes < 1:
-        raise DataError(f"data.num_proc={num_proc} must be at least 1 (or null for one per CPU)")
+    processes = num_proc or usable_cpus()
     if (processes < 2 or not can_fork() or not isinstance(source, FileSource)
             or not all(_line_based(path, source.text_unit) for path in source.files)):
         return [SourcePosition()]
@@ -170,6 +170,8 @@ def _collect(child: Any, receive: Any, source: Source, start: SourcePosition,
         return payload
     if kind == "data_error":
         raise DataError(payload)
-    logger.warning("%s: the process tokenizing from %s failed; tokenizing that part here "
-                   "instead. %s", source.spec, start, payload.strip().splitlines()[-1])
+    where = (f"{source.files[start.file_index]}:{start.file.number}"
+             if isinstance(source, FileSource) else source.spec)
+    logger.warning("the process tokenizing from %s on failed; tokenizing that part here "
+                   "instead. %s", where, payload.strip().splitlines()[-1])
     return tokenize(rows_between(source, start, stop), threads=True)

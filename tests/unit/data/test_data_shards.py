@@ -64,8 +64,15 @@ def test_one_shard_for_formats_that_cannot_be_cut(tmp_path, alpaca_rows):
     assert len(shards.shard_starts(source_for(str(path)), 4)) == 1
     jsonl = write_lines(tmp_path / "d.jsonl", alpaca_lines(alpaca_rows(50)))
     assert len(shards.shard_starts(source_for(str(jsonl)), 1)) == 1
-    with pytest.raises(DataError, match="data.num_proc=0 must be at least 1"):
-        shards.shard_starts(source_for(str(jsonl)), 0)
+
+
+def test_a_negative_num_proc_is_refused(tokenizer, data_cfg, tmp_path, alpaca_rows):
+    from finetune.data import build_data
+
+    path = write_lines(tmp_path / "d.jsonl", alpaca_lines(alpaca_rows(5)))
+    with pytest.raises(DataError, match=r"data.num_proc=-1 must be 0 \(one process per CPU\)"):
+        build_data(data_cfg(path=str(path), num_proc=-1), tokenizer, attention="sdpa", seed=0,
+                   micro_batch_size=2)
 
 
 def test_sharded_tokenizing_matches_one_process(tokenizer, data_cfg, tmp_path, alpaca_rows):
