@@ -126,6 +126,7 @@ def tokenize_source(source: Source, cfg: DataConfig, encoder: ExampleEncoder,
                        on_bad_row=cfg.on_bad_row)
     starts = shard_starts(source, cfg.num_proc)
     if len(starts) > 1:
+        encoder.warm_up()
         rows, counts = tokenize_in_shards(source, starts, tokenize)
     else:
         rows, counts = tokenize(source.rows(), threads=True)
