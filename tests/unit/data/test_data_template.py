@@ -190,3 +190,22 @@ def encode_mode(tokenizer, example, mode, counts):
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
     encoder = ExampleEncoder(tokenizer, renderer, max_seq_len=32, truncation=mode)
     return encoder.encode([(example, RowOrigin("t.jsonl", 1))], counts)
+
+
+def test_the_encoding_copy_without_template_processing_gives_the_same_tokens(tokenizer):
+    from tokenizers import processors
+
+    from finetune.data.tokenized import _without_template_processing
+
+    backend = tokenizer.backend_tokenizer
+    assert isinstance(backend.post_processor, processors.TemplateProcessing)
+    copy = _without_template_processing(backend)
+    assert copy is not backend and copy.post_processor is None
+    texts = ["<|begin|><|user|>\nnaïve café ✓  two  spaces<|end|>\n", "", " lead", "x\n\ny"]
+    for ours, theirs in zip(copy.encode_batch(texts, add_special_tokens=False),
+                            backend.encode_batch(texts, add_special_tokens=False), strict=True):
+        assert (ours.ids, ours.offsets) == (theirs.ids, theirs.offsets)
+    backend_copy = _without_template_processing(copy)  # no TemplateProcessing: used as is
+    assert backend_copy is copy
+    copy.post_processor = processors.ByteLevel(trim_offsets=True)
+    assert _without_template_processing(copy) is copy
