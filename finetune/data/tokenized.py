@@ -16,7 +16,7 @@ import os
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -201,11 +201,13 @@ class ExampleEncoder:
         self.train_all = renderer.train_on == "all"
 
     def warm_up(self) -> Any:
-        """Make the tokenizer copy that encodes (see _without_template_processing) and return
-        it. Done on first use, since a cached run needs none; call it before threads or forked
-        processes start, so that they share one."""
+        """Make the tokenizer copy that encodes (see _without_template_processing), compile the
+        chat template, and return the copy. Done on first use, since a cached run needs none;
+        call it before threads or forked processes start, so that they share the work."""
         if self._encoding_backend is None and self.backend is not None:
             self._encoding_backend = _without_template_processing(self.backend)
+            with suppress(BadRow):  # a template may refuse this conversation
+                self.renderer.render(Example(messages=[("user", "?"), ("assistant", ".")]))
         return self._encoding_backend
 
     def encode(self, items: list[tuple[Example, RowOrigin]], counts: RowCounts) -> TokenizedRows:
