@@ -97,10 +97,10 @@ def _line_start_at(files: list[Path], sizes: list[int], byte: int) -> SourcePosi
 
 def rows_between(source: Source, start: SourcePosition,
                  stop: SourcePosition | None) -> Iterator[SourceRow]:
-    """The rows of `source` whose lines start at or after `start` and before `stop`."""
+    """The rows of `source` whose lines start at or after `start` and before `stop` (a line
+    start, so a row is before it exactly when the position after the row is not past it)."""
     for row, origin, after in source.rows(start):
-        if stop is not None and (after.file_index, after.file.offset) > (stop.file_index,
-                                                                         stop.file.offset):
+        if stop is not None and after > stop:
             return
         yield row, origin, after
 
