@@ -19,7 +19,7 @@ from finetune.config.data import DataConfig
 from finetune.data.cache import TokenCache, cache_key
 from finetune.data.errors import BadRow, DataError, RowOrigin
 from finetune.data.formats import Example, RowConverter, converter_for, detect_format
-from finetune.data.shards import shard_starts, tokenize_in_shards
+from finetune.data.shards import plan_shards, tokenize_in_shards
 from finetune.data.sources import Source, SourcePosition, SourceRow
 from finetune.data.tokenized import (
     ExampleEncoder,
@@ -124,10 +124,10 @@ def tokenize_source(source: Source, cfg: DataConfig, encoder: ExampleEncoder,
     name, converter = source_converter(source, cfg)
     tokenize = partial(tokenize_rows, converter=converter, encoder=encoder,
                        on_bad_row=cfg.on_bad_row)
-    starts = shard_starts(source, cfg.num_proc)
-    if len(starts) > 1:
+    plan = plan_shards(source, cfg.num_proc)
+    if plan is not None:
         encoder.warm_up()
-        rows, counts = tokenize_in_shards(source, starts, tokenize)
+        rows, counts = tokenize_in_shards(source, plan, tokenize)
     else:
         rows, counts = tokenize(source.rows(), threads=True)
     logger.info("%s: tokenized %d rows into %d examples in %.1fs (%s format)", source.spec,

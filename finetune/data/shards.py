@@ -2,10 +2,11 @@
 
 The fast tokenizer releases the GIL, but reading, converting and rendering rows is Python that
 holds it, so threads alone leave part of each core idle. A source made of line-based files
-(.jsonl, or .txt read a line at a time) is therefore cut at line starts into byte ranges of
-about equal size: the calling process tokenizes the first range and one forked process each of
-the others, and the pieces are joined in file order. The rows, the counts, the line numbers in
-messages and the error raised are those of a one-process run.
+(.jsonl, or .txt read a line at a time) is therefore cut at line starts into pieces of about
+equal size, PIECES_PER_PROCESS per process. The calling process and the forked ones take the
+next piece until none is left (so a process that runs slower gets fewer), and the pieces are
+joined in file order. The rows, the counts, the line numbers in messages and the error raised
+are those of a one-process run.
 
 Forking is used on Linux only (where it is cheap and the default for `datasets.map(num_proc=)`),
 for sources of at least MIN_SHARD_BYTES per process, and when `data.num_proc` (0: one per
@@ -19,11 +20,12 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from finetune.data.errors import DataError
 from finetune.data.readers import FilePosition
@@ -38,6 +40,14 @@ from finetune.data.tokenized import (
 logger = logging.getLogger(__name__)
 
 MIN_SHARD_BYTES = 1 << 20  # below ~5k rows per process, forking costs more than it saves
+PIECES_PER_PROCESS = 4
+
+
+class ShardPlan(NamedTuple):
+    """How many processes tokenize the source, and where each piece starts (in file order)."""
+
+    processes: int
+    starts: list[SourcePosition]
 
 
 def can_fork() -> bool:
@@ -46,22 +56,21 @@ def can_fork() -> bool:
             and not mp.current_process().daemon)
 
 
-def shard_starts(source: Source, num_proc: int) -> list[SourcePosition]:
-    """Where each shard of `source` starts (the first at the beginning); one shard when the
-    source cannot be cut at line starts or is too small for the processes to pay off."""
+def plan_shards(source: Source, num_proc: int) -> ShardPlan | None:
+    """The pieces `source` is cut into, or None when one process tokenizes it (the source
+    cannot be cut at line starts, or is too small for the processes to pay off)."""
     processes = num_proc or usable_cpus()
     if (processes < 2 or not can_fork() or not isinstance(source, FileSource)
             or not all(_line_based(path, source.text_unit) for path in source.files)):
-        return [SourcePosition()]
+        return None
     sizes = [path.stat().st_size for path in source.files]
     total = sum(sizes)
-    shards = min(processes, total // MIN_SHARD_BYTES)
-    starts = [SourcePosition()]
-    for k in range(1, shards):
-        position = _line_start_at(source.files, sizes, k * total // shards)
-        if position > starts[-1]:
-            starts.append(position)
-    return starts
+    processes = min(processes, total // MIN_SHARD_BYTES)
+    if processes < 2:
+        return None
+    pieces = processes * PIECES_PER_PROCESS
+    starts = _line_starts(source.files, sizes, [k * total // pieces for k in range(pieces)])
+    return ShardPlan(processes, starts)
 
 
 def _line_based(path: Path, text_unit: str) -> bool:
@@ -69,30 +78,35 @@ def _line_based(path: Path, text_unit: str) -> bool:
     return suffix == ".jsonl" or (suffix == ".txt" and text_unit == "line")
 
 
-def _line_start_at(files: list[Path], sizes: list[int], byte: int) -> SourcePosition:
-    """The first line start at or after `byte` of the files taken end to end, with its
-    1-based line number."""
-    index = 0
-    while byte >= sizes[index]:
-        byte -= sizes[index]
-        index += 1
+def _line_starts(files: list[Path], sizes: list[int], targets: list[int]) -> list[SourcePosition]:
+    """The first line start at or after each target byte (increasing) of the files taken end to
+    end, with its 1-based line number; duplicates and the end of the data are left out."""
+    starts: list[SourcePosition] = []
+    index, base = 0, 0  # the file holding the target, and where it begins end to end
+    counted, number = 0, 1  # newlines of that file are counted up to byte `counted`
+    for target in targets:
+        while index < len(files) and target >= base + sizes[index]:
+            base += sizes[index]
+            index += 1
+            counted, number = 0, 1
         if index == len(files):
-            return SourcePosition(index, FilePosition())
-    if byte == 0:
-        return SourcePosition(index, FilePosition())
-    with open(files[index], "rb") as f:
-        f.seek(byte - 1)
-        f.readline()  # to the end of the line holding byte - 1
-        offset = f.tell()
-        if offset >= sizes[index]:
-            return SourcePosition(index + 1, FilePosition())
-        f.seek(0)
-        number, left = 1, offset
-        while left:
-            block = f.read(min(left, 1 << 24))
-            number += block.count(b"\n")
-            left -= len(block)
-    return SourcePosition(index, FilePosition(offset, number))
+            break
+        position = SourcePosition(index, FilePosition())
+        if target > base:
+            with open(files[index], "rb") as f:
+                f.seek(target - base - 1)
+                f.readline()  # to the end of the line holding the byte before the target
+                offset = f.tell()
+                f.seek(counted)
+                while counted < offset:
+                    block = f.read(min(offset - counted, 1 << 24))
+                    number += block.count(b"\n")
+                    counted += len(block)
+            position = (SourcePosition(index, FilePosition(offset, number))
+                        if offset < sizes[index] else SourcePosition(index + 1, FilePosition()))
+        if (not starts or position > starts[-1]) and position.file_index < len(files):
+            starts.append(position)
+    return starts
 
 
 def rows_between(source: Source, start: SourcePosition,
@@ -106,14 +120,22 @@ def rows_between(source: Source, start: SourcePosition,
 
 
 Tokenize = Callable[..., tuple[TokenizedRows, RowCounts]]  # (rows, *, threads) -> result
+Report = Callable[[int, str, Any], None]  # (piece, "ok" | "data_error" | "crash", payload)
 
 
-def tokenize_in_shards(source: Source, starts: list[SourcePosition],
+def tokenize_in_shards(source: Source, plan: ShardPlan,
                        tokenize: Tokenize) -> tuple[TokenizedRows, RowCounts]:
-    """Run `tokenize` on each shard of `source` in its own process (the first in this one)."""
+    """Run `tokenize` on every piece of `source`, in plan.processes processes (this one too)."""
+    starts = plan.starts
     stops: list[SourcePosition | None] = [*starts[1:], None]
     context = mp.get_context("fork")
-    children = []
+    next_piece = context.Value("i", 0)
+    results: dict[int, tuple[str, Any]] = {}
+
+    def report(piece: int, kind: str, payload: Any) -> None:
+        results[piece] = (kind, payload)
+
+    children, readers = [], []
     with single_threaded_tokenizer():
         try:
             with warnings.catch_warnings():
@@ -121,57 +143,94 @@ def tokenize_in_shards(source: Source, starts: list[SourcePosition],
                 # the other threads' state (see the module docstring).
                 warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks",
                                         category=DeprecationWarning)
-                for start, stop in zip(starts[1:], stops[1:], strict=True):
+                for _ in range(plan.processes - 1):
                     receive, send = context.Pipe(duplex=False)
                     child = context.Process(target=_child, daemon=True,
-                                            args=(send, source, start, stop, tokenize))
+                                            args=(send, source, starts, stops, tokenize,
+                                                  next_piece))
                     child.start()
                     send.close()
-                    children.append((child, receive, start, stop))
-            logger.info("%s: tokenizing in %d processes", source.spec, len(starts))
-            parts = [tokenize(rows_between(source, starts[0], stops[0]), threads=False)]
-            for child, receive, start, stop in children:
-                parts.append(_collect(child, receive, source, start, stop, tokenize))
+                    children.append((child, receive))
+            for _, receive in children:  # results are taken in as they come: no child waits
+                reader = threading.Thread(target=_receive, args=(receive, report), daemon=True)
+                reader.start()
+                readers.append(reader)
+            logger.info("%s: tokenizing in %d processes", source.spec, plan.processes)
+            _take_pieces(source, starts, stops, tokenize, next_piece, report)
+            for reader in readers:
+                reader.join()
         finally:
-            for child, receive, _, _ in children:
-                receive.close()
+            for child, receive in children:
                 if child.is_alive():
                     child.terminate()
                 child.join()
+                receive.close()
+    parts = []
+    for piece, start in enumerate(starts):
+        kind, payload = results.get(piece, ("crash", "its process exited before reporting"))
+        if kind == "data_error":
+            raise DataError(payload)
+        if kind == "crash":
+            logger.warning("the process tokenizing from %s on failed; tokenizing that part here "
+                           "instead. %s", _where(source, start), payload.strip().splitlines()[-1])
+            payload = tokenize(rows_between(source, start, stops[piece]), threads=True)
+        parts.append(payload)
     counts = RowCounts()
     for _, part_counts in parts:
         counts.merge(part_counts)
     return TokenizedRows.concat([rows for rows, _ in parts]), counts
 
 
-def _child(send: Any, source: Source, start: SourcePosition, stop: SourcePosition | None,
-           tokenize: Tokenize) -> None:
+def _take_pieces(source: Source, starts: list[SourcePosition],
+                 stops: list[SourcePosition | None], tokenize: Tokenize, next_piece: Any,
+                 report: Report, *, in_child: bool = False) -> None:
+    """Tokenize the next piece nobody has taken, until none is left. After a DataError no more
+    are taken: every earlier piece is already taken, so the first error is still found. In a
+    child, any other failure is reported too (the parent redoes the piece)."""
+    while True:
+        with next_piece.get_lock():
+            piece = next_piece.value
+            if piece >= len(starts):
+                return
+            next_piece.value = piece + 1
+        try:
+            result = tokenize(rows_between(source, starts[piece], stops[piece]), threads=False)
+        except DataError as exc:
+            report(piece, "data_error", str(exc))
+            with next_piece.get_lock():
+                next_piece.value = len(starts)
+            return
+        except BaseException:
+            if not in_child:
+                raise
+            report(piece, "crash", traceback.format_exc())
+            return
+        report(piece, "ok", result)
+
+
+def _child(send: Any, source: Source, starts: list[SourcePosition],
+           stops: list[SourcePosition | None], tokenize: Tokenize, next_piece: Any) -> None:
     try:
-        result = tokenize(rows_between(source, start, stop), threads=False)
-        send.send(("ok", result))
-    except DataError as exc:
-        send.send(("data_error", str(exc)))
-    except BaseException:  # reported to the parent, which tokenizes this shard itself
-        send.send(("crash", traceback.format_exc()))
+        _take_pieces(source, starts, stops, tokenize, next_piece,
+                     lambda *message: send.send(message), in_child=True)
+        send.send(None)
     finally:
         send.close()
 
 
-def _collect(child: Any, receive: Any, source: Source, start: SourcePosition,
-             stop: SourcePosition | None, tokenize: Tokenize) -> tuple[TokenizedRows, RowCounts]:
-    """A child's result; DataErrors are raised here, in file order. If the child died or
-    failed for another reason, its shard is tokenized again in this process."""
-    try:
-        kind, payload = receive.recv()
-    except EOFError:
-        child.join()
-        kind, payload = "crash", f"the process exited with code {child.exitcode}"
-    if kind == "ok":
-        return payload
-    if kind == "data_error":
-        raise DataError(payload)
-    where = (f"{source.files[start.file_index]}:{start.file.number}"
-             if isinstance(source, FileSource) else source.spec)
-    logger.warning("the process tokenizing from %s on failed; tokenizing that part here "
-                   "instead. %s", where, payload.strip().splitlines()[-1])
-    return tokenize(rows_between(source, start, stop), threads=True)
+def _receive(receive: Any, report: Report) -> None:
+    """Take a child's results until it says it is done (None) or its end of the pipe closes."""
+    while True:
+        try:
+            message = receive.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        report(*message)
+
+
+def _where(source: Source, start: SourcePosition) -> str:
+    if isinstance(source, FileSource) and start.file_index < len(source.files):
+        return f"{source.files[start.file_index]}:{start.file.number}"
+    return source.spec

@@ -47,23 +47,36 @@ def alpaca_lines(rows: list[dict], bad_at: tuple[int, ...] = ()) -> list[str]:
     return lines
 
 
-def test_shards_start_at_line_starts_with_their_line_numbers(tmp_path, alpaca_rows):
+def test_pieces_start_at_line_starts_with_their_line_numbers(tmp_path, alpaca_rows):
     path = write_lines(tmp_path / "d.jsonl", alpaca_lines(alpaca_rows(50)))
     data = path.read_bytes()
-    starts = shards.shard_starts(source_for(str(path)), 4)
-    assert len(starts) == 4 and starts[0].file.offset == 0
-    for start in starts[1:]:
+    plan = shards.plan_shards(source_for(str(path)), 3)
+    assert plan.processes == 3 and len(plan.starts) == 3 * shards.PIECES_PER_PROCESS
+    assert plan.starts[0].file.offset == 0 and plan.starts == sorted(set(plan.starts))
+    for start in plan.starts[1:]:
         offset, number = start.file.offset, start.file.number
         assert data[offset - 1:offset] == b"\n"
         assert data[:offset].count(b"\n") + 1 == number
 
 
-def test_one_shard_for_formats_that_cannot_be_cut(tmp_path, alpaca_rows):
+def test_pieces_span_files(tmp_path, alpaca_rows):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        write_lines(folder / f"{name}.jsonl", alpaca_lines(alpaca_rows(7)))
+    starts = shards.plan_shards(source_for(str(folder)), 4).starts
+    assert {s.file_index for s in starts} == {0, 1, 2}
+    for start in starts:
+        data = (sorted(folder.iterdir())[start.file_index]).read_bytes()
+        assert data[:start.file.offset].count(b"\n") + 1 == start.file.number
+
+
+def test_one_process_for_formats_that_cannot_be_cut(tmp_path, alpaca_rows):
     path = tmp_path / "d.json"
     path.write_text(json.dumps(alpaca_rows(50)))
-    assert len(shards.shard_starts(source_for(str(path)), 4)) == 1
+    assert shards.plan_shards(source_for(str(path)), 4) is None
     jsonl = write_lines(tmp_path / "d.jsonl", alpaca_lines(alpaca_rows(50)))
-    assert len(shards.shard_starts(source_for(str(jsonl)), 1)) == 1
+    assert shards.plan_shards(source_for(str(jsonl)), 1) is None
 
 
 def test_a_negative_num_proc_is_refused(tokenizer, data_cfg, tmp_path, alpaca_rows):
@@ -104,25 +117,35 @@ def test_the_first_bad_line_is_reported_whichever_process_finds_it(tokenizer, da
                                                                     tmp_path, alpaca_rows):
     lines = alpaca_lines(alpaca_rows(90))
     path = write_lines(tmp_path / "d.jsonl", lines)
-    starts = shards.shard_starts(source_for(str(path)), 3)
-    bad = [starts[1].file.number + 2, starts[2].file.number + 2]  # in shards 2 and 3
-    for number in bad:  # broken lines of the same length keep the shard boundaries
+    starts = shards.plan_shards(source_for(str(path)), 3).starts
+    bad = [starts[5].file.number + 1, starts[9].file.number + 1]  # in two later pieces
+    for number in bad:  # broken lines of the same length keep the piece boundaries
         lines[number - 1] = '{"instruction": "broken'.ljust(len(lines[number - 1]))
     write_lines(path, lines)
-    assert shards.shard_starts(source_for(str(path)), 3) == starts
+    assert shards.plan_shards(source_for(str(path)), 3).starts == starts
     with pytest.raises(DataError, match=rf"^{path}:{bad[0]}: malformed JSON"):
         tokenize(tokenizer, data_cfg, str(path), 3)
 
 
 def test_a_worker_that_dies_is_redone_in_this_process(tokenizer, data_cfg, tmp_path,
                                                       alpaca_rows, monkeypatch, caplog):
+    from finetune.data import ingest
+
     path = write_lines(tmp_path / "d.jsonl", alpaca_lines(alpaca_rows(60)))
     expected = tokenize(tokenizer, data_cfg, str(path), 1)
-    monkeypatch.setattr(shards, "_child", lambda *args: os._exit(3))
+    parent, original = os.getpid(), ingest.tokenize_rows
+
+    def dies_in_a_child(*args, **kwargs):
+        if os.getpid() != parent:
+            os._exit(3)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "tokenize_rows", dies_in_a_child)
     with caplog.at_level(logging.WARNING, logger="finetune.data.shards"):
         got = tokenize(tokenizer, data_cfg, str(path), 2)
     assert np.array_equal(got.rows.tokens, expected.rows.tokens)
-    assert "exited with code 3" in caplog.text and "tokenizing that part here" in caplog.text
+    assert got.counts.to_dict() == expected.counts.to_dict()
+    assert "exited before reporting" in caplog.text and "tokenizing that part here" in caplog.text
 
 
 def test_threaded_batches_match_one_batch_at_a_time(tokenizer, monkeypatch):
