@@ -119,14 +119,11 @@ def _conversation(turns: list[tuple[str, str]], system: str = "") -> Example:
 
 
 def _alpaca(row: Mapping[str, Any]) -> Example:
-    # Built directly rather than through _conversation: the turns always hold one assistant
-    # turn and no system turn (this runs for every row of the most common format).
     instruction = _text(row, "instruction")
     extra = _text(row, "input", optional=True)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    turns = [("user", prompt), (ASSISTANT, _text(row, "output"))]
-    system = _text(row, "system", optional=True)
-    return Example(messages=[("system", system), *turns] if system else turns)
+    return _conversation([("user", prompt), (ASSISTANT, _text(row, "output"))],
+                         _text(row, "system", optional=True))
 
 
 def _chat(row: Mapping[str, Any]) -> Example:
@@ -199,11 +196,9 @@ class RowConverter:
         self.required = tuple(columns.get(f, f) for f in _DETECT_KEYS.get(fmt.name, fmt.required))
 
     def __call__(self, row: Mapping[str, Any]) -> Example:
-        for column in self.required:
-            if column not in row:
-                missing = [c for c in self.required if c not in row]
-                raise BadRow("missing_field",
-                             _missing_message(missing, row, self.format, self.rename))
+        missing = [c for c in self.required if c not in row]
+        if missing:
+            raise BadRow("missing_field", _missing_message(missing, row, self.format, self.rename))
         if self.rename:
             row = {self.rename.get(k, k): v for k, v in row.items()}
         return self.format.convert(row)

@@ -21,13 +21,7 @@ from finetune.data.errors import BadRow, DataError, RowOrigin
 from finetune.data.formats import Example, RowConverter, converter_for, detect_format
 from finetune.data.shards import plan_shards, tokenize_in_shards
 from finetune.data.sources import Source, SourcePosition, SourceRow
-from finetune.data.tokenized import (
-    ExampleEncoder,
-    RowCounts,
-    TokenizedRows,
-    gc_paused,
-    reject,
-)
+from finetune.data.tokenized import ExampleEncoder, RowCounts, TokenizedRows, reject
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +87,7 @@ def tokenize_rows(rows: Iterator[SourceRow], *, converter: RowConverter, encoder
     Python work on worker threads (ExampleEncoder.encode_batches)."""
     counts = RowCounts()
     batches = batches_of(examples_from(rows, converter, counts, on_bad_row))
-    if threads:
-        parts = list(encoder.encode_batches(batches, counts))
-    else:
-        with gc_paused():
-            parts = [encoder.encode(batch, counts) for batch in batches]
+    parts = list(encoder.encode_batches(batches, counts, threads=threads))
     return TokenizedRows.concat(parts), counts
 
 

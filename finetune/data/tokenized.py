@@ -215,10 +215,12 @@ class ExampleEncoder:
         return self._assemble(batch, self._encode_texts(batch.texts), counts)
 
     def encode_batches(self, batches: Iterable[list[tuple[Example, RowOrigin]]],
-                       counts: RowCounts) -> Iterator[TokenizedRows]:
-        """`encode` over each batch, in order, with tokenization overlapped (see the class)."""
-        if self.backend is None:
-            yield from (self.encode(items, counts) for items in batches)
+                       counts: RowCounts, *, threads: bool = True) -> Iterator[TokenizedRows]:
+        """`encode` over each batch, in order, with the garbage collector paused; with
+        `threads`, tokenization is overlapped on worker threads (see the class)."""
+        if self.backend is None or not threads:
+            with gc_paused():
+                yield from (self.encode(items, counts) for items in batches)
             return
         self.warm_up()
         with gc_paused(), single_threaded_tokenizer(), \
