@@ -144,7 +144,12 @@ def train_tokenizer(rows: list[dict], vocab_size: int = 4096) -> str:
     corpus = [str(value) for row in rows for value in row.values() if value]
     corpus += ["You are a helpful assistant. Answer briefly and exactly."]
     tokenizer.train_from_iterator(corpus, trainer=trainer)
-    return tokenizer.to_str()
+    # The byte pieces were listed as special only to give them the ids after the specials; they
+    # are vocabulary, as in SentencePiece: the literal text "<0x41>" is not the byte "A", and
+    # decoding without special tokens keeps the bytes.
+    spec = json.loads(tokenizer.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in SPECIAL_TOKENS]
+    return json.dumps(spec, ensure_ascii=False, separators=(",", ":"))
 
 
 def main() -> None:

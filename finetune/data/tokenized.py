@@ -25,6 +25,7 @@ import numpy as np
 from finetune.data.errors import BadRow, DataError, RowOrigin
 from finetune.data.formats import Example
 from finetune.data.template import ChatRenderer
+from finetune.data.token_bytes import needs_nfc_check, span_tokens, token_byte_lengths, token_ends
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,37 @@ def _span_tokens(enc: Any, a: int, b: int, n_chars: int, n_tokens: int) -> tuple
     return ta, last if enc.token_to_chars(last)[0] >= b else last + 1
 
 
+PROBE_TEXT = ("Hello, world!  Two  spaces\tand a tab\nA new line; 12345 + 3.14 = x_y.\n\n"
+              "  Indented: caf\u00e9 na\u00efve \u4e2d\u6587 \U0001f642 end ")
+PROBE_CHAT = [("system", "Be brief.  "), ("user", PROBE_TEXT),
+              ("assistant", " Sure: " + PROBE_TEXT), ("user", "ok?"), ("assistant", "\nYes.")]
+
+
+def _spans_agree(backend: Any, lengths: list[int], texts: list[str]) -> bool:
+    """Whether token spans from byte lengths equal those from tracked offsets on `texts`, for
+    every span start and end, with the same ids: a check of token_byte_lengths' reading of the
+    tokenizer before it is trusted. A text whose tokens do not spell it is left out (at run
+    time such a row takes the offset path), but the all-ASCII probe must pass."""
+    for text in texts:
+        enc = backend.encode(text, add_special_tokens=False)
+        (fast,) = backend.encode_batch_fast([text], add_special_tokens=False)
+        if fast.ids != enc.ids:
+            return False
+        ends = token_ends(lengths, enc.ids, text, nfc=True)
+        if ends is None:
+            if text.isascii():
+                return False
+            continue
+        n_chars, n_tokens = len(text), len(enc.ids)
+        for p in range(n_chars + 1):
+            if span_tokens(ends, text, p, n_chars) != _span_tokens(enc, p, n_chars, n_chars,
+                                                                    n_tokens) \
+                    or span_tokens(ends, text, 0, p) != _span_tokens(enc, 0, p, n_chars,
+                                                                      n_tokens):
+                return False
+    return True
+
+
 class _Ids(NamedTuple):
     """Token ids from a tokenizer without offsets (in place of a fast tokenizer's Encoding)."""
 
@@ -198,6 +230,8 @@ class ExampleEncoder:
         self.eos = tokenizer.eos_token_id
         self.backend = _backend(tokenizer)
         self._encoding_backend: Any = None
+        self._token_bytes: list[int] | None = None  # see token_bytes; None: track offsets
+        self._nfc = False
         self.train_all = renderer.train_on == "all"
 
     def warm_up(self) -> Any:
@@ -205,9 +239,16 @@ class ExampleEncoder:
         chat template, and return the copy. Done on first use, since a cached run needs none;
         call it before threads or forked processes start, so that they share the work."""
         if self._encoding_backend is None and self.backend is not None:
-            self._encoding_backend = _without_template_processing(self.backend)
-            with suppress(BadRow):  # a template may refuse this conversation
-                self.renderer.render(Example(messages=[("user", "?"), ("assistant", ".")]))
+            backend = _without_template_processing(self.backend)
+            probes = [PROBE_TEXT, PROBE_TEXT.encode("ascii", "ignore").decode()]
+            for chat in (PROBE_CHAT, PROBE_CHAT[1:3], [("user", "?"), ("assistant", ".")]):
+                with suppress(BadRow):  # a template may refuse a conversation (a system turn)
+                    probes.append(self.renderer.render(Example(messages=chat)).text)
+                    break
+            lengths = token_byte_lengths(backend)
+            if lengths is not None and _spans_agree(backend, lengths, probes):
+                self._token_bytes, self._nfc = lengths, needs_nfc_check(backend)
+            self._encoding_backend = backend
         return self._encoding_backend
 
     def encode(self, items: list[tuple[Example, RowOrigin]], counts: RowCounts) -> TokenizedRows:
@@ -267,12 +308,22 @@ class ExampleEncoder:
 
     def _encode_texts(self, texts: list[str]) -> list[Any]:
         if self.backend is not None:
-            return self.warm_up().encode_batch(texts, add_special_tokens=False)
+            backend = self.warm_up()
+            if self._token_bytes is not None:
+                return backend.encode_batch_fast(texts, add_special_tokens=False)
+            return backend.encode_batch(texts, add_special_tokens=False)
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return [_Ids(list(i)) for i in ids]
 
     def _token_spans(self, text: str, ids: list[int], enc: Any, spans) -> list:
         n_chars, n_tokens = len(text), len(ids)
+        if self._token_bytes is not None:
+            ends = token_ends(self._token_bytes, ids, text, self._nfc)
+            if ends is not None:
+                return [(*span_tokens(ends, text, a, b), needs_eos) for a, b, needs_eos in spans]
+            # Tokens that do not spell this row (a literal metaspace, an unknown token): the
+            # same encoding again, with offsets.
+            enc = self._encoding_backend.encode(text, add_special_tokens=False)
         if not isinstance(enc, _Ids):
             return [(*_span_tokens(enc, a, b, n_chars, n_tokens), needs_eos)
                     for a, b, needs_eos in spans]

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 TINY_NAME = "tiny"
 # Bump when the architecture, init or tokenizer changes, so stale cached folders are not reused.
-TINY_VERSION = "2"
+TINY_VERSION = "3"
 TINY_SEED = 1234
 TOKENIZER_FILE = Path(__file__).with_name("tiny_tokenizer.json")
 

@@ -1,0 +1,135 @@
+"""Token spans from token byte lengths, for fast tokenizers whose tokens spell the text.
+
+With most current tokenizers (byte-level BPE as in Llama 3, Qwen, Mistral Tekken; metaspace BPE
+with byte fallback as in the tiny model), the tokens of a text, read as the bytes they stand for,
+concatenate back to exactly that text. Then each token's byte length locates it in the text, and
+the tokenizer need not track offsets, which is about 40% of its time. `token_byte_lengths` says,
+from the tokenizer's own description, whether it is such a design; every row is still checked
+(its tokens must add up to its byte length, `token_ends`), and a row that fails takes the
+offset-tracking encoder instead.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from bisect import bisect_left, bisect_right
+from itertools import accumulate
+from typing import Any
+
+UNKNOWN = -(1 << 40)  # the length given to an unknown token: no row holding one can add up
+
+# Pre-tokenizers that only cut the text (none drops or adds a character); Split must keep its
+# matches (behavior "Removed" drops them).
+_CUTTING = {"Split", "Digits", "Punctuation", "UnicodeScripts"}
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The byte-level alphabet (GPT-2's): printable bytes stand for themselves, the others for
+    256 + their rank."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _pieces(pre: dict | None) -> list[dict]:
+    if pre is None:
+        return []
+    if pre.get("type") == "Sequence":
+        return [p for item in pre.get("pretokenizers", []) for p in _pieces(item)]
+    return [pre]
+
+
+def _spelling(spec: dict) -> tuple[str, str] | None:
+    """How a token's string spells text: ("bytes", "") for the byte-level alphabet,
+    ("metaspace", replacement) or ("plain", ""); None when the pre-tokenizers may add, drop or
+    change characters."""
+    kinds = []
+    for pre in _pieces(spec.get("pre_tokenizer")):
+        kind = pre.get("type")
+        if kind == "ByteLevel" and not pre.get("add_prefix_space", False):
+            kinds.append(("bytes", ""))
+        elif kind == "Metaspace" and pre.get("prepend_scheme", "always") == "never":
+            kinds.append(("metaspace", pre.get("replacement", "\u2581")))
+        elif kind not in _CUTTING or (kind == "Split" and pre.get("behavior") == "Removed") \
+                or (kind == "Split" and pre.get("invert")):
+            return None
+    if len(kinds) > 1:
+        return None
+    return kinds[0] if kinds else ("plain", "")
+
+
+def token_byte_lengths(backend: Any) -> list[int] | None:
+    """For each token id, the number of text bytes it stands for; None unless the tokenizer is
+    a design whose tokens spell the text (see the module). `backend` is a `tokenizers.Tokenizer`
+    that will encode with `encode_batch_fast` and no special tokens added."""
+    if not hasattr(backend, "encode_batch_fast"):
+        return None
+    spec = json.loads(backend.to_str())
+    model = spec.get("model", {})
+    if spec.get("normalizer") not in (None, {"type": "NFC"}) or model.get("type") != "BPE" \
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return None
+    spelling = _spelling(spec)
+    if spelling is None:
+        return None
+    kind, replacement = spelling
+    decode = _byte_level_decoder() if kind == "bytes" else None
+    lengths = [UNKNOWN] * backend.get_vocab_size(with_added_tokens=True)
+    for piece, i in backend.get_vocab(with_added_tokens=False).items():
+        if kind == "bytes":
+            if any(c not in decode for c in piece):
+                continue  # not a byte-level piece: leave it unknown
+            n = len(piece)
+        elif model.get("byte_fallback") and len(piece) == 6 and piece.startswith("<0x") \
+                and piece.endswith(">"):
+            n = 1
+        else:
+            n = len((piece.replace(replacement, " ") if replacement else piece).encode())
+        lengths[i] = n
+    for token in spec.get("added_tokens", []):
+        if token.get("lstrip") or token.get("rstrip"):
+            return None  # such tokens swallow the whitespace beside them
+        lengths[token["id"]] = len(token["content"].encode())
+    unk = model.get("unk_token")
+    if unk is not None and backend.token_to_id(unk) is not None:
+        lengths[backend.token_to_id(unk)] = UNKNOWN
+    if any(n == 0 for n in lengths):
+        return None
+    return lengths
+
+
+def needs_nfc_check(backend: Any) -> bool:
+    return json.loads(backend.to_str()).get("normalizer") == {"type": "NFC"}
+
+
+def token_ends(lengths: list[int], ids: list[int], text: str, nfc: bool = False
+               ) -> list[int] | None:
+    """Cumulative byte ends of the tokens of `text`, or None when they do not spell it (the
+    row then needs the offset-tracking encoder)."""
+    if not ids:
+        return None
+    ends = list(accumulate([lengths[i] for i in ids]))
+    if text.isascii():
+        return ends if ends[-1] == len(text) else None
+    if nfc and not unicodedata.is_normalized("NFC", text):
+        return None
+    return ends if ends[-1] == len(text.encode()) else None
+
+
+def span_tokens(ends: list[int], text: str, a: int, b: int) -> tuple[int, int]:
+    """Token range [ta, tb) of the tokens that hold any character of text[a:b] (a token that
+    straddles the start counts, as in tokenized._span_tokens)."""
+    n = len(ends)
+    if b <= a:
+        return n, n
+    if not text.isascii():
+        a, b = len(text[:a].encode()), len(text[:b].encode())
+    return bisect_right(ends, a), min(bisect_left(ends, b) + 1, n)
