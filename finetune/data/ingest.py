@@ -21,7 +21,7 @@ from finetune.data.errors import BadRow, DataError, RowOrigin
 from finetune.data.formats import Example, RowConverter, converter_for, detect_format
 from finetune.data.shards import plan_shards, tokenize_in_shards
 from finetune.data.sources import Source, SourcePosition, SourceRow
-from finetune.data.tokenized import ExampleEncoder, RowCounts, TokenizedRows, reject
+from finetune.data.tokenized import ExampleEncoder, RowCounts, TokenizedRows, gc_paused, reject
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +115,12 @@ def tokenize_source(source: Source, cfg: DataConfig, encoder: ExampleEncoder,
     tokenize = partial(tokenize_rows, converter=converter, encoder=encoder,
                        on_bad_row=cfg.on_bad_row)
     plan = plan_shards(source, cfg.num_proc)
-    if plan is not None:
-        encoder.warm_up()
-        rows, counts = tokenize_in_shards(source, plan, tokenize)
-    else:
-        rows, counts = tokenize(source.rows(), threads=True)
+    with gc_paused():  # from the start: a collection over a large heap can take 0.1 s
+        if plan is not None:
+            encoder.warm_up()
+            rows, counts = tokenize_in_shards(source, plan, tokenize)
+        else:
+            rows, counts = tokenize(source.rows(), threads=True)
     logger.info("%s: tokenized %d rows into %d examples in %.1fs (%s format)", source.spec,
                 counts.read, len(rows), time.perf_counter() - started, name)
     if cache is not None:

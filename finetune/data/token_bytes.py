@@ -15,7 +15,7 @@ import json
 import unicodedata
 from bisect import bisect_left, bisect_right
 from itertools import accumulate
-from typing import Any
+from typing import Any, NamedTuple
 
 UNKNOWN = -(1 << 40)  # the length given to an unknown token: no row holding one can add up
 
@@ -66,7 +66,12 @@ def _spelling(spec: dict) -> tuple[str, str] | None:
     return kinds[0] if kinds else ("plain", "")
 
 
-def token_byte_lengths(backend: Any) -> list[int] | None:
+class ByteTable(NamedTuple):
+    lengths: list[int]  # text bytes of each token id (UNKNOWN for the unknown token)
+    nfc: bool  # the tokenizer normalizes to NFC: a row must already be NFC
+
+
+def token_byte_lengths(backend: Any) -> ByteTable | None:
     """For each token id, the number of text bytes it stands for; None unless the tokenizer is
     a design whose tokens spell the text (see the module). `backend` is a `tokenizers.Tokenizer`
     that will encode with `encode_batch_fast` and no special tokens added."""
@@ -103,23 +108,18 @@ def token_byte_lengths(backend: Any) -> list[int] | None:
         lengths[backend.token_to_id(unk)] = UNKNOWN
     if any(n == 0 for n in lengths):
         return None
-    return lengths
+    return ByteTable(lengths, spec.get("normalizer") is not None)
 
 
-def needs_nfc_check(backend: Any) -> bool:
-    return json.loads(backend.to_str()).get("normalizer") == {"type": "NFC"}
-
-
-def token_ends(lengths: list[int], ids: list[int], text: str, nfc: bool = False
-               ) -> list[int] | None:
+def token_ends(table: ByteTable, ids: list[int], text: str) -> list[int] | None:
     """Cumulative byte ends of the tokens of `text`, or None when they do not spell it (the
     row then needs the offset-tracking encoder)."""
     if not ids:
         return None
-    ends = list(accumulate([lengths[i] for i in ids]))
+    ends = list(accumulate(map(table.lengths.__getitem__, ids)))
     if text.isascii():
         return ends if ends[-1] == len(text) else None
-    if nfc and not unicodedata.is_normalized("NFC", text):
+    if table.nfc and not unicodedata.is_normalized("NFC", text):
         return None
     return ends if ends[-1] == len(text.encode()) else None
 

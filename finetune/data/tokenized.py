@@ -25,7 +25,7 @@ import numpy as np
 from finetune.data.errors import BadRow, DataError, RowOrigin
 from finetune.data.formats import Example
 from finetune.data.template import ChatRenderer
-from finetune.data.token_bytes import needs_nfc_check, span_tokens, token_byte_lengths, token_ends
+from finetune.data.token_bytes import ByteTable, span_tokens, token_byte_lengths, token_ends
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ PROBE_CHAT = [("system", "Be brief.  "), ("user", PROBE_TEXT),
               ("assistant", " Sure: " + PROBE_TEXT), ("user", "ok?"), ("assistant", "\nYes.")]
 
 
-def _spans_agree(backend: Any, lengths: list[int], texts: list[str]) -> bool:
+def _spans_agree(backend: Any, table: ByteTable, texts: list[str]) -> bool:
     """Whether token spans from byte lengths equal those from tracked offsets on `texts`, for
     every span start and end, with the same ids: a check of token_byte_lengths' reading of the
     tokenizer before it is trusted. A text whose tokens do not spell it is left out (at run
@@ -180,7 +180,7 @@ def _spans_agree(backend: Any, lengths: list[int], texts: list[str]) -> bool:
         (fast,) = backend.encode_batch_fast([text], add_special_tokens=False)
         if fast.ids != enc.ids:
             return False
-        ends = token_ends(lengths, enc.ids, text, nfc=True)
+        ends = token_ends(table, enc.ids, text)
         if ends is None:
             if text.isascii():
                 return False
@@ -230,8 +230,7 @@ class ExampleEncoder:
         self.eos = tokenizer.eos_token_id
         self.backend = _backend(tokenizer)
         self._encoding_backend: Any = None
-        self._token_bytes: list[int] | None = None  # see token_bytes; None: track offsets
-        self._nfc = False
+        self._token_bytes: ByteTable | None = None  # see token_bytes; None: track offsets
         self.train_all = renderer.train_on == "all"
 
     def warm_up(self) -> Any:
@@ -245,9 +244,9 @@ class ExampleEncoder:
                 with suppress(BadRow):  # a template may refuse a conversation (a system turn)
                     probes.append(self.renderer.render(Example(messages=chat)).text)
                     break
-            lengths = token_byte_lengths(backend)
-            if lengths is not None and _spans_agree(backend, lengths, probes):
-                self._token_bytes, self._nfc = lengths, needs_nfc_check(backend)
+            table = token_byte_lengths(backend)
+            if table is not None and _spans_agree(backend, table, probes):
+                self._token_bytes = table
             self._encoding_backend = backend
         return self._encoding_backend
 
@@ -318,7 +317,7 @@ class ExampleEncoder:
     def _token_spans(self, text: str, ids: list[int], enc: Any, spans) -> list:
         n_chars, n_tokens = len(text), len(ids)
         if self._token_bytes is not None:
-            ends = token_ends(self._token_bytes, ids, text, self._nfc)
+            ends = token_ends(self._token_bytes, ids, text)
             if ends is not None:
                 return [(*span_tokens(ends, text, a, b), needs_eos) for a, b, needs_eos in spans]
             # Tokens that do not spell this row (a literal metaspace, an unknown token): the

@@ -71,12 +71,12 @@ def random_text(rng: random.Random) -> str:
                    for _ in range(rng.randint(0, 12)))
 
 
-def assert_spans_match(tok: Tokenizer, lengths: list[int], text: str) -> bool:
+def assert_spans_match(tok: Tokenizer, table, text: str) -> bool:
     """Checks every span start and end; returns whether the byte-length path took the row."""
     enc = tok.encode(text, add_special_tokens=False)
     (fast,) = tok.encode_batch_fast([text], add_special_tokens=False)
     assert fast.ids == enc.ids
-    ends = token_ends(lengths, enc.ids, text, nfc=True)
+    ends = token_ends(table, enc.ids, text)
     if ends is None:
         return False
     n, t = len(text), len(enc.ids)
@@ -95,10 +95,10 @@ DESIGNS = {"byte_level": byte_level, "metaspace": metaspace,
 @pytest.mark.parametrize("design", list(DESIGNS))
 def test_spans_from_byte_lengths_equal_tracked_offsets(design):
     tok = DESIGNS[design]()
-    lengths = token_byte_lengths(tok)
-    assert lengths is not None
+    table = token_byte_lengths(tok)
+    assert table is not None and table.nfc == (design == "nfc_byte_level")
     rng = random.Random(0)
-    taken = [assert_spans_match(tok, lengths, random_text(rng)) for _ in range(300)]
+    taken = [assert_spans_match(tok, table, random_text(rng)) for _ in range(300)]
     assert sum(taken) > 100  # most rows take the byte-length path...
     assert not all(taken)  # ...and some (a literal "\u2581", an unknown token, "") do not
 
@@ -115,7 +115,7 @@ def test_rows_that_do_not_spell_their_text_are_caught():
         assert token_ends(token_byte_lengths(tok), tok.encode(text).ids, text) is not None
     text = "cafe\u0301"  # not NFC: under an NFC normalizer the text changes
     nfc = byte_level(normalizer=normalizers.NFC())
-    assert token_ends(token_byte_lengths(nfc), nfc.encode(text).ids, text, nfc=True) is None
+    assert token_ends(token_byte_lengths(nfc), nfc.encode(text).ids, text) is None
 
 
 def with_added_lstrip() -> Tokenizer:
