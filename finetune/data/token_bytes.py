@@ -17,7 +17,13 @@ from bisect import bisect_left, bisect_right
 from itertools import accumulate
 from typing import Any, NamedTuple
 
-UNKNOWN = -(1 << 40)  # the length given to an unknown token: no row holding one can add up
+import numpy as np
+
+# The length given to a token whose length is unknown (the unknown token, an ambiguous one). Every
+# token stands for at least one byte, so a row holding one falls short of its text: it never
+# adds up. No other token of an accepted design is counted short or long but a literal
+# metaspace, which is counted short too; so a row adds up exactly when its tokens spell it.
+UNKNOWN = 0
 
 # Pre-tokenizers that only cut the text (none drops or adds a character); Split must keep its
 # matches (behavior "Removed" drops them).
@@ -87,8 +93,11 @@ def token_byte_lengths(backend: Any) -> ByteTable | None:
         return None
     kind, replacement = spelling
     decode = _byte_level_decoder() if kind == "bytes" else None
-    lengths = [UNKNOWN] * backend.get_vocab_size(with_added_tokens=True)
-    for piece, i in backend.get_vocab(with_added_tokens=False).items():
+    vocab = backend.get_vocab(with_added_tokens=False)
+    added = spec.get("added_tokens", [])
+    lengths = [UNKNOWN] * (max([*vocab.values(), *(t["id"] for t in added), -1]) + 1)
+    byte_pieces = set()
+    for piece, i in vocab.items():
         if kind == "bytes":
             if any(c not in decode for c in piece):
                 continue  # not a byte-level piece: leave it unknown
@@ -96,18 +105,19 @@ def token_byte_lengths(backend: Any) -> ByteTable | None:
         elif model.get("byte_fallback") and len(piece) == 6 and piece.startswith("<0x") \
                 and piece.endswith(">"):
             n = 1
+            byte_pieces.add(i)
         else:
             n = len((piece.replace(replacement, " ") if replacement else piece).encode())
         lengths[i] = n
-    for token in spec.get("added_tokens", []):
+    for token in added:
         if token.get("lstrip") or token.get("rstrip"):
             return None  # such tokens swallow the whitespace beside them
-        lengths[token["id"]] = len(token["content"].encode())
+        # A byte piece that is also an added token stands for 1 byte or for its text: unknown.
+        lengths[token["id"]] = (UNKNOWN if token["id"] in byte_pieces
+                                else len(token["content"].encode()))
     unk = model.get("unk_token")
     if unk is not None and backend.token_to_id(unk) is not None:
         lengths[backend.token_to_id(unk)] = UNKNOWN
-    if any(n == 0 for n in lengths):
-        return None
     return ByteTable(lengths, spec.get("normalizer") is not None)
 
 
@@ -133,3 +143,42 @@ def span_tokens(ends: list[int], text: str, a: int, b: int) -> tuple[int, int]:
     if not text.isascii():
         a, b = len(text[:a].encode()), len(text[:b].encode())
     return bisect_right(ends, a), min(bisect_left(ends, b) + 1, n)
+
+
+def batch_span_tokens(table: ByteTable, lengths: np.ndarray, flat: np.ndarray,
+                      row_starts: np.ndarray, texts: list[str], spans: list
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`span_tokens` for every span of a batch at once. `flat` holds the rows' ids end to end,
+    row k at flat[row_starts[k]:row_starts[k + 1]]; `lengths` is table.lengths as an array;
+    spans[k] lists row k's (a, b, needs_eos) character spans. Returns, one entry per span in
+    row order, the row and the local token range [ta, tb), and per row whether its tokens spell
+    its text (the spans of a row that does not are meaningless; it needs tracked offsets)."""
+    sizes = np.diff(row_starts)
+    before = np.zeros(len(flat) + 1, np.int64)
+    np.cumsum(lengths[flat], out=before[1:])  # before[i]: bytes ahead of token i
+    base = before[row_starts[:-1]]  # bytes ahead of each row
+    n_bytes, rows, a_bytes, b_bytes = [], [], [], []
+    for k, (text, row_spans) in enumerate(zip(texts, spans, strict=True)):
+        if text.isascii():
+            n_bytes.append(len(text))
+            for a, b, _ in row_spans:
+                rows.append(k)
+                a_bytes.append(a)
+                b_bytes.append(b if b > a else a)
+        else:
+            n_bytes.append(len(text.encode()) if not table.nfc
+                           or unicodedata.is_normalized("NFC", text) else -1)
+            for a, b, _ in row_spans:
+                rows.append(k)
+                a_bytes.append(len(text[:a].encode()))
+                b_bytes.append(len(text[:b].encode()) if b > a else a_bytes[-1])
+    spelled = (sizes > 0) & (before[row_starts[1:]] - base == np.array(n_bytes, np.int64))
+    row = np.array(rows, np.int64)
+    a = np.array(a_bytes, np.int64) + base[row]
+    b = np.array(b_bytes, np.int64) + base[row]
+    ends = before[1:]
+    ta = np.searchsorted(ends, a, "right") - row_starts[row]
+    tb = np.minimum(np.searchsorted(ends, b, "left") + 1 - row_starts[row], sizes[row])
+    empty = b <= a
+    ta[empty] = tb[empty] = sizes[row][empty]
+    return row, ta, tb, spelled

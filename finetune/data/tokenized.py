@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,7 +26,13 @@ import numpy as np
 from finetune.data.errors import BadRow, DataError, RowOrigin
 from finetune.data.formats import Example
 from finetune.data.template import ChatRenderer
-from finetune.data.token_bytes import ByteTable, span_tokens, token_byte_lengths, token_ends
+from finetune.data.token_bytes import (
+    ByteTable,
+    batch_span_tokens,
+    span_tokens,
+    token_byte_lengths,
+    token_ends,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +238,7 @@ class ExampleEncoder:
         self.backend = _backend(tokenizer)
         self._encoding_backend: Any = None
         self._token_bytes: ByteTable | None = None  # see token_bytes; None: track offsets
+        self._byte_lengths = np.zeros(0, dtype=np.int64)
         self.train_all = renderer.train_on == "all"
 
     def warm_up(self) -> Any:
@@ -247,6 +255,7 @@ class ExampleEncoder:
             table = token_byte_lengths(backend)
             if table is not None and _spans_agree(backend, table, probes):
                 self._token_bytes = table
+                self._byte_lengths = np.asarray(table.lengths, dtype=np.int64)
             self._encoding_backend = backend
         return self._encoding_backend
 
@@ -335,6 +344,101 @@ class ExampleEncoder:
 
     def _assemble(self, batch: _RenderedBatch, encoded: list[Any],
                   counts: RowCounts) -> TokenizedRows:
+        """Ids and trained flags of the batch's rows: BOS, EOS, truncation, the first token
+        never trained. Done on whole arrays unless an EOS must be inserted somewhere."""
+        if any(needs_eos for spans in batch.spans for _, _, needs_eos in spans):
+            return self._assemble_rows(batch, encoded, counts)
+        return self._assemble_arrays(batch, encoded, counts)
+
+    def _assemble_arrays(self, batch: _RenderedBatch, encoded: list[Any],
+                         counts: RowCounts) -> TokenizedRows:
+        """`_assemble_rows` (the reference), for batches where no EOS is inserted, with numpy
+        over the whole batch instead of Python per row."""
+        ids = [enc.ids for enc in encoded]
+        m = len(ids)
+        if m == 0:
+            return TokenizedRows.empty()
+        sizes = np.fromiter(map(len, ids), np.int64, m)
+        row_starts = np.zeros(m + 1, np.int64)
+        np.cumsum(sizes, out=row_starts[1:])
+        flat = np.fromiter(chain.from_iterable(ids), np.int64, int(row_starts[-1]))
+        row, ta, tb = self._batch_spans(batch, ids, encoded, flat, row_starts)
+
+        shift = np.zeros(m, np.int64)  # 1 where BOS goes in front
+        if self.bos is not None:
+            first = np.full(m, -1, np.int64)
+            first[sizes > 0] = flat[row_starts[:-1][sizes > 0]]
+            shift[first != self.bos] = 1
+        n = sizes + shift
+        keep = np.ones(m, bool)
+        over = n > self.max_seq_len
+        if over.any():
+            k = int(np.flatnonzero(over)[0])
+            if self.truncation == "error":
+                raise DataError(f"{batch.origins[k]}: {n[k]} tokens, longer than "
+                                f"data.max_seq_len={self.max_seq_len}; raise data.max_seq_len "
+                                "or set data.truncation=truncate (cut) or drop (skip such rows)")
+            if self.truncation == "drop":
+                keep &= ~over
+                counts.dropped += int(over.sum())
+            else:
+                n = np.minimum(n, self.max_seq_len)
+                counts.truncated += int(over.sum())
+        if self.train_all:
+            row = np.arange(m)
+            a, b = np.ones(m, np.int64), n
+        else:  # the first token is never a target
+            a = np.maximum(ta + shift[row], 1)
+            b = np.minimum(tb + shift[row], n[row])
+        live = (b > a) & keep[row]
+        trained_rows = np.zeros(m, bool)
+        trained_rows[row[live]] = True
+        for k in np.flatnonzero(keep & ~trained_rows):
+            counts.dropped += 1
+            logger.debug("%s: no trained tokens left after truncation; dropped", batch.origins[k])
+        keep &= trained_rows
+
+        kept = np.flatnonzero(keep)
+        out_starts = np.zeros(m, np.int64)  # each kept row's first token in the output
+        offsets = np.zeros(len(kept) + 1, np.int64)
+        np.cumsum(n[kept], out=offsets[1:])
+        out_starts[kept] = offsets[:-1]
+        source = (np.arange(offsets[-1], dtype=np.int64)
+                  + np.repeat(row_starts[kept] - offsets[:-1] - shift[kept], n[kept]))
+        tokens = flat.take(source, mode="clip").astype(np.int32)  # BOS places: set next
+        if self.bos is not None:
+            tokens[offsets[:-1][shift[kept] == 1]] = self.bos
+        marks = np.zeros(len(tokens) + 1, np.int32)
+        live &= keep[row]
+        np.add.at(marks, out_starts[row[live]] + a[live], 1)
+        np.add.at(marks, out_starts[row[live]] + b[live], -1)
+        return TokenizedRows(tokens, np.cumsum(marks[:-1]) > 0, offsets)
+
+    def _batch_spans(self, batch: _RenderedBatch, ids: list[list[int]], encoded: list[Any],
+                     flat: np.ndarray, row_starts: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every span's row and token range [ta, tb), in row order: from token byte lengths
+        where the tokens spell their row, else from offsets (`_token_spans`)."""
+        if self._token_bytes is not None:
+            row, ta, tb, spelled = batch_span_tokens(self._token_bytes, self._byte_lengths,
+                                                     flat, row_starts, batch.texts, batch.spans)
+            for k in np.flatnonzero(~spelled):
+                spans = self._token_spans(batch.texts[k], ids[k], encoded[k], batch.spans[k])
+                at = np.flatnonzero(row == k)
+                ta[at] = [ta_k for ta_k, _, _ in spans]
+                tb[at] = [tb_k for _, tb_k, _ in spans]
+            return row, ta, tb
+        row, ta, tb = [], [], []
+        for k, (text, spans, enc) in enumerate(zip(batch.texts, batch.spans, encoded,
+                                                   strict=True)):
+            for ta_k, tb_k, _ in self._token_spans(text, ids[k], enc, spans):
+                row.append(k)
+                ta.append(ta_k)
+                tb.append(tb_k)
+        return (np.array(row, np.int64), np.array(ta, np.int64), np.array(tb, np.int64))
+
+    def _assemble_rows(self, batch: _RenderedBatch, encoded: list[Any],
+                       counts: RowCounts) -> TokenizedRows:
         flat: list[int] = []
         starts: list[int] = []
         ends: list[int] = []
