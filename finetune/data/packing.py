@@ -58,16 +58,16 @@ def pack_documents(lengths: Sequence[int] | np.ndarray, max_seq_len: int) -> lis
     # Rows indexed by their free room; `rooms` is the sorted list of room sizes that have rows.
     by_room: dict[int, list[int]] = {}
     rooms: list[int] = []
-    for doc in order.tolist():
-        size = int(lengths[doc])
-        at = bisect.bisect_left(rooms, size)
+    bisect_left, insort = bisect.bisect_left, bisect.insort
+    for doc, size in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        at = bisect_left(rooms, size)
         if at < len(rooms):
             room = rooms[at]
             bucket = by_room[room]
             row = bucket.pop()
             if not bucket:
                 del by_room[room]
-                rooms.pop(at)
+                del rooms[at]
         else:
             room = max_seq_len
             row = len(rows)
@@ -75,10 +75,12 @@ def pack_documents(lengths: Sequence[int] | np.ndarray, max_seq_len: int) -> lis
         rows[row].append(doc)
         left = room - size
         if left > 0:
-            if left not in by_room:
-                by_room[left] = []
-                bisect.insort(rooms, left)
-            by_room[left].append(row)
+            bucket = by_room.get(left)
+            if bucket is None:
+                by_room[left] = [row]
+                insort(rooms, left)
+            else:
+                bucket.append(row)
     return rows
 
 
