@@ -77,6 +77,19 @@ def bare_tokenizer_seconds(path: Path, offsets: bool) -> float:
     return time.perf_counter() - started
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak RSS. On Linux, VmHWM: getrusage's ru_maxrss survives exec, so a
+    child started from this (large) benchmark process would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
 def stream_child(path: str, rows: int) -> None:
     """Run in a fresh process: stream one packed epoch, print peak RSS (MiB) as JSON."""
     bundle = build(Path(path), Path(tempfile.mkdtemp()), streaming=True)
@@ -88,7 +101,7 @@ def stream_child(path: str, rows: int) -> None:
         if bundle.train.epoch >= 1:
             break
     seconds = time.perf_counter() - started
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mib()
     print(json.dumps({"rows": rows, "peak_rss_mib": rss, "seconds": seconds,
                       "packed_rows": batches * step, "read": bundle.stats.rows_read}))
 
