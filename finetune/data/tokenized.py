@@ -409,7 +409,6 @@ class ExampleEncoder:
         if self.bos is not None:
             tokens[offsets[:-1][shift[kept] == 1]] = self.bos
         marks = np.zeros(len(tokens) + 1, np.int32)
-        live &= keep[row]
         np.add.at(marks, out_starts[row[live]] + a[live], 1)
         np.add.at(marks, out_starts[row[live]] + b[live], -1)
         return TokenizedRows(tokens, np.cumsum(marks[:-1]) > 0, offsets)
