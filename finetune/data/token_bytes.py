@@ -3,7 +3,7 @@
 With most current tokenizers (byte-level BPE as in Llama 3, Qwen, Mistral Tekken; metaspace BPE
 with byte fallback as in the tiny model), the tokens of a text, read as the bytes they stand for,
 concatenate back to exactly that text. Then each token's byte length locates it in the text, and
-the tokenizer need not track offsets, which is about 40% of its time. `token_byte_lengths` says,
+the tokenizer need not track offsets, which is about 45% of its time. `token_byte_lengths` says,
 from the tokenizer's own description, whether it is such a design; every row is still checked
 (its tokens must add up to its byte length, `token_ends`), and a row that fails takes the
 offset-tracking encoder instead.
@@ -74,6 +74,7 @@ def _spelling(spec: dict) -> tuple[str, str] | None:
 
 class ByteTable(NamedTuple):
     lengths: list[int]  # text bytes of each token id (UNKNOWN for the unknown token)
+    array: np.ndarray  # the same, as int64, for whole batches
     nfc: bool  # the tokenizer normalizes to NFC: a row must already be NFC
 
 
@@ -118,7 +119,8 @@ def token_byte_lengths(backend: Any) -> ByteTable | None:
     unk = model.get("unk_token")
     if unk is not None and backend.token_to_id(unk) is not None:
         lengths[backend.token_to_id(unk)] = UNKNOWN
-    return ByteTable(lengths, spec.get("normalizer") is not None)
+    return ByteTable(lengths, np.asarray(lengths, dtype=np.int64),
+                     spec.get("normalizer") is not None)
 
 
 def token_ends(table: ByteTable, ids: list[int], text: str) -> list[int] | None:
@@ -145,17 +147,16 @@ def span_tokens(ends: list[int], text: str, a: int, b: int) -> tuple[int, int]:
     return bisect_right(ends, a), min(bisect_left(ends, b) + 1, n)
 
 
-def batch_span_tokens(table: ByteTable, lengths: np.ndarray, flat: np.ndarray,
-                      row_starts: np.ndarray, texts: list[str], spans: list
+def batch_span_tokens(table: ByteTable, flat: np.ndarray, row_starts: np.ndarray,
+                      texts: list[str], spans: list
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`span_tokens` for every span of a batch at once. `flat` holds the rows' ids end to end,
-    row k at flat[row_starts[k]:row_starts[k + 1]]; `lengths` is table.lengths as an array;
-    spans[k] lists row k's (a, b, needs_eos) character spans. Returns, one entry per span in
+    row k at flat[row_starts[k]:row_starts[k + 1]]; spans[k] lists row k's (a, b, needs_eos) character spans. Returns, one entry per span in
     row order, the row and the local token range [ta, tb), and per row whether its tokens spell
     its text (the spans of a row that does not are meaningless; it needs tracked offsets)."""
     sizes = np.diff(row_starts)
     before = np.zeros(len(flat) + 1, np.int64)
-    np.cumsum(lengths[flat], out=before[1:])  # before[i]: bytes ahead of token i
+    np.cumsum(table.array[flat], out=before[1:])  # before[i]: bytes ahead of token i
     base = before[row_starts[:-1]]  # bytes ahead of each row
     n_bytes, rows, a_bytes, b_bytes = [], [], [], []
     for k, (text, row_spans) in enumerate(zip(texts, spans, strict=True)):

@@ -238,7 +238,6 @@ class ExampleEncoder:
         self.backend = _backend(tokenizer)
         self._encoding_backend: Any = None
         self._token_bytes: ByteTable | None = None  # see token_bytes; None: track offsets
-        self._byte_lengths = np.zeros(0, dtype=np.int64)
         self.train_all = renderer.train_on == "all"
 
     def warm_up(self) -> Any:
@@ -255,7 +254,6 @@ class ExampleEncoder:
             table = token_byte_lengths(backend)
             if table is not None and _spans_agree(backend, table, probes):
                 self._token_bytes = table
-                self._byte_lengths = np.asarray(table.lengths, dtype=np.int64)
             self._encoding_backend = backend
         return self._encoding_backend
 
@@ -419,8 +417,8 @@ class ExampleEncoder:
         """Every span's row and token range [ta, tb), in row order: from token byte lengths
         where the tokens spell their row, else from offsets (`_token_spans`)."""
         if self._token_bytes is not None:
-            row, ta, tb, spelled = batch_span_tokens(self._token_bytes, self._byte_lengths,
-                                                     flat, row_starts, batch.texts, batch.spans)
+            row, ta, tb, spelled = batch_span_tokens(self._token_bytes, flat, row_starts,
+                                                     batch.texts, batch.spans)
             for k in np.flatnonzero(~spelled):
                 spans = self._token_spans(batch.texts[k], ids[k], encoded[k], batch.spans[k])
                 at = np.flatnonzero(row == k)
