@@ -330,4 +330,11 @@ def _print_summary(out, summary: dict, final: Path) -> None:
     out(f"  final model: {final}")
 
 
-__all__ = ["run_training", "config_dict", "config_yaml"]
+def run_recipe(cfg: RunConfig) -> int:
+    """Run the recipe named by `cfg.recipe`; return the process exit code."""
+    import importlib
+
+    return importlib.import_module(f"finetune.recipes.{cfg.recipe}").train(cfg)
+
+
+__all__ = ["run_recipe", "run_training", "config_dict", "config_yaml"]
