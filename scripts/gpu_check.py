@@ -201,9 +201,10 @@ def section_liger(args: argparse.Namespace) -> dict[str, Any]:
     kernel_plan = plan(detect(), KernelsConfig(fused_ops="liger", selfcheck=False))
     attn = kernel_plan.attn_implementation
     off = fwd_bwd_step_time(args, attn, "cuda")  # before any patch: Liger patches classes
+    ops = kernel_plan.fused_ops
     applied: list[str] = []
     on = fwd_bwd_step_time(args, attn, "cuda",
-                           patch_model=lambda m: applied.extend(apply_fused_ops(m, kernel_plan)))
+                           patch_model=lambda m: applied.extend(apply_fused_ops(m, ops)))
     return {"attention": attn, "ops": applied, "off_s": round(off, 4), "on_s": round(on, 4),
             "speedup": round(off / on, 3)}
 

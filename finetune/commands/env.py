@@ -19,9 +19,14 @@ import sys
 from finetune.config.kernels import KernelsConfig
 from finetune.hardware import PROFILE_NAMES, detect, profile_by_name
 from finetune.hardware.profile import OPTIONAL_PACKAGES, HardwareProfile
-from finetune.kernels import KernelOverrideError, ModelFacts, format_plan_table, plan
+from finetune.kernels import (
+    KernelOverrideError,
+    ModelFacts,
+    default_registries,
+    format_plan_table,
+    plan,
+)
 from finetune.kernels.fused_ops import FLCE_SETTINGS
-from finetune.kernels.planner import default_registries
 from finetune.kernels.table import markdown_kernel_table
 
 # The built-in tiny model's attention shape; `finetune env` plans for it.

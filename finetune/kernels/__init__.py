@@ -1,22 +1,17 @@
-"""Kernel choice per op family: `plan(profile, cfg) -> KernelPlan`, self-checked and explained."""
+"""Kernel choice per op family, in three steps: `plan(profile, cfg) -> KernelPlan` chooses
+(self-checked and explained), `apply_env` / `apply_fused_ops` carry the plan out on this process,
+and `format_plan_table` shows it."""
 
+from finetune.kernels.apply import apply_env, apply_fused_ops
 from finetune.kernels.attention import (
     ATTENTION,
     AttentionCandidate,
     packing_isolation,
     supports_packing,
 )
-from finetune.kernels.fused_ops import apply_fused_ops
+from finetune.kernels.kernel_plan import FAMILIES, TORCH_DTYPES, KernelPlan
 from finetune.kernels.optimizer import OPTIMIZER, OptimizerCandidate, build_optimizer
-from finetune.kernels.planner import (
-    FAMILIES,
-    KernelPlan,
-    KernelRegistries,
-    apply_env,
-    default_registries,
-    format_plan_table,
-    plan,
-)
+from finetune.kernels.planner import KernelRegistries, default_registries, plan
 from finetune.kernels.registry import (
     Candidate,
     FamilyDecision,
@@ -25,11 +20,13 @@ from finetune.kernels.registry import (
     Registry,
     Rejection,
 )
+from finetune.kernels.table import format_plan_table
 
 __all__ = [
     "ATTENTION",
     "FAMILIES",
     "OPTIMIZER",
+    "TORCH_DTYPES",
     "AttentionCandidate",
     "Candidate",
     "FamilyDecision",

@@ -4,7 +4,9 @@ Candidates, best first: flash_attention_3 (Hopper only), flash_attention_2 (NVID
 CK targets), sdpa (torch; the backend it takes is recorded), flex_attention (needs a backward,
 so never on CPU/MPS for training), eager. Each candidate also carries the forward the
 self-check runs: the same function transformers uses for that implementation.
-Facts: /work/shared/reference/gpu-kernels.md section 2.
+Sources: Dao-AILab/flash-attention README (FA2/FA3 hardware, ROCm CK targets), pytorch/pytorch
+aten/src/ATen/native/transformers/cuda/sdp_utils.cpp (SDPA backend order), unslothai/unsloth#8821
+(silent MATH fallback on experimental ROCm archs), intel/torch-xpu-ops#1749 (XPU SDPA backward).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Collective family: the torch.distributed backend for multi-process runs.
 
 nccl on NVIDIA and on ROCm (where torch's nccl backend is RCCL), xccl on Intel XPU, gloo on
-CPU and Apple. Facts: /work/shared/reference/gpu-kernels.md section 4.
+CPU and Apple. Sources: ROCm/pytorch#347 (nccl hipified to RCCL), the torch.distributed docs
+(https://docs.pytorch.org/docs/stable/distributed.html, backends).
 """
 
 from __future__ import annotations

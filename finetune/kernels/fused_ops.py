@@ -1,25 +1,18 @@
 """Fused-ops family: Liger Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy).
 
-Liger runs on CUDA, ROCm and XPU through Triton; there is no CPU or MPS backend. Fused linear
-cross-entropy (FLCE) is off by default on gfx950, where it measured 2.5x slower
-(sgl-project/SpecForge#779). Facts: /work/shared/reference/gpu-kernels.md section 4.
+Liger runs on CUDA, ROCm and XPU through Triton; there is no CPU or MPS backend (supported
+hardware: the linkedin/Liger-Kernel README). Fused linear cross-entropy (FLCE) is off by default
+on gfx950, where it measured 2.5x slower (sgl-project/SpecForge#779). This module only decides
+which ops to use; `finetune.kernels.apply.apply_fused_ops` patches them into a model.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from finetune.hardware.arch import AMD_BF16_NATIVE, is_nvidia_sm80_plus
 from finetune.hardware.profile import HardwareProfile
 from finetune.kernels.registry import Candidate, ModelFacts, Registry, Support, torch_at_least
-
-if TYPE_CHECKING:
-    import torch
-
-    from finetune.kernels.planner import KernelPlan
-
-logger = logging.getLogger(__name__)
 
 LIGER_OPS: tuple[str, ...] = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
 # Where FLCE is slower than the unfused loss, so `auto` leaves it off.
@@ -72,35 +65,3 @@ def fused_ops_details(profile: HardwareProfile, choice: str, flce_setting: str) 
     ops = [op for op in LIGER_OPS if use_flce or op != "fused_linear_cross_entropy"]
     return {"ops": ops, "fused_linear_cross_entropy": why}
 
-
-def apply_fused_ops(model: torch.nn.Module, plan: KernelPlan) -> list[str]:
-    """Patch a loaded Hugging Face model with the plan's fused ops; returns the ops applied.
-
-    A no-op (returns []) when the plan chose `none`, or when Liger has no patch for the
-    model's architecture (logged as a warning). Call before adapters are attached.
-    """
-    decision = plan.kernels["fused_ops"]
-    if decision.choice != "liger":
-        return []
-    from liger_kernel.transformers.monkey_patch import (
-        MODEL_TYPE_TO_APPLY_LIGER_FN,
-        _apply_liger_kernel_to_instance,
-    )
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        logger.warning(
-            "fused_ops: liger has no patch for model_type %r; running unfused", model_type
-        )
-        return []
-    ops = list(decision.details["ops"])
-    _apply_liger_kernel_to_instance(
-        model=model,
-        rms_norm="rms_norm" in ops,
-        rope="rope" in ops,
-        swiglu="swiglu" in ops,
-        cross_entropy=False,
-        fused_linear_cross_entropy="fused_linear_cross_entropy" in ops,
-    )
-    logger.info("fused_ops: liger applied to %s (%s)", model_type, ", ".join(ops))
-    return ops

@@ -3,7 +3,8 @@
 The default is full-precision AdamW with the fastest implementation the device has; 8-bit
 state is only used when asked for by name. `build_optimizer` constructs exactly what the plan
 chose (fused=True, foreach=True, or neither; bitsandbytes classes).
-Facts: /work/shared/reference/gpu-kernels.md section 3.
+Sources: fused AdamW on CPU pytorch/pytorch#123074, on MPS pytorch/pytorch#127242, on XPU
+intel/torch-xpu-ops#879; bitsandbytes-foundation/bitsandbytes installation docs (8-bit backends).
 """
 
 from __future__ import annotations

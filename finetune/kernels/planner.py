@@ -3,19 +3,17 @@
 Order of decisions: precision first (attention depends on the dtype), then attention,
 optimizer, fused ops, compile and collective. `auto` takes the best-ranked supported candidate
 that passes its self-check; any other value is honoured when supported and raises
-`KernelOverrideError` when not - never silently replaced.
+`KernelOverrideError` when not - never silently replaced. This module only chooses:
+`finetune.kernels.apply` carries a plan out and `finetune.kernels.table` shows it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
-
-import torch
 
 from finetune.config.kernels import KernelsConfig
 from finetune.hardware.arch import device_type, rank_family
@@ -29,13 +27,9 @@ from finetune.kernels.attention import (
 from finetune.kernels.collective import COLLECTIVE
 from finetune.kernels.compilation import COMPILE
 from finetune.kernels.fused_ops import FLCE_SETTINGS, FUSED_OPS, fused_ops_details
+from finetune.kernels.kernel_plan import KernelPlan
 from finetune.kernels.optimizer import OPTIMIZER, OptimizerCandidate
-from finetune.kernels.precision import (
-    PRECISION,
-    TORCH_DTYPES,
-    precision_details,
-    precision_env,
-)
+from finetune.kernels.precision import PRECISION, precision_details, precision_env
 from finetune.kernels.registry import (
     Candidate,
     FamilyDecision,
@@ -48,9 +42,6 @@ from finetune.kernels.selfcheck import check_attention, check_optimizer
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: tuple[str, ...] = (
-    "attention", "optimizer", "fused_ops", "compile", "precision", "collective"
-)
 # Shape the attention self-check uses when the model's is not known yet.
 SELFCHECK_FACTS = ModelFacts(num_heads=8, num_kv_heads=4, head_dim=32)
 
@@ -80,55 +71,6 @@ def default_registries() -> KernelRegistries:
 
 
 _BUILTIN = KernelRegistries(ATTENTION, OPTIMIZER, FUSED_OPS, COMPILE, PRECISION, COLLECTIVE)
-
-
-@dataclass(frozen=True)
-class KernelPlan:
-    """The chosen kernels for one run. `to_dict()` is kernel_plan.json."""
-
-    hardware: HardwareProfile
-    kernels: dict[str, FamilyDecision]
-    env: dict[str, str] = field(default_factory=dict)
-    env_reasons: dict[str, str] = field(default_factory=dict)
-    model_facts: ModelFacts = field(default_factory=ModelFacts)
-
-    def choice(self, family: str) -> str:
-        """The chosen candidate name of `family` (one of FAMILIES)."""
-        return self.kernels[family].choice
-
-    @property
-    def attn_implementation(self) -> str:
-        """The value for transformers' `attn_implementation`."""
-        return self.choice("attention")
-
-    @property
-    def packing_isolation(self) -> str | None:
-        """varlen | block_mask_4d | flex_block_mask; None when packing cannot be isolated."""
-        return self.kernels["attention"].details.get("packing_isolation")
-
-    @property
-    def base_dtype(self) -> torch.dtype:
-        """dtype for frozen (base) weights."""
-        return TORCH_DTYPES[self.kernels["precision"].details["base_dtype"]]
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        """dtype to autocast the forward to; None for no autocast."""
-        decision = self.kernels["precision"]
-        return TORCH_DTYPES[decision.choice] if decision.details["autocast"] else None
-
-    @property
-    def grad_scaler(self) -> bool:
-        """True when the loss must be scaled (fp16)."""
-        return bool(self.kernels["precision"].details["grad_scaler"])
-
-    def to_dict(self) -> dict[str, Any]:
-        """{"hardware": {...}, "kernels": {family: {...}}, "env": {...}}."""
-        return {
-            "hardware": self.hardware.to_dict(),
-            "kernels": {name: self.kernels[name].to_dict() for name in FAMILIES},
-            "env": dict(self.env),
-        }
 
 
 def _machine(profile: HardwareProfile) -> str:
@@ -324,68 +266,3 @@ def plan(
     logger.debug("kernel plan: %s", result.to_dict())
     return result
 
-
-def apply_env(plan: KernelPlan) -> dict[str, str]:
-    """Put the plan's environment variables into os.environ and enable TF32 where planned.
-
-    Call before the first CUDA/HIP call: ROCm and torch read several of these once at start.
-    A variable the user already set to another value is kept (explicit beats automatic) and
-    logged. Returns the variables this call set.
-    """
-    applied: dict[str, str] = {}
-    for name, value in plan.env.items():
-        current = os.environ.get(name)
-        if current is not None and current != value:
-            logger.warning(
-                "env: keeping %s=%s from the environment (the plan would set %s)",
-                name, current, value,
-            )
-            continue
-        os.environ[name] = value
-        applied[name] = value
-    if plan.kernels["precision"].details.get("tf32") and plan.hardware.vendor in ("nvidia", "amd"):
-        torch.set_float32_matmul_precision("high")
-    return applied
-
-
-def _hardware_line(profile: HardwareProfile) -> str:
-    peak = (
-        f"{profile.peak_bf16_tflops:g} bf16 TFLOP/s peak"
-        if profile.peak_bf16_tflops is not None
-        else "peak unknown"
-    )
-    memory = f"{profile.memory_gb:g} GiB" if profile.memory_gb is not None else "memory unknown"
-    simulated = ", simulated" if profile.simulated else ""
-    return (
-        f"hardware: {profile.name} ({profile.vendor} {profile.arch}, {profile.device_count} x "
-        f"{memory}, {peak}, {profile.runtime}, torch {profile.torch}{simulated})"
-    )
-
-
-def format_plan_table(plan: KernelPlan) -> str:
-    """The human summary printed at the start of a run: `family: choice (reason)` per line."""
-    lines = [_hardware_line(plan.hardware)]
-    for family in FAMILIES:
-        decision = plan.kernels[family]
-        notes = [decision.reason]
-        details = decision.details
-        if "selfcheck" in details:
-            notes.append(f"self-check {details['selfcheck']}")
-        if "sdpa_backend" in details:
-            notes.append(
-                f"SDPA backend {details['sdpa_backend']}, {details['sdpa_backend_masked']} "
-                "with a mask"
-            )
-        if family == "precision":
-            notes.append(
-                f"base {details['base_dtype']}, trainable {details['trainable_dtype']}, "
-                f"autocast {'on' if details['autocast'] else 'off'}, "
-                f"grad scaler {'on' if details['grad_scaler'] else 'off'}, "
-                f"tf32 {'on' if details['tf32'] else 'off'}"
-            )
-        if family == "fused_ops" and details.get("ops"):
-            notes.append("ops " + ", ".join(details["ops"]))
-        lines.append(f"{family}: {decision.choice} ({'; '.join(notes)})")
-    for name, value in plan.env.items():
-        lines.append(f"env: {name}={value} ({plan.env_reasons.get(name, '')})")
-    return "\n".join(lines)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from finetune.hardware.arch import (
     AMD_BF16_NATIVE,
     AMD_HIPBLASLT_TF32,
@@ -19,11 +17,6 @@ from finetune.hardware.arch import (
 from finetune.hardware.profile import HardwareProfile
 from finetune.kernels.registry import Candidate, ModelFacts, Registry, Support, torch_at_least
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-}
 MPS_BF16_MIN_MACOS = 14
 MPS_BF16_MIN_TORCH = "2.6"
 

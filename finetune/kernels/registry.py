@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from packaging.version import InvalidVersion, Version
 
+from finetune.errors import ConfigError
 from finetune.hardware.arch import rank_family
 from finetune.hardware.profile import HardwareProfile
 
@@ -152,8 +153,8 @@ class FamilyDecision:
         }
 
 
-class KernelOverrideError(ValueError):
-    """An explicit `kernels.<family>=<choice>` that this machine cannot honour.
+class KernelOverrideError(ConfigError):
+    """An explicit `kernels.<family>=<choice>` that this machine cannot honour (exit code 2).
 
     Never silently replaced: the run stops and the message names the alternatives.
     """

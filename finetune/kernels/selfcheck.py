@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from finetune.kernels.attention import AttentionCandidate, default_scale
+from finetune.kernels.kernel_plan import TORCH_DTYPES
 from finetune.kernels.optimizer import OptimizerBuilder, OptimizerCandidate
-from finetune.kernels.precision import TORCH_DTYPES
 from finetune.kernels.registry import ModelFacts
 
 # Max error relative to the reference's largest magnitude, per run dtype. Wrong masking or

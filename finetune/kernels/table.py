@@ -1,27 +1,73 @@
-"""The Markdown table of plan choices per named profile, generated from the registries.
+"""How kernel plans are shown: the start-of-run summary of one plan, and the Markdown table of
+plan choices per named profile.
 
-`finetune env --table`, scripts/kernel_table.py and docs/hardware-and-kernels.md all use this
-one function, and a test keeps the copy in the docs equal to it.
+`format_plan_table` is printed by `finetune run` and `finetune env`. `markdown_kernel_table` is
+used by `finetune env --table`, scripts/kernel_table.py and docs/hardware-and-kernels.md, and a
+test keeps the copy in the docs equal to it.
 """
 
 from __future__ import annotations
 
 from finetune.config.kernels import KernelsConfig
+from finetune.hardware.profile import HardwareProfile
 from finetune.hardware.simulated import PROFILE_NAMES, profile_by_name
-from finetune.kernels.planner import KernelPlan, plan
+from finetune.kernels.kernel_plan import FAMILIES, KernelPlan
+from finetune.kernels.planner import plan
 
 TABLE_START = "<!-- kernel-table:start -->"
 TABLE_END = "<!-- kernel-table:end -->"
 
 
+def _hardware_line(profile: HardwareProfile) -> str:
+    peak = (
+        f"{profile.peak_bf16_tflops:g} bf16 TFLOP/s peak"
+        if profile.peak_bf16_tflops is not None
+        else "peak unknown"
+    )
+    memory = f"{profile.memory_gb:g} GiB" if profile.memory_gb is not None else "memory unknown"
+    simulated = ", simulated" if profile.simulated else ""
+    return (
+        f"hardware: {profile.name} ({profile.vendor} {profile.arch}, {profile.device_count} x "
+        f"{memory}, {peak}, {profile.runtime}, torch {profile.torch}{simulated})"
+    )
+
+
+def format_plan_table(kernel_plan: KernelPlan) -> str:
+    """The human summary printed at the start of a run: `family: choice (reason)` per line."""
+    lines = [_hardware_line(kernel_plan.hardware)]
+    for family in FAMILIES:
+        decision = kernel_plan.kernels[family]
+        notes = [decision.reason]
+        details = decision.details
+        if "selfcheck" in details:
+            notes.append(f"self-check {details['selfcheck']}")
+        if "sdpa_backend" in details:
+            notes.append(
+                f"SDPA backend {details['sdpa_backend']}, {details['sdpa_backend_masked']} "
+                "with a mask"
+            )
+        if family == "precision":
+            notes.append(
+                f"base {details['base_dtype']}, trainable {details['trainable_dtype']}, "
+                f"autocast {'on' if details['autocast'] else 'off'}, "
+                f"grad scaler {'on' if details['grad_scaler'] else 'off'}, "
+                f"tf32 {'on' if details['tf32'] else 'off'}"
+            )
+        if family == "fused_ops" and kernel_plan.fused_ops:
+            notes.append("ops " + ", ".join(kernel_plan.fused_ops))
+        lines.append(f"{family}: {decision.choice} ({'; '.join(notes)})")
+    for name, value in kernel_plan.env.items():
+        lines.append(f"env: {name}={value} ({kernel_plan.env_reasons.get(name, '')})")
+    return "\n".join(lines)
+
+
 def _precision_cell(kernel_plan: KernelPlan) -> str:
-    decision = kernel_plan.kernels["precision"]
     extras = []
-    if decision.details["grad_scaler"]:
+    if kernel_plan.grad_scaler:
         extras.append("grad scaler")
-    if decision.details["tf32"]:
+    if kernel_plan.tf32:
         extras.append("tf32")
-    return decision.choice + (f" ({', '.join(extras)})" if extras else "")
+    return kernel_plan.precision + (f" ({', '.join(extras)})" if extras else "")
 
 
 def _attention_cell(kernel_plan: KernelPlan) -> str:
@@ -33,10 +79,10 @@ def _attention_cell(kernel_plan: KernelPlan) -> str:
 
 
 def _fused_ops_cell(kernel_plan: KernelPlan) -> str:
-    decision = kernel_plan.kernels["fused_ops"]
-    if decision.choice == "liger" and "fused_linear_cross_entropy" not in decision.details["ops"]:
+    choice = kernel_plan.choice("fused_ops")
+    if choice == "liger" and "fused_linear_cross_entropy" not in kernel_plan.fused_ops:
         return "liger (no FLCE)"
-    return decision.choice
+    return choice
 
 
 def markdown_kernel_table(assume_packages: str = "all") -> str:
@@ -50,7 +96,7 @@ def markdown_kernel_table(assume_packages: str = "all") -> str:
         hw = kernel_plan.hardware
         rows.append(
             f"| {name} | {hw.vendor} | {hw.arch} | {_attention_cell(kernel_plan)} | "
-            f"{kernel_plan.choice('optimizer')} | {_fused_ops_cell(kernel_plan)} | "
-            f"{_precision_cell(kernel_plan)} | {kernel_plan.choice('collective')} |"
+            f"{kernel_plan.optimizer} | {_fused_ops_cell(kernel_plan)} | "
+            f"{_precision_cell(kernel_plan)} | {kernel_plan.collective} |"
         )
     return "\n".join(rows) + "\n"

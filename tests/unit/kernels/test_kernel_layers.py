@@ -1,0 +1,66 @@
+"""finetune.kernels is layered: families -> plan type -> planner -> apply / present.
+
+Family modules know only the shared registry pieces, so they can never import the planner or
+the plan back (the old fused_ops <-> planner circle); choosing, applying and presenting stay
+in separate modules. Imports inside functions count.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+KERNELS = Path(__file__).resolve().parents[3] / "finetune" / "kernels"
+FAMILY_MODULES = ("attention", "optimizer", "precision", "fused_ops", "collective",
+                  "compilation")
+# Module -> the finetune.kernels modules it may import.
+ALLOWED: dict[str, set[str]] = {
+    "registry": set(),
+    **{name: {"registry"} for name in FAMILY_MODULES},
+    "kernel_plan": {"registry"},
+    "selfcheck": {"registry", "attention", "optimizer", "kernel_plan"},
+    "planner": {"registry", "kernel_plan", "selfcheck", *FAMILY_MODULES},
+    "apply": {"kernel_plan", "fused_ops"},
+    "table": {"kernel_plan", "planner"},
+}
+
+
+def kernels_imports(source: str) -> set[str]:
+    """The finetune.kernels submodules `source` imports, at any depth."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[:2] == ["finetune", "kernels"] and len(parts) > 2:
+                if (KERNELS / f"{parts[2]}.py").exists():
+                    found.add(parts[2])
+            elif name == "finetune.kernels":
+                found.add("__init__")
+    return found
+
+
+def test_the_checker_sees_imports_inside_functions() -> None:
+    source = "def f():\n    from finetune.kernels.planner import KernelPlan\n"
+    assert kernels_imports(source) == {"planner"}
+    assert kernels_imports("from finetune.kernels import plan\n") == {"__init__"}
+
+
+def test_every_module_is_listed() -> None:
+    modules = {p.stem for p in KERNELS.glob("*.py")} - {"__init__"}
+    assert modules == set(ALLOWED)
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_module_imports_only_lower_layers(module: str) -> None:
+    imported = kernels_imports((KERNELS / f"{module}.py").read_text(encoding="utf-8"))
+    assert imported <= ALLOWED[module], (
+        f"finetune/kernels/{module}.py imports {sorted(imported - ALLOWED[module])}"
+    )
