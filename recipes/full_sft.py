@@ -2,14 +2,11 @@
 
     finetune run full_sft [OVERRIDES...]
 
-Config: configs/full_sft.yaml (peft: none). The loop lives in finetune/train/.
+Config: configs/full_sft.yaml (peft: none). `final/` holds the whole model in Hugging Face
+format.
 """
 
-from finetune.config.schema import RunConfig
 from finetune.train.loss import causal_lm_loss
-from finetune.train.run import run_training
+from finetune.train.recipe import Recipe
 
-
-def train(cfg: RunConfig) -> int:
-    """Run the recipe; return the process exit code."""
-    return run_training(cfg, loss_fn=causal_lm_loss)
+RECIPE = Recipe(name="full_sft", loss=causal_lm_loss, trains="all")

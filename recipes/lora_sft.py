@@ -2,14 +2,11 @@
 
     finetune run lora_sft [OVERRIDES...]
 
-Config: configs/lora_sft.yaml. The loop, checkpoints and metrics live in finetune/train/.
+Config: configs/lora_sft.yaml. Trains a peft adapter (peft=lora, dora or rslora) on the frozen
+base; `final/` holds the adapter in peft format.
 """
 
-from finetune.config.schema import RunConfig
 from finetune.train.loss import causal_lm_loss
-from finetune.train.run import run_training
+from finetune.train.recipe import Recipe
 
-
-def train(cfg: RunConfig) -> int:
-    """Run the recipe; return the process exit code."""
-    return run_training(cfg, loss_fn=causal_lm_loss)
+RECIPE = Recipe(name="lora_sft", loss=causal_lm_loss, trains="adapter")

@@ -1,5 +1,6 @@
-"""Find what a run produced and turn it into a plain Hugging Face model: load a run's adapter,
-or a checkpoint's trainable weights, onto its base model; merge LoRA into the base weights."""
+"""What a run leaves behind as a plain Hugging Face model: write `final/` at the end of a run;
+load a run's adapter, or a checkpoint's trainable weights, onto its base model; merge LoRA into
+the base weights."""
 
 from __future__ import annotations
 
@@ -15,6 +16,24 @@ from finetune.config.schema import ModelConfig, PeftConfig
 from finetune.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
+
+
+def export_final(model, tokenizer, run_dir: Path) -> Path:
+    """Write `run_dir/final` atomically: the adapter in peft format (or the full model), plus
+    the tokenizer. An existing final/ is replaced only once the new one is complete."""
+    final = run_dir / "final"
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run_dir))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        old = run_dir / ".final-old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    return final
 
 
 def _read_run_config(path: Path) -> dict:

@@ -14,7 +14,7 @@ import logging
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +81,10 @@ def restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-def write_rank_rng(directory: Path, rank: int) -> None:
-    tensors, plain = capture_rng()
+def write_rank_rng(directory: Path, rank: int,
+                   rng: tuple[dict[str, torch.Tensor], dict] | None = None) -> None:
+    """Write `rng` (default: this process's RNG states now) as rank `rank`'s files."""
+    tensors, plain = rng if rng is not None else capture_rng()
     save_file({k: v.contiguous() for k, v in tensors.items()},
               str(directory / f"rng_rank{rank}.safetensors"))
     write_json(directory / f"rng_rank{rank}.json", plain)
@@ -100,16 +102,21 @@ def read_rank_rng(directory: Path, rank: int) -> tuple[dict[str, torch.Tensor], 
 
 
 @dataclass
-class CheckpointPayload:
-    """What rank 0 writes besides every rank's RNG."""
+class TrainerState:
+    """What a checkpoint holds of a run: the Trainer hands it over (`state_dict`) and takes it
+    back (`load_state_dict`).
+
+    `progress` is JSON (step, tokens, data position, world size, ...). `rng` maps a rank to its
+    RNG states: on save, this process's rank only (each rank writes its own); on load, every
+    rank the checkpoint has.
+    """
 
     trainable: dict[str, torch.Tensor]
     optimizer: dict
     scheduler: dict
     scaler: dict | None
-    state: dict  # step, tokens_seen, elapsed_s, data position, world size, wandb id, ...
-    config_yaml: str
-    kernel_plan: dict
+    progress: dict
+    rng: dict[int, tuple[dict[str, torch.Tensor], dict]] = field(default_factory=dict)
 
 
 def prepare_tmp(output_dir: Path, step: int) -> Path:
@@ -121,17 +128,17 @@ def prepare_tmp(output_dir: Path, step: int) -> Path:
     return tmp
 
 
-def write_payload(tmp: Path, payload: CheckpointPayload) -> None:
-    """Rank 0: write weights, optimizer, scheduler, state, config and plan into `tmp`."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in payload.trainable.items()},
+def write_state(tmp: Path, state: TrainerState, *, config_yaml: str, kernel_plan: dict) -> None:
+    """Rank 0: write weights, optimizer, scheduler, progress, config and plan into `tmp`."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.trainable.items()},
               str(tmp / TRAINABLE))
-    torch.save(payload.optimizer, tmp / OPTIMIZER)
-    torch.save(payload.scheduler, tmp / SCHEDULER)
-    if payload.scaler is not None:
-        torch.save(payload.scaler, tmp / SCALER)
-    write_json(tmp / STATE, payload.state)
-    (tmp / "config.yaml").write_text(payload.config_yaml, encoding="utf-8")
-    write_json(tmp / "kernel_plan.json", payload.kernel_plan)
+    torch.save(state.optimizer, tmp / OPTIMIZER)
+    torch.save(state.scheduler, tmp / SCHEDULER)
+    if state.scaler is not None:
+        torch.save(state.scaler, tmp / SCALER)
+    write_json(tmp / STATE, state.progress)
+    (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    write_json(tmp / "kernel_plan.json", kernel_plan)
 
 
 def finish_checkpoint(output_dir: Path, step: int) -> Path:
@@ -180,12 +187,14 @@ def latest_complete_checkpoint(output_dir: Path) -> Path | None:
 @dataclass
 class LoadedCheckpoint:
     path: Path
-    trainable: dict[str, torch.Tensor]
-    optimizer: dict
-    scheduler: dict
-    scaler: dict | None
-    state: dict
+    state: TrainerState
     config_yaml: str
+
+
+def _read_all_rng(path: Path) -> dict[int, tuple[dict[str, torch.Tensor], dict]]:
+    ranks = sorted(int(p.name[len("rng_rank"):-len(".safetensors")])
+                   for p in path.glob("rng_rank*.safetensors"))
+    return {rank: read_rank_rng(path, rank) for rank in ranks}
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
@@ -201,15 +210,16 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     try:
         scaler = (torch.load(path / SCALER, weights_only=True, map_location="cpu")
                   if (path / SCALER).is_file() else None)
-        return LoadedCheckpoint(
-            path=path,
+        state = TrainerState(
             trainable=load_file(str(path / TRAINABLE)),
             optimizer=torch.load(path / OPTIMIZER, weights_only=True, map_location="cpu"),
             scheduler=torch.load(path / SCHEDULER, weights_only=True, map_location="cpu"),
             scaler=scaler,
-            state=json.loads((path / STATE).read_text(encoding="utf-8")),
-            config_yaml=(path / "config.yaml").read_text(encoding="utf-8"),
+            progress=json.loads((path / STATE).read_text(encoding="utf-8")),
+            rng=_read_all_rng(path),
         )
+        return LoadedCheckpoint(path=path, state=state,
+                                config_yaml=(path / "config.yaml").read_text(encoding="utf-8"))
     except Exception as exc:  # a verified file that still fails to parse is a broken checkpoint
         raise CheckpointError(f"checkpoint {path} could not be read ({type(exc).__name__}: "
                               f"{exc}). Resume from an earlier checkpoint.") from None

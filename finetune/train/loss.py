@@ -9,13 +9,33 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
 IGNORE_INDEX = -100
 
-# loss_fn(model, batch, num_items) -> that micro-batch's summed token loss divided by num_items
-LossFn = Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor]
+
+@dataclass
+class LossOutput:
+    """A loss with extra metrics. Each metric is normalised like the loss (divided by the
+    window's `num_items`), so summing it over a window's micro-batches gives the window mean."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# loss_fn(model, batch, num_items) -> that micro-batch's summed loss divided by num_items, as a
+# tensor or a LossOutput. Recipes' extra models are bound to it as keyword arguments.
+LossFn = Callable[..., "torch.Tensor | LossOutput"]
+
+
+@dataclass
+class WindowLoss:
+    """One accumulation window on this rank: the summed token loss and the summed metrics."""
+
+    loss_sum: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def trained_tokens(batch: dict) -> int:
@@ -37,8 +57,8 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict, num_items: torch.Tensor)
 def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], loss_fn: LossFn,
                          *, window_tokens: int, backward: Callable[[torch.Tensor], None],
                          grad_scale: float = 1.0,
-                         no_sync: Callable[[], object] | None = None) -> float:
-    """Run forward+backward over a window; return the window's summed token loss on this rank.
+                         no_sync: Callable[[], object] | None = None) -> WindowLoss:
+    """Run forward+backward over a window; return its summed token loss and metrics here.
 
     `window_tokens` is the trained-token count of the whole window (all ranks). `grad_scale`
     undoes the averaging of a data-parallel wrapper (the world size under DDP). `no_sync`, when
@@ -46,13 +66,17 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], 
     micro-batch.
     """
     denominator = torch.tensor(float(max(window_tokens, 1)))
-    loss_sum = 0.0
+    window = WindowLoss(0.0)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         context = no_sync() if (no_sync is not None and not last) else nullcontext()
         with context:
-            loss = loss_fn(model, batch, denominator)
+            out = loss_fn(model, batch, denominator)
+            loss = out.loss if isinstance(out, LossOutput) else out
             backward(loss * grad_scale)
-        loss_sum += float(loss.detach()) * float(denominator)
-    return loss_sum
+        window.loss_sum += float(loss.detach()) * float(denominator)
+        if isinstance(out, LossOutput):
+            for name, value in out.metrics.items():
+                window.metrics[name] = window.metrics.get(name, 0.0) + float(value.detach())
+    return window
 

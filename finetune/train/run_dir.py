@@ -1,12 +1,15 @@
-"""The run directory: choosing it, refusing to clobber an existing run, and finding resumes."""
+"""The run directory: choosing it, refusing to clobber an existing run, and opening the
+checkpoint a run resumes from."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.checkpoint import store
+from finetune.checkpoint.compat import check_resume_compatible
 from finetune.errors import OutputDirError
 
 logger = logging.getLogger(__name__)
@@ -44,3 +47,25 @@ def find_resume_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
             logger.info("resume=auto: no complete checkpoint in %s; starting fresh", output_dir)
         return found
     return Path(resume)
+
+
+@dataclass
+class Resume:
+    """The checkpoint a run continues from, and the config changes it was allowed."""
+
+    checkpoint: store.LoadedCheckpoint
+    allowed_changes: list[str] = field(default_factory=list)
+    forced_changes: list[str] = field(default_factory=list)
+
+
+def open_resume(output_dir: Path, resume: str | None, config: dict, *,
+                force: bool) -> Resume | None:
+    """Load and verify the checkpoint to resume from, and refuse config changes that would
+    make it another run (CheckpointError / ConfigError). None: start fresh."""
+    path = find_resume_checkpoint(output_dir, resume)
+    if path is None:
+        return None
+    checkpoint = store.load_checkpoint(path)
+    allowed, forced = check_resume_compatible(checkpoint.config_yaml, config, force=force,
+                                              checkpoint=str(checkpoint.path))
+    return Resume(checkpoint, allowed, forced)

@@ -1,8 +1,10 @@
 """The one training loop: token-normalised gradient accumulation on accelerate, evaluation,
-metrics, checkpoints and preemption. Recipes only choose the loss function."""
+metrics, checkpoints and preemption. The Trainer owns the loop state, the data position and the
+RNG (`state_dict` / `load_state_dict`); recipes only bring their loss."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -14,24 +16,15 @@ import torch
 from finetune.checkpoint import store
 from finetune.config.schema import RunConfig
 from finetune.errors import TrainingError
+from finetune.kernels import KernelPlan
 from finetune.metrics.writers import ConsoleProgress, MetricsFile
-from finetune.train.loss import LossFn, accumulate_gradients, trained_tokens
+from finetune.train.loss import LossFn, LossOutput, accumulate_gradients, trained_tokens
+from finetune.train.recipe import Recipe
+from finetune.train.setup import Components
 from finetune.train.signals import PreemptionHandler
+from finetune.train.state import LoopState, load_trainable, trainable_state
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LoopState:
-    """Everything that advances with the steps and must survive a resume."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    elapsed_s: float = 0.0
-    nan_skipped: int = 0
-    best_eval_loss: float | None = None
-    best_step: int | None = None
-    last_eval_loss: float | None = None
 
 
 @dataclass
@@ -53,32 +46,83 @@ def _input_tokens(batch: dict) -> int:
 
 
 class Trainer:
-    """Runs optimizer steps until `total_steps`, a preemption signal, or a NaN stop."""
+    """Runs optimizer steps until `total_steps`, a preemption signal, or a NaN stop.
 
-    def __init__(self, *, cfg: RunConfig, accelerator, model, optimizer, scheduler, data,
-                 loss_fn: LossFn, run_dir: Path, total_steps: int, state: LoopState,
-                 checkpoint_payload, flops_per_token: float | None,
-                 peak_flops: float | None, wandb=None) -> None:
+    Args:
+        cfg: the run's config (trainer and seed settings are read).
+        parts: the components from `setup`.
+        recipe: the recipe: its loss (`parts.extra_models` are bound to it as keywords) and the
+            extra metrics it reports each step.
+        run_dir: the run directory (metrics.jsonl, checkpoints/).
+        kernel_plan: the run's plan (written into checkpoints; its peak sets MFU).
+        config_yaml: the resolved config, written into checkpoints.
+    """
+
+    def __init__(self, cfg: RunConfig, parts: Components, recipe: Recipe, *, run_dir: Path,
+                 kernel_plan: KernelPlan, config_yaml: str) -> None:
         self.cfg = cfg
-        self.acc = accelerator
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.data = data
-        self.loss_fn = loss_fn
+        self.parts = parts
+        self.acc = parts.accelerator
+        self.model = parts.model
+        self.optimizer = parts.optimizer
+        self.scheduler = parts.scheduler
+        self.data = parts.data
+        self.loss_fn: LossFn = (functools.partial(recipe.loss, **parts.extra_models)
+                                if parts.extra_models else recipe.loss)
+        self.recipe_metrics = recipe.metrics
         self.run_dir = run_dir
-        self.total_steps = total_steps
-        self.state = state
-        self.checkpoint_payload = checkpoint_payload  # callable(state) -> CheckpointPayload
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
-        self.wandb = wandb
-        self.is_main = accelerator.is_main_process
+        self.total_steps = parts.total_steps
+        self.state = LoopState()
+        self.kernel_plan = kernel_plan
+        self.config_yaml = config_yaml
+        # Training FLOPs per token: forward 2N, backward 4N; frozen weights (an adapter run)
+        # skip the weight-gradient half of the backward.
+        full = str(cfg.peft.method) == "none"
+        self.flops_per_token = (6 if full else 4) * parts.base_parameters
+        peak = kernel_plan.hardware.peak_bf16_tflops
+        self.peak_flops = peak * 1e12 if (peak and kernel_plan.precision == "bf16") else None
+        self.is_main = self.acc.is_main_process
         self.metrics = MetricsFile(run_dir / "metrics.jsonl") if self.is_main else None
-        self.progress = ConsoleProgress(total_steps) if self.is_main else None
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.progress = ConsoleProgress(self.total_steps) if self.is_main else None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._val_batches: list[dict] | None = None
         self._last_save_time = time.monotonic()
+        self._logger_run_id: str | None = next((lg.run_id for lg in parts.loggers), None)
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> store.TrainerState:
+        """Everything a resume needs: weights that train, optimizer, schedule, scaler, loop
+        progress, the data position (batches consumed) and this rank's RNG."""
+        progress = {**self.state.to_dict(), "data": self.data.train.state_dict(),
+                    "world_size": self.acc.num_processes, "wandb_run_id": self._logger_run_id}
+        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
+        return store.TrainerState(
+            trainable=trainable_state(self.parts.unwrapped),
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=scaler, progress=progress,
+            rng={self.acc.process_index: store.capture_rng()})
+
+    def load_state_dict(self, state: store.TrainerState, *, source: Path) -> None:
+        """Continue from `state` (loaded from checkpoint `source`); CheckpointError when it
+        belongs to another model or adapter shape."""
+        from accelerate.utils import set_seed
+
+        load_trainable(self.parts.unwrapped, state.trainable, source)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if state.scaler is not None and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(state.scaler)
+        self.data.train.load_state_dict(state.progress["data"])
+        self.state = LoopState.from_dict(state.progress)
+        self._logger_run_id = self._logger_run_id or state.progress.get("wandb_run_id")
+        rng = state.rng.get(self.acc.process_index)
+        if rng is not None:
+            store.restore_rng(*rng)
+        else:
+            logger.warning("checkpoint has no RNG state for rank %d (world size changed); "
+                           "seeding it from seed+rank+step", self.acc.process_index)
+            set_seed(self.cfg.seed + self.acc.process_index + self.state.step)
 
     # ------------------------------------------------------------ helpers
 
@@ -113,9 +157,8 @@ class Trainer:
             n = trained_tokens(batch)
             if n == 0:
                 continue
-            loss = self.loss_fn(model, _to_device(batch, self.acc.device),
-                                torch.tensor(float(n)))
-            loss_sum += float(loss) * n
+            out = self.loss_fn(model, _to_device(batch, self.acc.device), torch.tensor(float(n)))
+            loss_sum += float(out.loss if isinstance(out, LossOutput) else out) * n
             tokens += n
         model.train()
         total_tokens = self._reduce_sum(tokens)
@@ -131,11 +174,14 @@ class Trainer:
         if final.exists():
             return final
         started = time.monotonic()
+        state = self.state_dict()
         if self.is_main:
             tmp = store.prepare_tmp(self.run_dir, step)
-            store.write_payload(tmp, self.checkpoint_payload(self.state))
+            store.write_state(tmp, state, config_yaml=self.config_yaml,
+                              kernel_plan=self.kernel_plan.to_dict())
         self.acc.wait_for_everyone()
-        store.write_rank_rng(store.tmp_dir_for(self.run_dir, step), self.acc.process_index)
+        rank = self.acc.process_index
+        store.write_rank_rng(store.tmp_dir_for(self.run_dir, step), rank, state.rng[rank])
         self.acc.wait_for_everyone()
         path = None
         if self.is_main:
@@ -196,11 +242,12 @@ class Trainer:
                     self.acc.backward(loss)
 
                 # accelerate's prepare() already wraps the model's forward in autocast.
-                loss_sum = accumulate_gradients(
+                window = accumulate_gradients(
                     self.model, on_device, self.loss_fn, window_tokens=window_tokens,
                     backward=backward, grad_scale=float(world),
                     no_sync=(lambda: self.acc.no_sync(self.model)) if world > 1 else None)
-                loss = self._reduce_sum(loss_sum) / max(window_tokens, 1)
+                loss = self._reduce_sum(window.loss_sum) / max(window_tokens, 1)
+                extra = self._recipe_metrics(window.metrics)
                 grad_norm = self._clip_grad_norm()
                 skip = self._handle_non_finite(loss, grad_norm)
                 if not skip:
@@ -214,7 +261,7 @@ class Trainer:
                 self.state.elapsed_s += dt
                 session_steps += 1
                 self._log_step(loss, lr, grad_norm, window_tokens, input_tokens, dt, skip,
-                               session_steps)
+                               session_steps, extra)
                 self._maybe_eval()
                 stop = self._any_rank(preemption.requested is not None)
                 if stop or self._save_due():
@@ -240,11 +287,21 @@ class Trainer:
         if self.is_main:
             self.metrics.write(record)
             self.progress.line(f"eval at step {self.state.step}: loss {eval_loss:.4f}")
-            if self.wandb is not None:
-                self.wandb.log(record)
+            for tracker in self.parts.loggers:
+                tracker.log(record)
+
+    def _recipe_metrics(self, local: dict[str, float]) -> dict[str, float]:
+        """The recipe's declared metrics for this step, summed over ranks (each rank's values
+        are already normalised by the whole window)."""
+        undeclared = sorted(set(local) - set(self.recipe_metrics))
+        if undeclared:
+            raise TypeError(f"the recipe's loss reported {undeclared}, which its Recipe does not "
+                            "declare in `metrics`")
+        return {name: self._reduce_sum(local.get(name, 0.0)) for name in self.recipe_metrics}
 
     def _log_step(self, loss: float, lr: float, grad_norm: float, trained: int,
-                  input_tokens: int, dt: float, skipped: bool, session_steps: int) -> None:
+                  input_tokens: int, dt: float, skipped: bool, session_steps: int,
+                  extra: dict[str, float]) -> None:
         if not self.is_main:
             return
         tokens_per_s = input_tokens / dt if dt > 0 else 0.0
@@ -254,12 +311,12 @@ class Trainer:
         record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "trained_tokens": trained, "tokens": input_tokens,
                   "tokens_per_s": tokens_per_s, "step_time_s": dt,
-                  "epoch": self.data.train.epoch, "mfu": mfu}
+                  "epoch": self.data.train.epoch, "mfu": mfu, **extra}
         if skipped:
             record["skipped_non_finite"] = True
         self.metrics.write(record)
-        if self.wandb is not None:
-            self.wandb.log(record)
+        for tracker in self.parts.loggers:
+            tracker.log(record)
         every = self.cfg.trainer.log_every_n_steps
         if self.state.step % every == 0 or self.state.step == self.total_steps:
             self.progress.step(record, session_steps)

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from finetune.train.loss import (
     IGNORE_INDEX,
+    LossOutput,
     accumulate_gradients,
     causal_lm_loss,
     trained_tokens,
@@ -80,8 +81,26 @@ def test_window_loss_is_token_mean() -> None:
     micro = [_collate(rows[i:i + 2]) for i in range(0, 8, 2)]
     window = sum(trained_tokens(b) for b in micro)
     loss_sum = accumulate_gradients(model, micro, causal_lm_loss, window_tokens=window,
-                                    backward=lambda loss: loss.backward())
+                                    backward=lambda loss: loss.backward()).loss_sum
     full = _collate(rows)
-    expected = float(model(**{k: v for k, v in full.items() if k != "labels"},
-                           labels=full["labels"]).loss)
+    with torch.no_grad():
+        expected = float(model(**{k: v for k, v in full.items() if k != "labels"},
+                               labels=full["labels"]).loss)
     assert loss_sum / window == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_output_metrics_sum_to_the_window_mean() -> None:
+    """A recipe's extra metrics, normalised like the loss, add up to the window mean."""
+    model = _model()
+    rows = _batches()
+    micro = [_collate(rows[i:i + 2]) for i in range(0, 8, 2)]
+    window = sum(trained_tokens(b) for b in micro)
+
+    def loss_with_metric(model, batch, num_items):
+        loss = causal_lm_loss(model, batch, num_items)
+        return LossOutput(loss, {"trained_share": trained_tokens(batch) / num_items})
+
+    out = accumulate_gradients(model, micro, loss_with_metric, window_tokens=window,
+                               backward=lambda loss: loss.backward())
+    assert out.metrics == {"trained_share": pytest.approx(1.0)}
+    assert out.loss_sum > 0

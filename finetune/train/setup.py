@@ -1,0 +1,142 @@
+"""Build every component of a run from its typed config and kernel plan.
+
+`plan_kernels(cfg)` detects the hardware, chooses the kernels and applies the plan's
+environment; `setup(cfg, plan, ...)` then builds, in this order, the accelerator, the model
+(attention and dtypes from the plan, fused ops, activation checkpointing, adapter, compile), the
+tokenizer, the data, the optimizer and schedule, the recipe's extra models and the loggers, and
+returns them as `Components`. The order is part of the contract: the seed is set before the
+adapter's random init, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune.adapters import apply_adapter
+from finetune.config.schema import RunConfig
+from finetune.data import build_data
+from finetune.errors import ConfigError
+from finetune.kernels import KernelPlan, apply_env, apply_fused_ops, build_optimizer, plan
+from finetune.metrics.writers import WandbLogger
+from finetune.models import load_model, load_model_config, load_tokenizer, model_facts
+from finetune.train.recipe import Recipe
+from finetune.train.schedule import build_scheduler
+
+if TYPE_CHECKING:
+    from finetune.data import TrainData
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """Everything a run trains with. `model` is as accelerate prepared it (DDP-wrapped under
+    several processes); `unwrapped` is the model itself."""
+
+    accelerator: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    data: TrainData
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_steps: int
+    base_parameters: int  # of the model before any adapter (for FLOPs per token)
+    loggers: list[WandbLogger] = field(default_factory=list)
+    extra_models: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+
+def plan_kernels(cfg: RunConfig) -> KernelPlan:
+    """Detect the hardware, choose the kernels, and apply the plan's environment variables
+    before any CUDA/HIP work or SDPA call reads them."""
+    from finetune.hardware import detect
+
+    facts = model_facts(load_model_config(cfg.model))
+    kernel_plan = plan(detect(), cfg.kernels, facts)
+    apply_env(kernel_plan)
+    return kernel_plan
+
+
+def build_accelerator(kernel_plan: KernelPlan):
+    """An accelerate.Accelerator with the plan's mixed precision and collective backend."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        mixed_precision=kernel_plan.mixed_precision,
+        cpu=kernel_plan.hardware.vendor == "cpu",
+        # The collective backend only means something with several processes.
+        kwargs_handlers=([InitProcessGroupKwargs(backend=kernel_plan.collective)]
+                         if distributed else None),
+    )
+
+
+def total_steps(cfg: RunConfig, data: TrainData, world_size: int) -> int:
+    """trainer.max_steps, or trainer.epochs full passes over the data."""
+    if cfg.trainer.max_steps > 0:
+        return cfg.trainer.max_steps
+    per_epoch = data.train.samples_per_epoch
+    if per_epoch is None:
+        raise ConfigError("data.streaming=true has no known length: set trainer.max_steps "
+                          "(e.g. trainer.max_steps=1000).")
+    per_step = cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * world_size
+    return max(1, cfg.trainer.epochs * -(-per_epoch // per_step))
+
+
+def _build_model(cfg: RunConfig, kernel_plan: KernelPlan) -> tuple[torch.nn.Module, int]:
+    model = load_model(cfg.model, attn_implementation=kernel_plan.attn_implementation,
+                       dtype=kernel_plan.base_dtype)
+    apply_fused_ops(model, kernel_plan.fused_ops)
+    if cfg.trainer.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    base_parameters = sum(p.numel() for p in model.parameters())
+    model = apply_adapter(model, cfg.peft)
+    if kernel_plan.compile:
+        model.compile()  # in place: parameter names and state_dict keys stay unchanged
+    return model, base_parameters
+
+
+def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, *,
+          run_dir: Path, config: dict, logger_run_id: str | None = None) -> Components:
+    """Build the run's components on `accelerator` (see the module docstring for the order).
+
+    `config` is the resolved config as plain values (logged to W&B); `logger_run_id` continues
+    a resumed run's W&B run.
+    """
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model, base_parameters = _build_model(cfg, kernel_plan)
+    with accelerator.main_process_first():  # rank 0 fills the tokenized cache; the others read it
+        data = build_data(cfg.data, tokenizer, attention=kernel_plan.attn_implementation,
+                          seed=cfg.seed, micro_batch_size=cfg.trainer.micro_batch_size,
+                          rank=accelerator.process_index, world_size=accelerator.num_processes,
+                          mask_dtype=kernel_plan.compute_dtype)
+    if recipe.data_formats:
+        recipe.check_data_format(data.stats.format)
+    steps = total_steps(cfg, data, accelerator.num_processes)
+    optimizer = build_optimizer(
+        kernel_plan.optimizer, [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps)
+    extra = dict(recipe.extra_models(cfg, model)) if recipe.extra_models else {}
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loggers = []
+    if cfg.logger.name == "wandb" and accelerator.is_main_process:
+        loggers.append(WandbLogger(cfg.logger, run_dir, config, logger_run_id))
+    return Components(accelerator=accelerator, model=model, tokenizer=tokenizer, data=data,
+                      optimizer=optimizer, scheduler=scheduler, total_steps=steps,
+                      base_parameters=base_parameters, loggers=loggers, extra_models=extra)
