@@ -31,3 +31,9 @@ class TrainingError(FinetuneError):
     """Training cannot continue (e.g. a NaN loss with trainer.on_nan=stop)."""
 
     exit_code = 1
+
+
+class DiskFullError(FinetuneError):
+    """A write ran out of disk space; the message names the path, the bytes needed and free."""
+
+    exit_code = 1

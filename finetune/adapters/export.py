@@ -57,6 +57,7 @@ def load_trained_model(source: Path | str, *, dtype=None):
 
     from finetune.adapters.lora import apply_adapter
     from finetune.checkpoint.files import verify_manifest
+    from finetune.checkpoint.trainable import load_trainable
     from finetune.models import load_model, load_tokenizer
 
     dtype = dtype or torch.float32
@@ -79,15 +80,7 @@ def load_trained_model(source: Path | str, *, dtype=None):
         model_cfg = ModelConfig(**run["model"])
         model = apply_adapter(load_model(model_cfg, attn_implementation="sdpa", dtype=dtype),
                               PeftConfig(**run["peft"]))
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        unknown = sorted(set(weights) - set(params))
-        if unknown:
-            raise CheckpointError(f"checkpoint {path} does not match its config's model/adapter "
-                                  f"(unexpected weights such as {unknown[0]}).")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor.to(params[name].dtype))
+        load_trainable(model, load_file(str(path / "trainable.safetensors")), path)
         return model, load_tokenizer(model_cfg)
     if path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").is_file():
         raise CheckpointError(f"{path} looks like a run directory without final/ (the run did not "

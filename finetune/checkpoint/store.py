@@ -9,11 +9,13 @@ Nothing is unpickled on load: tensors come from safetensors, optimizer/scheduler
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from finetune.checkpoint.files import (
     write_json,
     write_manifest,
 )
-from finetune.errors import CheckpointError
+from finetune.errors import CheckpointError, DiskFullError
 
 logger = logging.getLogger(__name__)
 
@@ -142,16 +144,58 @@ def write_state(tmp: Path, state: TrainerState, *, config_yaml: str, kernel_plan
 
 
 def finish_checkpoint(output_dir: Path, step: int) -> Path:
-    """Rank 0, after every rank wrote into the tmp dir: manifest, then the atomic rename."""
+    """Rank 0, after every rank wrote into the tmp dir: manifest, then the atomic rename.
+
+    A folder already holding this step belongs to another trajectory (a save always writes its
+    step): it is moved aside into `checkpoints/abandoned-<time>/`, never deleted or reused.
+    """
     tmp = tmp_dir_for(output_dir, step)
     final = checkpoints_root(output_dir) / step_dir_name(step)
     write_manifest(tmp, {"step": step})
     if final.exists():
-        # A complete checkpoint of this step already exists; never replace a finished one.
-        shutil.rmtree(tmp)
-        return final
+        set_aside(output_dir, [final])
     publish_directory(tmp, final)
     return final
+
+
+def state_bytes(state: TrainerState) -> int:
+    """About how many bytes rank 0 writes for `state` (tensors; JSON and config are small)."""
+    def tensors(node: object) -> int:
+        if isinstance(node, torch.Tensor):
+            return node.numel() * node.element_size()
+        if isinstance(node, dict):
+            return sum(tensors(v) for v in node.values())
+        if isinstance(node, list | tuple):
+            return sum(tensors(v) for v in node)
+        return 0
+
+    return tensors([state.trainable, state.optimizer, state.scheduler, state.scaler]) + 2**20
+
+
+def check_free_space(directory: Path, needed: int, what: str) -> None:
+    """DiskFullError before writing `needed` bytes under `directory` when they cannot fit."""
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise disk_full(directory, needed, what)
+
+
+def disk_full(directory: Path, needed: int | None, what: str) -> DiskFullError:
+    """The error for a write of `what` under `directory` that does not fit."""
+    free = shutil.disk_usage(directory).free
+    size = f"about {needed / 1e6:.1f} MB" if needed else "more space"
+    return DiskFullError(
+        f"not enough disk space to write {what} in {directory}: it needs {size} and "
+        f"{free / 1e6:.1f} MB are free. Earlier checkpoints are intact. Free some space (or "
+        "lower trainer.keep_last_n), then continue with resume=auto.")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an error raised because a write ran out of space (ENOSPC/EDQUOT, or a
+    safetensors write cut short)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and is_disk_full(cause)
 
 
 def checkpoint_bytes(directory: Path) -> int:
@@ -246,6 +290,32 @@ def apply_retention(output_dir: Path, keep_last_n: int, best_step: int | None = 
         shutil.rmtree(path)
         removed.append(path)
     return removed
+
+
+def set_aside(output_dir: Path, paths: list[Path]) -> Path | None:
+    """Move checkpoint folders into a new `checkpoints/abandoned-<time>/` (never deleted: they
+    may be someone's only copy of another trajectory). Returns that folder, or None."""
+    if not paths:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = checkpoints_root(output_dir) / f"abandoned-{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = target.with_name(f"abandoned-{stamp}-{n}")
+    target.mkdir(parents=True)
+    for path in paths:
+        path.rename(target / path.name)
+    logger.warning("moved %d checkpoint folder(s) of an abandoned trajectory to %s: %s",
+                   len(paths), target, ", ".join(p.name for p in paths))
+    return target
+
+
+def abandon_after(output_dir: Path, step: int) -> Path | None:
+    """Resuming from `step` abandons every later checkpoint folder (complete or not): move them
+    aside so that no later resume continues from another trajectory's weights."""
+    later = [path for s, path in list_checkpoints(output_dir) if s > step]
+    return set_aside(output_dir, later)
 
 
 def remove_stale_tmp(output_dir: Path) -> None:

@@ -29,9 +29,11 @@ def tenth_mean(values: list[float], last: bool) -> float | None:
 
 def run_summary(progress: dict[str, Any], losses: list[float], data_stats: dict[str, Any], *,
                 total_steps: int, world_size: int, device: torch.device,
-                resume_changes: list[str], forced_changes: list[str]) -> dict[str, Any]:
+                resume_changes: list[str], forced_changes: list[str],
+                history_complete: bool = True) -> dict[str, Any]:
     """summary.json: `progress` is the loop state (step, tokens_seen, elapsed_s, ...), `losses`
-    every step's loss of the whole run (across resumes)."""
+    every step's loss metrics.jsonl holds for the run (across resumes); `history_complete` is
+    False when it lost steps from before a resume, so first_loss covers only what it holds."""
     elapsed = progress["elapsed_s"]
     return {
         "steps": progress["step"],
@@ -40,6 +42,7 @@ def run_summary(progress: dict[str, Any], losses: list[float], data_stats: dict[
         "elapsed_s": round(elapsed, 3),
         "trained_tokens_per_s": progress["tokens_seen"] / elapsed if elapsed else None,
         "first_loss": tenth_mean(losses, last=False),
+        "loss_history": "complete" if history_complete else "partial",
         "last_loss": tenth_mean(losses, last=True),
         "eval_loss": progress["last_eval_loss"],
         "best_eval_loss": progress["best_eval_loss"],
@@ -64,7 +67,9 @@ def print_summary(out: Callable[[str], None], summary: dict[str, Any], final: Pa
     out("")
     out("done.")
     if first is not None:
-        out(f"  loss: {first:.4f} (first tenth) -> {last:.4f} (last tenth){drop}")
+        partial = "" if summary["loss_history"] == "complete" else (
+            " [partial history: metrics.jsonl lost steps from before a resume]")
+        out(f"  loss: {first:.4f} (first tenth) -> {last:.4f} (last tenth){drop}{partial}")
     if summary["eval_loss"] is not None:
         out(f"  eval loss: {summary['eval_loss']:.4f}")
     out(f"  steps: {summary['steps']}, trained tokens: {summary['tokens_seen']}, "

@@ -1,4 +1,4 @@
-"""The built-in tiny model: a ~6.5M-parameter Llama with a real BPE tokenizer and chat template.
+"""The built-in tiny model: a ~6.9M-parameter Llama with a real BPE tokenizer and chat template.
 
 It is written once as an ordinary Hugging Face model folder (config.json, model.safetensors,
 tokenizer files) and then loaded through the same code path as any real model. The weights

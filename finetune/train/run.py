@@ -21,9 +21,15 @@ from finetune.checkpoint.files import write_json
 from finetune.config.schema import RunConfig
 from finetune.kernels import format_plan_table
 from finetune.metrics.summary import print_summary, run_summary
-from finetune.metrics.writers import step_losses, truncate_metrics
+from finetune.metrics.writers import step_losses
 from finetune.train.recipe import Recipe, load_recipe
-from finetune.train.run_dir import check_output_dir, default_output_dir, open_resume
+from finetune.train.run_dir import (
+    FreshRunDir,
+    check_output_dir,
+    default_output_dir,
+    open_resume,
+    start_run_files,
+)
 from finetune.train.setup import build_accelerator, plan_kernels, setup
 from finetune.train.signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from finetune.train.trainer import Trainer
@@ -48,30 +54,39 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
     """Train `recipe` as configured; return the exit code (0, or PREEMPTED_EXIT_CODE)."""
     recipe.check(cfg)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.recipe)
+    fresh_dir = FreshRunDir(run_dir, cfg.resume)
     check_output_dir(run_dir, cfg.resume)
     kernel_plan = plan_kernels(cfg)
     acc = build_accelerator(kernel_plan)
     acc.wait_for_everyone()  # every rank checked output_dir before rank 0 writes into it
     resume = open_resume(run_dir, cfg.resume, config_dict(cfg), force=cfg.resume_force)
     out = print if acc.is_main_process else (lambda *a, **k: None)
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        store.remove_stale_tmp(run_dir)
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml(cfg), encoding="utf-8")
-        write_json(run_dir / "kernel_plan.json", kernel_plan.to_dict())
     out(f"finetune {cfg.recipe}: output_dir={run_dir}")
     out(format_plan_table(kernel_plan))
-
-    saved_run_id = resume.checkpoint.state.progress.get("wandb_run_id") if resume else None
-    parts = setup(cfg, kernel_plan, recipe, acc, run_dir=run_dir, config=config_dict(cfg),
-                  logger_run_id=saved_run_id)
-    trainer = Trainer(cfg, parts, recipe, run_dir=run_dir, kernel_plan=kernel_plan,
-                      config_yaml=config_yaml(cfg))
-    if resume is not None:
-        trainer.load_state_dict(resume.checkpoint.state, source=resume.checkpoint.path)
+    try:
         if acc.is_main_process:
-            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            store.remove_stale_tmp(run_dir)
+            (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        saved_run_id = resume.checkpoint.state.progress.get("wandb_run_id") if resume else None
+        parts = setup(cfg, kernel_plan, recipe, acc, run_dir=run_dir, config=config_dict(cfg),
+                      logger_run_id=saved_run_id)
+        trainer = Trainer(cfg, parts, recipe, run_dir=run_dir, kernel_plan=kernel_plan,
+                          config_yaml=config_yaml(cfg))
+        if resume is not None:
+            trainer.load_state_dict(resume.checkpoint.state, source=resume.checkpoint.path)
+        # Only now, with the resume accepted, does the run directory change.
+        history_complete = True
+        if acc.is_main_process:
+            history_complete = start_run_files(run_dir, trainer.state.step,
+                                               config_yaml=config_yaml(cfg),
+                                               kernel_plan=kernel_plan.to_dict())
+        acc.wait_for_everyone()
+    except BaseException:
+        if acc.is_main_process:
+            fresh_dir.restore()
+        raise
+    if resume is not None:
         out(f"resumed from {resume.checkpoint.path} at step {trainer.state.step}")
         for change in resume.allowed_changes:
             out(f"  changed on resume: {change}")
@@ -96,7 +111,8 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
                 parts.data.stats.to_dict(), total_steps=parts.total_steps,
                 world_size=acc.num_processes, device=acc.device,
                 resume_changes=resume.allowed_changes if resume else [],
-                forced_changes=resume.forced_changes if resume else [])
+                forced_changes=resume.forced_changes if resume else [],
+                history_complete=history_complete)
             write_json(run_dir / "summary.json", summary)
             for tracker in parts.loggers:
                 tracker.finish(summary)

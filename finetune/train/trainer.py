@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from finetune.checkpoint import store
+from finetune.checkpoint.trainable import load_trainable, trainable_state
 from finetune.config.schema import RunConfig
 from finetune.errors import TrainingError
 from finetune.kernels import KernelPlan
@@ -22,7 +24,7 @@ from finetune.train.loss import LossFn, LossOutput, accumulate_gradients, traine
 from finetune.train.recipe import Recipe
 from finetune.train.setup import Components
 from finetune.train.signals import PreemptionHandler
-from finetune.train.state import LoopState, load_trainable, trainable_state
+from finetune.train.state import LoopState
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._val_batches: list[dict] | None = None
         self._last_save_time = time.monotonic()
+        self._saved_step: int | None = None  # the step whose checkpoint this run wrote last
         self._logger_run_id: str | None = next((lg.run_id for lg in parts.loggers), None)
 
     # ------------------------------------------------------------ state
@@ -115,6 +118,7 @@ class Trainer:
             self.acc.scaler.load_state_dict(state.scaler)
         self.data.train.load_state_dict(state.progress["data"])
         self.state = LoopState.from_dict(state.progress)
+        self._saved_step = self.state.step
         self._logger_run_id = self._logger_run_id or state.progress.get("wandb_run_id")
         rng = state.rng.get(self.acc.process_index)
         if rng is not None:
@@ -169,20 +173,37 @@ class Trainer:
     # ------------------------------------------------------------ checkpoint
 
     def save_checkpoint(self) -> Path | None:
+        """Save this step (every rank takes part); the path on rank 0, None elsewhere.
+
+        A step already saved by this run (or resumed from) is not written twice. Running out of
+        disk space raises DiskFullError, with the temporary folder removed and every earlier
+        checkpoint intact.
+        """
         step = self.state.step
-        final = store.checkpoints_root(self.run_dir) / store.step_dir_name(step)
-        if final.exists():
-            return final
+        if step == self._saved_step:
+            return store.checkpoints_root(self.run_dir) / store.step_dir_name(step)
         started = time.monotonic()
         state = self.state_dict()
-        if self.is_main:
-            tmp = store.prepare_tmp(self.run_dir, step)
-            store.write_state(tmp, state, config_yaml=self.config_yaml,
-                              kernel_plan=self.kernel_plan.to_dict())
-        self.acc.wait_for_everyone()
-        rank = self.acc.process_index
-        store.write_rank_rng(store.tmp_dir_for(self.run_dir, step), rank, state.rng[rank])
-        self.acc.wait_for_everyone()
+        root = store.checkpoints_root(self.run_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        store.check_free_space(root, store.state_bytes(state), f"checkpoint step {step}")
+        tmp = store.tmp_dir_for(self.run_dir, step)
+        try:
+            if self.is_main:
+                store.prepare_tmp(self.run_dir, step)
+                store.write_state(tmp, state, config_yaml=self.config_yaml,
+                                  kernel_plan=self.kernel_plan.to_dict())
+            self.acc.wait_for_everyone()
+            rank = self.acc.process_index
+            store.write_rank_rng(tmp, rank, state.rng[rank])
+            self.acc.wait_for_everyone()
+        except Exception as exc:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if store.is_disk_full(exc):
+                raise store.disk_full(root, store.state_bytes(state),
+                                      f"checkpoint step {step}") from None
+            raise
         path = None
         if self.is_main:
             path = store.finish_checkpoint(self.run_dir, step)
@@ -193,6 +214,7 @@ class Trainer:
                         time.monotonic() - started,
                         f"; removed {len(removed)} older" if removed else "")
         self.acc.wait_for_everyone()
+        self._saved_step = step
         self._last_save_time = time.monotonic()
         return path
 

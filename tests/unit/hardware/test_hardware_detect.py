@@ -152,8 +152,25 @@ def test_missing_cpuinfo_means_no_flags(tmp_path: Path) -> None:
     assert read_cpu_flags(tmp_path / "absent") == frozenset()
 
 
-def test_installed_packages_are_known_names() -> None:
-    assert installed_packages() <= set(OPTIONAL_PACKAGES)
+def test_installed_packages_are_what_find_spec_locates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package whose spec lookup raises (a broken install, a module with no __spec__) counts
+    as not installed instead of failing detection."""
+    import importlib.util
+
+    assert {"triton", "deepspeed", "flash_attn"} <= set(OPTIONAL_PACKAGES)
+    looked_up = []
+
+    def find_spec(name: str):
+        looked_up.append(name)
+        if name == "deepspeed":
+            raise ValueError("deepspeed.__spec__ is None")
+        if name == "flash_attn":
+            raise ImportError("broken install")
+        return object() if name == "triton" else None
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert installed_packages() == frozenset({"triton"})
+    assert sorted(looked_up) == sorted(OPTIONAL_PACKAGES)
 
 
 def test_detect_this_machine_is_real_and_serialisable() -> None:

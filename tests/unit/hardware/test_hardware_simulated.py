@@ -7,50 +7,68 @@ import json
 import pytest
 
 from finetune.hardware import OPTIONAL_PACKAGES, PROFILE_NAMES, profile_by_name
+from finetune.hardware.profile import VENDORS
 
-REQUIRED = {
-    "cpu", "mps", "xpu-max1550", "t4", "v100", "a100", "l40s", "rtx4090", "h100", "h200",
-    "gh200", "b200", "rtx5090", "mi250x", "mi300x", "mi300a", "mi325x", "mi355x", "rx7900xtx",
-    "rx9070",
-}
-
-# name -> (vendor, arch, runtime kind, unified memory)
+# name -> (vendor, arch, unified memory). Every shipped profile must be listed
+# (a new one states its facts here; a removed one fails its entry).
 EXPECTED = {
-    "cpu": ("cpu", "cpu", "cpu", False),
-    "mps": ("apple", "mps", "mps", True),
-    "xpu-max1550": ("intel", "xpu", "xpu", False),
-    "t4": ("nvidia", "sm_75", "cuda", False),
-    "h100": ("nvidia", "sm_90", "cuda", False),
-    "gh200": ("nvidia", "sm_90", "cuda", True),
-    "b200": ("nvidia", "sm_100", "cuda", False),
-    "rtx5090": ("nvidia", "sm_120", "cuda", False),
-    "mi250x": ("amd", "gfx90a", "rocm", False),
-    "mi300a": ("amd", "gfx942", "rocm", True),
-    "mi355x": ("amd", "gfx950", "rocm", False),
-    "rx9070": ("amd", "gfx1201", "rocm", False),
+    "cpu": ("cpu", "cpu", False),
+    "cpu-amx": ("cpu", "cpu", False),
+    "mps": ("apple", "mps", True),
+    "xpu-max1550": ("intel", "xpu", False),
+    "t4": ("nvidia", "sm_75", False),
+    "v100": ("nvidia", "sm_70", False),
+    "a100": ("nvidia", "sm_80", False),
+    "l40s": ("nvidia", "sm_89", False),
+    "rtx4090": ("nvidia", "sm_89", False),
+    "h100": ("nvidia", "sm_90", False),
+    "h200": ("nvidia", "sm_90", False),
+    "gh200": ("nvidia", "sm_90", True),
+    "b200": ("nvidia", "sm_100", False),
+    "rtx5090": ("nvidia", "sm_120", False),
+    "mi250x": ("amd", "gfx90a", False),
+    "mi300x": ("amd", "gfx942", False),
+    "mi300a": ("amd", "gfx942", True),
+    "mi325x": ("amd", "gfx942", False),
+    "mi355x": ("amd", "gfx950", False),
+    "rx7900xtx": ("amd", "gfx1100", False),
+    "rx9070": ("amd", "gfx1201", False),
 }
-
-
-def test_every_required_profile_exists() -> None:
-    assert REQUIRED <= set(PROFILE_NAMES)
+# The `hardware` block of kernel_plan.json as DESIGN.md documents it.
+DOCUMENTED_KEYS = {"vendor", "arch", "name", "device_count", "memory_gb", "unified_memory",
+                   "peak_bf16_tflops", "runtime", "torch"}
+RUNTIME_OF_VENDOR = {"nvidia": "cuda", "amd": "rocm", "intel": "xpu", "apple": "mps",
+                     "cpu": "cpu"}
 
 
 @pytest.mark.parametrize("name", PROFILE_NAMES)
-def test_profiles_are_simulated_and_serialisable(name: str) -> None:
+def test_profiles_are_simulated_and_consistent(name: str) -> None:
     profile = profile_by_name(name)
     assert profile.simulated and profile.profile_name == name
     assert profile.packages == frozenset()
-    json.dumps(profile.to_dict())
+    data = profile.to_dict()
+    assert json.loads(json.dumps(data)) == data  # nothing is lost on the way to JSON
+    assert DOCUMENTED_KEYS <= set(data)
+    assert profile.vendor in VENDORS
+    assert profile.runtime.split()[0] == RUNTIME_OF_VENDOR[profile.vendor]
+    assert profile.device_count >= 1 and profile.memory_gb > 0
+    assert profile.peak_bf16_tflops is None or profile.peak_bf16_tflops > 0
+    cc = profile.compute_capability
+    if profile.vendor == "nvidia":  # the arch and the capability must tell the same story
+        assert profile.arch == f"sm_{cc[0]}{cc[1]}"
+        assert data["compute_capability"] == f"{cc[0]}.{cc[1]}"
+    else:  # ROCm's synthetic capabilities (MI250X says 9.0) are never exposed
+        assert cc is None and data["compute_capability"] is None
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(set(EXPECTED) | set(PROFILE_NAMES)))
 def test_profile_facts(name: str) -> None:
     profile = profile_by_name(name)
-    vendor, arch, runtime, unified = EXPECTED[name]
-    assert (profile.vendor, profile.arch, profile.unified_memory) == (vendor, arch, unified)
-    assert profile.runtime.split()[0] == runtime
-    if vendor == "amd":
-        assert profile.compute_capability is None
+    assert (profile.vendor, profile.arch, profile.unified_memory) == EXPECTED[name]
+
+
+def test_only_the_amx_cpu_profile_has_native_bf16() -> None:
+    assert [n for n in PROFILE_NAMES if profile_by_name(n).cpu_bf16] == ["cpu-amx"]
 
 
 def test_assume_packages_all() -> None:

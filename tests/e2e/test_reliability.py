@@ -1,0 +1,123 @@
+"""Faults that used to lose or corrupt a run's work, reproduced as a user would hit them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.checkpoint.files import verify_manifest
+from tests._cli import QUICK, read_step_metrics, run_cli
+
+SMALL = [*QUICK, "trainer.micro_batch_size=2", "data.max_seq_len=48"]
+
+
+def _run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("run", "lora_sft", *SMALL, f"output_dir={run_dir}", *extra)
+
+
+def _config(path: Path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def test_resume_from_an_earlier_step_sets_later_checkpoints_aside(tmp_path: Path) -> None:
+    run_dir = tmp_path / "x"
+    first = _run(run_dir, "trainer.max_steps=6", "trainer.save_every_n_steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    old_step6 = (run_dir / "checkpoints/step_0000006/trainable.safetensors").read_bytes()
+    (run_dir / "checkpoints/step_0000006/manifest.json").unlink()  # and one of them is corrupt
+
+    second = _run(run_dir, "trainer.max_steps=12", "trainer.save_every_n_steps=2",
+                  f"resume={run_dir}/checkpoints/step_0000002")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "abandoned trajectory" in second.stderr
+    aside = list((run_dir / "checkpoints").glob("abandoned-*"))
+    assert len(aside) == 1
+    assert sorted(p.name for p in aside[0].iterdir()) == ["step_0000004", "step_0000006"]
+    for step in (4, 6, 8, 10, 12):  # every save of the new trajectory was written, complete
+        folder = run_dir / f"checkpoints/step_{step:07d}"
+        assert verify_manifest(folder) is None, folder
+        assert _config(folder / "config.yaml")["trainer"]["max_steps"] == 12
+    new_step6 = (run_dir / "checkpoints/step_0000006/trainable.safetensors").read_bytes()
+    assert new_step6 != old_step6
+    steps = [r["step"] for r in read_step_metrics(run_dir)]
+    assert steps == list(range(1, 13))
+
+
+def test_fresh_start_with_resume_auto_writes_each_step_once(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert _run(run_dir, "trainer.max_steps=5").returncode == 0
+    for folder in (run_dir / "checkpoints").iterdir():  # as if killed during the first save
+        (folder / "manifest.json").unlink()
+    again = _run(run_dir, "trainer.max_steps=8", "resume=auto")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["step"] for r in read_step_metrics(run_dir)] == list(range(1, 9))
+
+
+def test_lost_metrics_history_is_reported(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert _run(run_dir, "trainer.max_steps=4", "trainer.save_every_n_steps=2").returncode == 0
+    (run_dir / "metrics.jsonl").unlink()
+    again = _run(run_dir, "trainer.max_steps=6", "trainer.save_every_n_steps=2", "resume=auto")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "metrics.jsonl holds 0 of the 4 steps" in again.stderr
+    assert "partial history" in again.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["loss_history"] == "partial"
+
+
+def test_failed_forced_resume_keeps_the_run_config(tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    assert _run(run_dir, "trainer.max_steps=2", "trainer.save_every_n_steps=2",
+                "peft.r=8").returncode == 0
+    forced = _run(run_dir, "trainer.max_steps=4", "resume=auto", "peft.r=4", "resume_force=true")
+    assert forced.returncode == 2, forced.stderr[-2000:]
+    assert "adapter shape" in forced.stderr
+    assert _config(run_dir / "config.yaml")["peft"]["r"] == 8
+
+
+def test_a_run_that_fails_before_its_first_step_can_be_rerun(tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "hi"}\n', encoding="utf-8")  # no output field
+    run_dir = tmp_path / "run"
+    failed = _run(run_dir, f"data.path={data}", "data.format=alpaca")
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert not run_dir.exists()
+    data.write_text('{"instruction": "hi", "output": "hello"}\n' * 40, encoding="utf-8")
+    fixed = _run(run_dir, f"data.path={data}", "data.format=alpaca", "trainer.max_steps=2")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+
+
+def test_unwritable_output_dir_is_refused_before_any_work() -> None:
+    result = run_cli("run", "lora_sft", "output_dir=/proc/finetune-run")
+    assert result.returncode == 2
+    assert "cannot be written" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (the in-process ENOSPC tests cover it)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk_stops_with_one_paragraph_and_keeps_earlier_checkpoints(
+        small_disk: Path) -> None:
+    run_dir = small_disk / "run"
+    result = _run(run_dir, "trainer.max_steps=6", "trainer.save_every_n_steps=2")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "not enough disk space" in result.stderr and str(run_dir) in result.stderr
+    assert "MB are free" in result.stderr
+    assert "Traceback" not in result.stderr
+    complete = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert complete and all(verify_manifest(c) is None for c in complete)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
