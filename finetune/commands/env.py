@@ -16,7 +16,8 @@ import difflib
 import json
 import sys
 
-from finetune.config.kernels import KernelsConfig
+from finetune.config.kernels import FusedLinearCrossEntropy, KernelsConfig
+from finetune.errors import ConfigError
 from finetune.hardware import PROFILE_NAMES, detect, profile_by_name
 from finetune.hardware.profile import OPTIONAL_PACKAGES, HardwareProfile
 from finetune.kernels import (
@@ -26,7 +27,6 @@ from finetune.kernels import (
     format_plan_table,
     plan,
 )
-from finetune.kernels.fused_ops import FLCE_SETTINGS
 from finetune.kernels.table import markdown_kernel_table
 
 # The built-in tiny model's attention shape; `finetune env` plans for it.
@@ -35,7 +35,7 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
 
-class UsageError(ValueError):
+class UsageError(ConfigError):
     """A command-line mistake; the message is shown as is."""
 
 
@@ -45,7 +45,7 @@ def _allowed_values() -> dict[str, tuple[str, ...]]:
         f.name: ("auto", *getattr(registries, f.name).names())
         for f in dataclasses.fields(registries)
     }
-    allowed["fused_linear_cross_entropy"] = FLCE_SETTINGS
+    allowed["fused_linear_cross_entropy"] = tuple(m.value for m in FusedLinearCrossEntropy)
     return allowed
 
 
@@ -78,7 +78,8 @@ def parse_kernel_overrides(items: list[str]) -> KernelsConfig:
                 f"{', '.join(allowed[name])}."
             )
         else:
-            values[name] = value
+            values[name] = (FusedLinearCrossEntropy(value)
+                            if name == "fused_linear_cross_entropy" else value)
     return KernelsConfig(**values)  # type: ignore[arg-type]
 
 

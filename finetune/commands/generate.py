@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from finetune.errors import ConfigError
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # exit code 2 with our message format
-        raise ConfigError(f"{message}. Usage: finetune generate MODEL_OR_RUN --prompt TEXT")
-
-
-def main(argv: list[str]) -> int:
-    parser = _Parser(prog="finetune generate", description=__doc__)
-    parser.add_argument("source", help="a run dir, checkpoint dir, adapter folder, model or tiny")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare `generate`'s arguments."""
+    parser.add_argument("source", metavar="MODEL_OR_RUN",
+                        help="a run dir, checkpoint dir, adapter folder, model or tiny")
+    parser.add_argument("--prompt", required=True, metavar="TEXT")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--no-chat-template", action="store_true",
                         help="feed the prompt as raw text")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
+    """Print the sampled continuation of the prompt."""
     import torch
 
     from finetune.adapters.export import load_trained_model

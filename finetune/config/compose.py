@@ -1,15 +1,17 @@
 """Compose a recipe's config with Hydra and turn it into a typed, validated `RunConfig`.
 
-Only this module, `cli.py` and the recipes touch Hydra; everything downstream receives the
-typed `RunConfig`.
+Only this module, the command line (`finetune run -m` sweeps through hydra.main) and the recipes
+touch Hydra; everything downstream receives the typed `RunConfig`.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.resources
+import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
+from types import NoneType
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
@@ -20,6 +22,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from finetune.config.choice import Choice
 from finetune.config.schema import GROUP_SCHEMAS, RunConfig, register_schemas
 from finetune.config.validate import validate_run_config
 from finetune.errors import ConfigError
@@ -115,6 +118,9 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     if not isinstance(run, RunConfig):
         raise ConfigError("the config does not describe a run: its defaults list must start "
                           "with `run_schema` (copy a shipped recipe with `finetune cp`).")
+    if run.recipe not in recipe_names():
+        raise ConfigError(f"recipe={run.recipe!r} in the config names no recipe. Recipes: "
+                          f"{', '.join(recipe_names())}.")
     validate_run_config(run)
     return run
 
@@ -137,6 +143,30 @@ def _schema_at(full_key: str) -> type | None:
             return None
         node = sub
     return node
+
+
+def _choice_at(full_key: str) -> tuple[type[Choice], bool] | None:
+    """(the Enum of a Choice field, whether null is allowed), or None for another field."""
+    schema = _schema_at(full_key)
+    if schema is None:
+        return None
+    kind = typing.get_type_hints(schema).get(full_key.rsplit(".", 1)[-1])
+    members = [t for t in typing.get_args(kind) if t is not NoneType] or [kind]
+    if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], Choice):
+        return members[0], NoneType in typing.get_args(kind)
+    return None
+
+
+def _bad_choice(full_key: str, value: object, choice: type[Choice], nullable: bool,
+                where: str) -> ConfigError:
+    allowed = [member.value for member in choice] + (["null"] if nullable else [])
+    shown = str(value).lower() if isinstance(value, bool) else value
+    text = f"{full_key}={shown}{where} is not valid. Use one of: {', '.join(allowed)}."
+    if isinstance(value, bool):  # YAML 1.1, which OmegaConf reads, takes on/off/yes/no as bools
+        return ConfigError(f"{text} The value was read as a boolean: in a YAML file, quote "
+                           "on, off, yes and no (e.g. \"off\").")
+    close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
+    return ConfigError(text + (f" Did you mean '{close[0]}'?" if close else ""))
 
 
 def _suggest(full_key: str) -> str:
@@ -173,6 +203,9 @@ def explain_config_error(exc: BaseException, overrides: list[str]) -> ConfigErro
                            f"line, e.g. {full_key}=VALUE.")
     if isinstance(cause, ValidationError):
         full_key = str(getattr(cause, "full_key", "") or "")
+        choice = _choice_at(full_key)
+        if choice is not None:
+            return _bad_choice(full_key, getattr(cause, "value", None), *choice, where)
         first = str(cause).splitlines()[0]
         return ConfigError(f"wrong type for config key '{full_key}'{where}: {first}. "
                            "Give a value of the type the schema expects.")

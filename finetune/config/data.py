@@ -5,6 +5,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune.config.choice import Choice
+
+
+class TextUnit(Choice):
+    """What one document is in a .txt file."""
+
+    line = "line"
+    paragraph = "paragraph"
+    file = "file"
+
+
+class Truncation(Choice):
+    """What happens to a row longer than data.max_seq_len: cut, skip it, or stop with an error."""
+
+    truncate = "truncate"
+    drop = "drop"
+    error = "error"
+
+
+class TrainOn(Choice):
+    """Which tokens the loss is computed on."""
+
+    assistant = "assistant"
+    all = "all"
+    last_turn = "last_turn"
+
+
+class OnBadRow(Choice):
+    """What a malformed row does: stop the run with its location, or count it and skip it."""
+
+    error = "error"
+    skip = "skip"
+
 
 @dataclass
 class DataConfig:
@@ -16,22 +49,22 @@ class DataConfig:
     """
 
     path: Any = "???"
-    format: str = "auto"  # auto | alpaca | chat | sharegpt | text | prompt_completion | preference
+    format: str = "auto"  # a format of finetune.data (e.g. alpaca, chat); auto: detected
     split: str = "train"  # split of an hf: dataset
     weights: Any = None  # one weight per path when `path` is a list (a mixture)
     columns: dict[str, str] = field(default_factory=dict)  # format field -> column in the data
     json_key: Any = None  # key that holds the records in a .json object; None: found by shape
-    text_unit: str = "line"  # .txt files: one document per line | paragraph | file
+    text_unit: TextUnit = TextUnit.line  # .txt files: one document per line, paragraph or file
     val_path: Any = None  # held-out data; None: hold out `val_split` of `path`
     val_split: float = 0.05
     max_seq_len: int = 512
-    truncation: str = "truncate"  # truncate | drop | error
-    train_on: str = "assistant"  # assistant | all | last_turn
+    truncation: Truncation = Truncation.truncate
+    train_on: TrainOn = TrainOn.assistant
     packing: bool = False
     streaming: bool = False
     stream_buffer: int = 2048  # streaming: rows shuffled and packed together
     shuffle: bool = True
-    on_bad_row: str = "error"  # error | skip
+    on_bad_row: OnBadRow = OnBadRow.error
     chat_template: Any = None  # None: the tokenizer's own (built-in if none) | builtin | Jinja text
     num_proc: int = 0  # processes that tokenize a large local .jsonl/.txt source; 0: one per CPU
     cache_dir: Any = None  # tokenized-data cache; None: $FINETUNE_CACHE/data or ~/.cache/finetune/data

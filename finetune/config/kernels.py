@@ -4,19 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from finetune.config.choice import Choice
+
+
+class FusedLinearCrossEntropy(Choice):
+    """Liger's fused linear + cross-entropy: let the planner decide, force it on, or off."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
+
 
 @dataclass
 class KernelsConfig:
     """Kernel choices; `auto` lets `finetune.kernels.plan` pick per detected vendor and arch.
 
     Any explicit value is honoured when the hardware supports it and is an error otherwise.
+    The string fields are checked against the kernel registries (`finetune env` lists them),
+    which are the one source of their allowed values.
     """
 
-    attention: str = "auto"  # auto | flash_attention_3 | flash_attention_2 | sdpa | flex_attention | eager
-    optimizer: str = "auto"  # auto | adamw_fused | adamw_foreach | adamw | adamw_8bit | paged_adamw_8bit
-    fused_ops: str = "auto"  # auto | liger | none
-    compile: str = "auto"  # auto | on | off
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    collective: str = "auto"  # auto | nccl | xccl | gloo
-    fused_linear_cross_entropy: str = "auto"  # auto | on | off (Liger FLCE; auto: off on gfx950)
+    attention: str = "auto"  # e.g. sdpa, flash_attention_2
+    optimizer: str = "auto"  # e.g. adamw_fused, adamw_8bit
+    fused_ops: str = "auto"  # e.g. liger
+    compile: str = "auto"  # e.g. off (torch.compile)
+    precision: str = "auto"  # e.g. bf16
+    collective: str = "auto"  # e.g. nccl
+    # Liger's fused linear + cross-entropy, when fused_ops is liger; auto: off on gfx950.
+    fused_linear_cross_entropy: FusedLinearCrossEntropy = FusedLinearCrossEntropy.auto
     selfcheck: bool = True  # run the numerical self-check of attention and optimizer

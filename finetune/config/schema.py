@@ -11,8 +11,62 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from finetune.config.choice import Choice
 from finetune.config.data import DataConfig
 from finetune.config.kernels import KernelsConfig
+
+
+class PeftMethod(Choice):
+    """The adapter type; `none` trains every weight."""
+
+    lora = "lora"
+    dora = "dora"
+    rslora = "rslora"
+    none = "none"
+
+
+class PeftBias(Choice):
+    """Which bias terms the adapter trains (peft's `bias`)."""
+
+    none = "none"
+    all = "all"
+    lora_only = "lora_only"
+
+
+class Scheduler(Choice):
+    """The learning-rate shape after warmup."""
+
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class OnNan(Choice):
+    """What a non-finite loss does: stop the run, or skip the step and count it."""
+
+    stop = "stop"
+    skip = "skip"
+
+
+class KeepBestBy(Choice):
+    """The metric whose best checkpoint is kept besides the last `keep_last_n`."""
+
+    eval_loss = "eval_loss"
+
+
+class LoggerName(Choice):
+    """Where metrics go besides metrics.jsonl and the console."""
+
+    console = "console"
+    wandb = "wandb"
+
+
+class LoggerMode(Choice):
+    """W&B's mode."""
+
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 @dataclass
@@ -29,12 +83,12 @@ class ModelConfig:
 class PeftConfig:
     """The adapter; `method: none` trains every weight (full fine-tune)."""
 
-    method: str = "lora"  # lora | dora | rslora | none
+    method: PeftMethod = PeftMethod.lora
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
     target_modules: Any = "all-linear"  # a list of module names, or all-linear
-    bias: str = "none"
+    bias: PeftBias = PeftBias.none
 
 
 @dataclass
@@ -52,9 +106,9 @@ class TrainerConfig:
     save_every_n_steps: int = 0  # 0: only at the end
     save_every_minutes: float = 0.0
     keep_last_n: int = 0  # 0: keep all
-    keep_best_by: Any = None  # None | eval_loss
+    keep_best_by: KeepBestBy | None = None
     log_every_n_steps: int = 1
-    on_nan: str = "stop"  # stop | skip
+    on_nan: OnNan = OnNan.stop
 
 
 @dataclass
@@ -65,7 +119,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    scheduler: str = "cosine"  # cosine | linear | constant
+    scheduler: Scheduler = Scheduler.cosine
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0
@@ -75,11 +129,11 @@ class OptimConfig:
 class LoggerConfig:
     """Where metrics go besides metrics.jsonl and the console."""
 
-    name: str = "console"  # console | wandb
+    name: LoggerName = LoggerName.console
     project: str = "finetune"
     entity: Any = None
     run_name: Any = None
-    mode: str = "online"  # online | offline | disabled (wandb only)
+    mode: LoggerMode = LoggerMode.online  # wandb only
     tags: list[str] = field(default_factory=list)
 
 

@@ -11,7 +11,7 @@ from finetune.kernels.attention import (
 )
 from finetune.kernels.kernel_plan import FAMILIES, TORCH_DTYPES, KernelPlan
 from finetune.kernels.optimizer import OPTIMIZER, OptimizerCandidate, build_optimizer
-from finetune.kernels.planner import KernelRegistries, default_registries, plan
+from finetune.kernels.planner import KernelRegistries, check_choices, default_registries, plan
 from finetune.kernels.registry import (
     Candidate,
     FamilyDecision,
@@ -40,6 +40,7 @@ __all__ = [
     "apply_env",
     "apply_fused_ops",
     "build_optimizer",
+    "check_choices",
     "default_registries",
     "format_plan_table",
     "packing_isolation",

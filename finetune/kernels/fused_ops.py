@@ -17,7 +17,6 @@ from finetune.kernels.registry import Candidate, ModelFacts, Registry, Support, 
 LIGER_OPS: tuple[str, ...] = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
 # Where FLCE is slower than the unfused loss, so `auto` leaves it off.
 FLCE_SLOW_ARCHS: frozenset[str] = frozenset({"gfx950"})
-FLCE_SETTINGS: tuple[str, ...] = ("auto", "on", "off")
 
 
 def _liger(profile: HardwareProfile, facts: ModelFacts) -> Support:

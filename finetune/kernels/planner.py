@@ -26,8 +26,8 @@ from finetune.kernels.attention import (
 )
 from finetune.kernels.collective import COLLECTIVE
 from finetune.kernels.compilation import COMPILE
-from finetune.kernels.fused_ops import FLCE_SETTINGS, FUSED_OPS, fused_ops_details
-from finetune.kernels.kernel_plan import KernelPlan
+from finetune.kernels.fused_ops import FUSED_OPS, fused_ops_details
+from finetune.kernels.kernel_plan import FAMILIES, KernelPlan
 from finetune.kernels.optimizer import OPTIMIZER, OptimizerCandidate
 from finetune.kernels.precision import PRECISION, precision_details, precision_env
 from finetune.kernels.registry import (
@@ -153,6 +153,20 @@ def _select(
     return _Selection(chosen, reason, rejected, failures)
 
 
+def check_choices(cfg: KernelsConfig, registries: KernelRegistries | None = None) -> None:
+    """KernelOverrideError for a `kernels.<family>` value that names no candidate, before any
+    work (whether the machine supports the choice is decided by `plan`)."""
+    regs = registries or _BUILTIN
+    for family in FAMILIES:
+        requested = getattr(cfg, family)
+        registry = getattr(regs, family)
+        if requested != "auto" and requested not in registry:
+            raise KernelOverrideError(
+                family, requested,
+                f"{requested!r} is not a known {family} choice (known: "
+                f"{', '.join(registry.names())})")
+
+
 def _selfcheck_skip(profile: HardwareProfile, cfg: KernelsConfig, run: bool | None) -> str | None:
     if profile.simulated:
         return "not run (simulated profile)"
@@ -225,10 +239,6 @@ def plan(
     collective = _select("collective", regs.collective, cfg.collective, profile, facts)
 
     flce = cfg.fused_linear_cross_entropy
-    if flce not in FLCE_SETTINGS:
-        raise KernelOverrideError(
-            "fused_linear_cross_entropy", flce, f"{flce!r} is not one of {', '.join(FLCE_SETTINGS)}",
-        )
     if flce == "on" and fused_ops.candidate.name != "liger":
         raise KernelOverrideError(
             "fused_linear_cross_entropy", flce,

@@ -16,19 +16,25 @@ logger = logging.getLogger(__name__)
 
 
 class MetricsFile:
-    """Appends one JSON object per optimizer step and flushes it, so it can be followed live."""
+    """Appends one JSON object per optimizer step and flushes it, so it can be followed live.
+
+    The file is opened on the first write, so a resume may still cut it back before then.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = None
 
     def write(self, record: dict) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def step_losses(path: Path) -> list[float]:

@@ -12,12 +12,11 @@ import json
 import logging
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from finetune.adapters import count_parameters
 from finetune.adapters.export import export_final
 from finetune.checkpoint import store
 from finetune.checkpoint.files import write_json
+from finetune.config import config_dict, config_yaml
 from finetune.config.schema import RunConfig
 from finetune.kernels import format_plan_table
 from finetune.metrics.summary import print_summary, run_summary
@@ -35,14 +34,6 @@ from finetune.train.signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from finetune.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
-
-
-def config_dict(cfg: RunConfig) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-
-
-def config_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def run_recipe(cfg: RunConfig) -> int:
@@ -135,4 +126,4 @@ def _print_start(out, cfg: RunConfig, parts, start_step: int) -> None:
         f"lr {cfg.optim.lr} {cfg.optim.scheduler}")
 
 
-__all__ = ["config_dict", "config_yaml", "run_recipe", "run_training"]
+__all__ = ["run_recipe", "run_training"]

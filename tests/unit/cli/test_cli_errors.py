@@ -2,67 +2,102 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests._cli import run_cli
+Cli = Callable[..., Any]  # conftest.cli: (*args) -> (code, out, err)
 
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["run", "lora_sft", "optim.lrr=1"], "Did you mean 'optim.lr'"),
     (["run", "lora_sft", "trainer.max_steps=abc"], "trainer.max_steps"),
     (["run", "lora_sftt"], "Recipes: full_sft, lora_sft"),
+    (["run", "lora_sft", "peft.method=lorra"], "Use one of: lora, dora, rslora, none."),
+    (["run", "lora_sft", "optim.scheduler=cosin"], "Use one of: cosine, linear, constant."),
     (["run", "lora_sft", "model.name_or_path=/no/such/model"], "no such model folder"),
-    (["run", "lora_sft", "data.path=/no/such/data.jsonl"], "/no/such/data.jsonl"),
     (["run", "lora_sft", "kernels.attention=flash_attention_2"], "flash_attention_2"),
-    (["frobnicate"], "unknown command"),
-    (["run"], "needs a recipe"),
+    (["run", "lora_sft", "--nproc", "0"], "argument --nproc: 0: give a whole number"),
+    (["run", "lora_sft", "--nproc", "-2"], "argument --nproc: -2: give a whole number"),
+    (["run", "lora_sft", "--nproc", "two"], "argument --nproc: two: give a whole number"),
+    (["run", "lora_sft", "--bogus", "peft.r=4"], "unrecognized arguments: --bogus"),
+    (["run", "lora_sft", "-m", "peft.r=2,4", "--nproc", "2"], "-m sweeps run one job after"),
+    (["run"], "finetune run needs a recipe"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+    (["data"], "finetune data [-h] COMMAND"),
+    (["data", "inspekt"], "invalid choice: 'inspekt'"),
+    (["validate"], "required: RECIPE"),
+    (["cp", "lora_sft"], "required: DEST"),
+    (["merge", "runs/a"], "required: OUT_DIR"),
+    (["generate", "tiny"], "required: --prompt"),
 ])
-def test_bad_input_exits_2(args: list[str], expected: str, tmp_path: Path) -> None:
+def test_bad_input_exits_2(cli: Cli, args: list[str], expected: str, tmp_path: Path) -> None:
     if args[0] == "run" and len(args) > 1:
         args = [*args, f"output_dir={tmp_path / 'run'}"]
-    result = run_cli(*args)
-    assert result.returncode == 2, result.stderr
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
+    result = cli(*args)
+    assert result.code == 2, result.err
+    last = result.err.splitlines()[-1]  # after any progress logged before the error was found
+    assert last.startswith("error: ") and expected in last, result.err
+    assert "Traceback" not in result.err
+    assert not (tmp_path / "run").exists()
 
 
-def test_output_dir_that_is_a_file(tmp_path: Path) -> None:
+def test_bad_data_path_exits_2(cli: Cli) -> None:
+    result = cli("data", "inspect", "lora_sft", "data.path=/no/such/data.jsonl")
+    assert result.code == 2, result.err
+    assert "/no/such/data.jsonl" in result.err
+
+
+def test_output_dir_that_is_a_file(cli: Cli, tmp_path: Path) -> None:
     target = tmp_path / "taken"
     target.write_text("keep me")
-    result = run_cli("run", "lora_sft", f"output_dir={target}")
-    assert result.returncode == 2
-    assert "is a file" in result.stderr
+    result = cli("run", "lora_sft", f"output_dir={target}")
+    assert result.code == 2
+    assert "is a file" in result.err
     assert target.read_text() == "keep me"
 
 
-def test_existing_run_dir_is_not_touched(tmp_path: Path) -> None:
+def test_existing_run_dir_is_not_touched(cli: Cli, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
-    result = run_cli("run", "lora_sft", f"output_dir={run_dir}")
-    assert result.returncode == 2
-    assert "resume=auto" in result.stderr
+    result = cli("run", "lora_sft", f"output_dir={run_dir}")
+    assert result.code == 2
+    assert "resume=auto" in result.err
     assert [p.name for p in run_dir.iterdir()] == ["metrics.jsonl"]
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
-def test_help_ls_cp_validate(tmp_path: Path) -> None:
-    assert run_cli("--help").returncode == 0
-    listing = run_cli("ls")
-    assert listing.returncode == 0 and "lora_sft" in listing.stdout and "peft/" in listing.stdout
-    copied = run_cli("cp", "lora_sft", str(tmp_path / "mine.yaml"))
-    assert copied.returncode == 0, copied.stderr
+def test_help(cli: Cli) -> None:
+    top = cli("--help")
+    assert top.code == 0
+    assert "run RECIPE [OVERRIDES...] [--nproc N] [-m]" in top.out
+    assert "data inspect RECIPE [OVERRIDES...] [--json]" in top.out
+    assert "75 preempted" in top.out
+    bare = cli()
+    assert bare.code == 2 and bare.out == top.out
+    run_help = cli("run", "--help")
+    assert run_help.code == 0 and "--nproc N" in run_help.out and "-m, --multirun" in run_help.out
+
+
+def test_ls_cp_validate(cli: Cli, tmp_path: Path) -> None:
+    listing = cli("ls")
+    assert listing.code == 0 and "lora_sft" in listing.out and "peft/" in listing.out
+    copied = cli("cp", "lora_sft", str(tmp_path / "mine.yaml"))
+    assert copied.code == 0, copied.err
     text = (tmp_path / "mine.yaml").read_text()
     (tmp_path / "mine.yaml").write_text(text + "trainer:\n  max_steps: 7\n")
-    validated = run_cli("validate", str(tmp_path / "mine.yaml"), "peft.r=4")
-    assert validated.returncode == 0, validated.stderr
-    assert "max_steps: 7" in validated.stdout and "r: 4" in validated.stdout
-    ran = run_cli("run", str(tmp_path / "mine.yaml"), "trainer.max_steps=1",
-                  "data.max_seq_len=32", "trainer.micro_batch_size=2",
-                  "trainer.eval_max_batches=1", f"output_dir={tmp_path / 'run'}")
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    assert (tmp_path / "run/final/adapter_model.safetensors").is_file()
-    again = run_cli("cp", "lora_sft", str(tmp_path / "mine.yaml"))
-    assert again.returncode == 2 and "already exists" in again.stderr
+    validated = cli("validate", str(tmp_path / "mine.yaml"), "peft.r=4")
+    assert validated.code == 0, validated.err
+    assert "max_steps: 7" in validated.out and "r: 4" in validated.out
+    again = cli("cp", "lora_sft", str(tmp_path / "mine.yaml"))
+    assert again.code == 2 and "already exists" in again.err
+
+
+def test_validate_prints_plain_values(cli: Cli) -> None:
+    result = cli("validate", "lora_sft", "trainer.on_nan=skip")
+    assert result.code == 0, result.err
+    assert "  method: lora\n" in result.out and "  on_nan: skip\n" in result.out
+    assert "PeftMethod" not in result.out and "OnNan" not in result.out

@@ -52,7 +52,6 @@ def test_supported_override_is_honoured_with_reason() -> None:
         ("h100", KernelsConfig(fused_ops="liger"), "liger_kernel"),
         ("h100", KernelsConfig(attention="flash_attention_3"), "flash_attn_interface"),
         ("a100", KernelsConfig(fused_linear_cross_entropy="on"), "fused_ops=liger"),
-        ("a100", KernelsConfig(fused_linear_cross_entropy="maybe"), "auto, on, off"),
         ("mps", KernelsConfig(attention="flex_attention"), "no backward"),
     ],
 )

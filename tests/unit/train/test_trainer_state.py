@@ -29,7 +29,7 @@ def test_resume_from_state_dict_equals_the_straight_run(make_trainer, tmp_path: 
     state = first.state_dict()
     first.close()
     torch.manual_seed(1234)  # a fresh process would not share the first one's RNG
-    second = make_trainer(tmp_path / "split", "trainer.max_steps=4", "seed=7")
+    second = make_trainer(tmp_path / "split", "trainer.max_steps=4")
     second.load_state_dict(state, source=tmp_path / "split")
     assert second.state.step == 2
     second.fit()
