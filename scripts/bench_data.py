@@ -60,13 +60,13 @@ def build(path: Path, cache: Path, **kwargs):
 def bare_tokenizer_seconds(path: Path, offsets: bool) -> float:
     """Time the tokenizer alone on the rendered texts (1024-row batches, no special tokens),
     with offset tracking (`encode_batch`) or without (`encode_batch_fast`, what the pipeline
-    calls for tokenizers whose tokens spell the text: finetune/data/token_bytes.py)."""
+    calls for tokenizers whose tokens spell the text: finetune/data/encode/token_bytes.py)."""
+    from finetune.data.encode.layout import LayoutRenderer
     from finetune.data.formats import converter_for
-    from finetune.data.template import ChatRenderer
     from finetune.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
-    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    renderer = LayoutRenderer(tokenizer, tokenizer.chat_template)
     convert = converter_for("alpaca", {})
     texts = [renderer.render(convert(json.loads(line))).text for line in path.open()]
     backend = tokenizer.backend_tokenizer
@@ -92,18 +92,18 @@ def peak_rss_mib() -> float:
 
 def stream_child(path: str, rows: int) -> None:
     """Run in a fresh process: stream one packed epoch, print peak RSS (MiB) as JSON."""
-    bundle = build(Path(path), Path(tempfile.mkdtemp()), streaming=True)
+    data = build(Path(path), Path(tempfile.mkdtemp()), streaming=True)
     step = 8
     started = time.perf_counter()
     batches = 0
-    for _ in bundle.train:
+    for _ in data.train:
         batches += 1
-        if bundle.train.epoch >= 1:
+        if data.train.epoch >= 1:
             break
     seconds = time.perf_counter() - started
     rss = peak_rss_mib()
     print(json.dumps({"rows": rows, "peak_rss_mib": rss, "seconds": seconds,
-                      "packed_rows": batches * step, "read": bundle.stats.rows_read}))
+                      "packed_rows": batches * step, "read": data.stats.rows_read}))
 
 
 def main() -> int:
@@ -126,7 +126,7 @@ def main() -> int:
     times, one_process = [], []
     for r in range(args.repeats):  # interleaved, so both see the same machine
         started = time.perf_counter()
-        bundle = build(path, work / f"cold-{r}")
+        data = build(path, work / f"cold-{r}")
         times.append(time.perf_counter() - started)
         started = time.perf_counter()
         build(path, work / f"cold-one-{r}", num_proc=1)
@@ -134,7 +134,7 @@ def main() -> int:
     bare = statistics.median(bare_tokenizer_seconds(path, False) for _ in range(args.repeats))
     tracked = statistics.median(bare_tokenizer_seconds(path, True) for _ in range(args.repeats))
     cold, single = statistics.median(times), statistics.median(one_process)
-    stats = bundle.stats
+    stats = data.stats
     print(f"1. throughput: {args.rows / cold:,.0f} rows/s (median of {args.repeats}: "
           f"{cold:.2f} s for {args.rows:,} rows; {stats.tokens:,} tokens, "
           f"{stats.packed_sequences:,} packed rows, {stats.packing_efficiency:.1%} full)")

@@ -5,7 +5,7 @@ would, then shows the detected format, row and token counts (total and trained),
 skipped, truncated or dropped, the packing efficiency, and one example with the trained tokens
 in [[ ]]. With packing and kernels.attention=auto it assumes sdpa (the plan is not run here).
 
-Exit status: 0 on success, 2 on a bad option, config or data.
+Exit status: 0 on success, 2 on a bad option, config or data (a FinetuneError's exit code).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from finetune.config.data import DataConfig
-from finetune.data import DataError, build_data
+from finetune.data import build_data
+from finetune.errors import FinetuneError
 
 JSON_KEYS = ("format", "rows", "tokens", "trained_tokens", "skipped_rows", "truncated_rows",
              "packed_sequences", "packing_efficiency")
@@ -44,11 +45,11 @@ def inspect_data(cfg: DataConfig, tokenizer: Any, *, attention: str = "auto", se
                  micro_batch_size: int = 1) -> tuple[dict[str, Any], str]:
     """Build the data and describe it: (report dict, human-readable text)."""
     attention = "sdpa" if attention == "auto" else attention
-    bundle = build_data(cfg, tokenizer, attention=attention, seed=seed,
-                        micro_batch_size=micro_batch_size)
-    stats = bundle.stats.to_dict()
+    data = build_data(cfg, tokenizer, attention=attention, seed=seed,
+                      micro_batch_size=micro_batch_size)
+    stats = data.stats.to_dict()
     report = {key: stats[key] for key in JSON_KEYS + EXTRA_KEYS}
-    preview = bundle.preview(1)
+    preview = data.preview(1)
     example = mark_trained(tokenizer, *preview[0]) if preview else None
     report["example"] = example
     return report, format_report(report)
@@ -99,7 +100,6 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help (0) or an argparse error (2, already printed)
         return int(exc.code or 0)
     from finetune.config.compose import compose_run_config
-    from finetune.errors import FinetuneError
     from finetune.models import load_tokenizer
 
     try:
@@ -107,9 +107,9 @@ def main(argv: list[str]) -> int:
         tokenizer = load_tokenizer(run.model)
         report, text = inspect_data(run.data, tokenizer, attention=run.kernels.attention,
                                     seed=run.seed, micro_batch_size=run.trainer.micro_batch_size)
-    except (DataError, FinetuneError) as exc:
+    except FinetuneError as exc:  # DataError and ConfigError among them
         print(f"finetune data inspect: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     if args.json:
         print(json.dumps({key: report[key] for key in JSON_KEYS + EXTRA_KEYS}, indent=2))
     else:

@@ -1,16 +1,24 @@
-"""The one error type of the data pipeline, and where a row came from."""
+"""The one error type of the data pipeline, and where a row came from.
+
+`DataError` is the user-facing error (exit code 2); `BadRow` is raised for one row inside the
+pipeline and becomes a located DataError or a counted skip (data.on_bad_row).
+"""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+from finetune.errors import FinetuneError
 
-class DataError(ValueError):
+
+class DataError(FinetuneError, ValueError):
     """Bad data or a data setting that cannot work; the message is written for the user.
 
     It names the file and 1-based line (or record) when a row is at fault, the field or setting
-    involved, and what to do about it.
+    involved, and what to do about it. The command line exits with code 2 on it.
     """
+
+    exit_code = 2
 
 
 class RowOrigin(NamedTuple):

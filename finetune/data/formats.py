@@ -234,7 +234,13 @@ def detect_format(rows: list[Mapping[str, Any]], columns: Mapping[str, str], whe
                     "with data.columns.FIELD=COLUMN")
 
 
-def converter_for(name: str, columns: Mapping[str, str]) -> RowConverter:
+def format_named(name: str) -> DataFormat:
+    """The registered format called `name` (data.format); DataError naming the choices."""
     if name not in FORMATS:
         raise DataError(f"unknown data.format={name!r}; choose one of auto, {', '.join(FORMATS)}")
-    return RowConverter(FORMATS[name], columns)
+    return FORMATS[name]
+
+
+def converter_for(name: str, columns: Mapping[str, str]) -> RowConverter:
+    """The converter of format `name` with the data.columns mapping `columns`."""
+    return RowConverter(format_named(name), columns)

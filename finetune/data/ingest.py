@@ -1,32 +1,30 @@
-"""One source from rows to tokens: format detection, conversion, batched tokenization, cache.
+"""Rows to Examples, and what names a source's tokens.
 
-`tokenize_source` returns the source's TokenizedRows and what happened to its rows; a second
-call with the same data, tokenizer and settings reads them from the cache without calling the
-tokenizer. `examples_from` is the lazy row -> Example step shared with streaming.
+`source_converter` picks a source's format (detected from its first rows with data.format=auto);
+`examples_from` is the lazy row -> Example step every encoder and the streaming reader share.
+`source_key` hashes everything that decides a source's tokens (its fingerprint, the tokenizer
+and chat template, the settings): it keys the tokenized-data cache and the data fingerprint a
+checkpoint is resumed against. `SourceTokens` is what an encoder returns for a whole source.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-import logging
-import time
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from finetune.config.data import DataConfig
-from finetune.data.cache import TokenCache, cache_key
 from finetune.data.errors import BadRow, DataError, RowOrigin
 from finetune.data.formats import Example, RowConverter, converter_for, detect_format
-from finetune.data.shards import plan_shards, tokenize_in_shards
 from finetune.data.sources import Source, SourcePosition, SourceRow
-from finetune.data.tokenized import ExampleEncoder, RowCounts, TokenizedRows, gc_paused, reject
-
-logger = logging.getLogger(__name__)
+from finetune.data.tokenized import RowCounts, TokenizedRows, reject
 
 DETECT_ROWS = 20
 ENCODE_BATCH = 1024
+KEY_VERSION = 1  # bump when the same source and settings give other tokens
 
 
 @dataclass
@@ -81,48 +79,33 @@ def batches_of(examples: Iterator[tuple[Example, RowOrigin, SourcePosition]]
         yield batch
 
 
-def tokenize_rows(rows: Iterator[SourceRow], *, converter: RowConverter, encoder: ExampleEncoder,
-                  on_bad_row: str, threads: bool) -> tuple[TokenizedRows, RowCounts]:
-    """Rows -> examples -> tokens in this process; with `threads`, tokenizing overlaps the
-    Python work on worker threads (ExampleEncoder.encode_batches)."""
-    counts = RowCounts()
-    batches = batches_of(examples_from(rows, converter, counts, on_bad_row))
-    parts = list(encoder.encode_batches(batches, counts, threads=threads))
-    return TokenizedRows.concat(parts), counts
+def tokenizer_fingerprint(tokenizer: Any, template: str) -> str:
+    """A hash of what makes this tokenizer produce its ids (vocabulary, merges, normalisation,
+    special tokens) plus the chat template used."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(type(tokenizer).__name__.encode())
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    h.update(json.dumps([special, tokenizer.bos_token_id, tokenizer.eos_token_id]).encode())
+    h.update(template.encode())
+    return h.hexdigest()
 
 
 def settings_material(cfg: DataConfig, tokenizer_hash: str) -> dict[str, Any]:
-    """Every setting that changes the tokens of a source (the cache key, minus the source;
-    not data.num_proc, which changes only how fast they are made)."""
+    """Every setting that changes the tokens of a source (the key, minus the source; not
+    data.num_proc, which changes only how fast they are made)."""
     return {"tokenizer": tokenizer_hash, "format": cfg.format,
             "columns": sorted(dict(cfg.columns or {}).items()), "max_seq_len": cfg.max_seq_len,
             "truncation": cfg.truncation, "train_on": cfg.train_on, "on_bad_row": cfg.on_bad_row}
 
 
-def tokenize_source(source: Source, cfg: DataConfig, encoder: ExampleEncoder,
-                    cache: TokenCache | None, tokenizer_hash: str) -> SourceTokens:
-    """Tokenize every row of `source`, or read the result from the cache."""
-    key = cache_key({"source": source.fingerprint(), **settings_material(cfg, tokenizer_hash)})
-    if cache is not None:
-        hit = cache.load(key)
-        if hit is not None:
-            rows, meta = hit
-            logger.info("%s: %d examples from the tokenized-data cache", source.spec, len(rows))
-            return SourceTokens(source, meta["format"], rows, RowCounts.from_dict(meta["counts"]),
-                                key, True)
-    started = time.perf_counter()
-    name, converter = source_converter(source, cfg)
-    tokenize = partial(tokenize_rows, converter=converter, encoder=encoder,
-                       on_bad_row=cfg.on_bad_row)
-    plan = plan_shards(source, cfg.num_proc)
-    with gc_paused():  # from the start: a collection over a large heap can take 0.1 s
-        if plan is not None:
-            encoder.warm_up()
-            rows, counts = tokenize_in_shards(source, plan, tokenize)
-        else:
-            rows, counts = tokenize(source.rows(), threads=True)
-    logger.info("%s: tokenized %d rows into %d examples in %.1fs (%s format)", source.spec,
-                counts.read, len(rows), time.perf_counter() - started, name)
-    if cache is not None:
-        cache.store(key, rows, {"format": name, "counts": counts.to_dict(), "spec": source.spec})
-    return SourceTokens(source, name, rows, counts, key, False)
+def source_key(source: Source, cfg: DataConfig, tokenizer_hash: str) -> str:
+    """The name of `source`'s tokens under these settings (see the module)."""
+    material = {"version": KEY_VERSION, "source": source.fingerprint(),
+                **settings_material(cfg, tokenizer_hash)}
+    blob = json.dumps(material, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]

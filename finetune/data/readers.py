@@ -17,10 +17,11 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from finetune.config.data import TextUnit
 from finetune.data.errors import BadRow, DataError, RowOrigin
+from finetune.data.settings import setting_choice
 
 READ_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
-TEXT_UNITS = ("line", "paragraph", "file")
 
 
 class FilePosition(NamedTuple):
@@ -220,8 +221,7 @@ def _read_parquet(path: Path, start: FilePosition) -> Iterator[RowItem]:
 
 
 def _read_txt(path: Path, unit: str, start: FilePosition) -> Iterator[RowItem]:
-    if unit not in TEXT_UNITS:
-        raise DataError(f"data.text_unit={unit!r} is not one of {', '.join(TEXT_UNITS)}")
+    unit = setting_choice(TextUnit, unit, "text_unit")
     source = str(path)
     if unit == "file":
         if start.offset:

@@ -14,13 +14,13 @@ def _build(cfg, tokenizer):
     return build_data(cfg, tokenizer, attention="sdpa", seed=0, micro_batch_size=1)
 
 
-def _trained_text(tokenizer, bundle, i: int = 0) -> str:
-    ids, trained = bundle.preview(i + 1)[i]
+def _trained_text(tokenizer, data, i: int = 0) -> str:
+    ids, trained = data.preview(i + 1)[i]
     return tokenizer.decode(np.asarray(ids)[np.asarray(trained)].tolist())
 
 
-def _full_text(tokenizer, bundle, i: int = 0) -> str:
-    ids, _ = bundle.preview(i + 1)[i]
+def _full_text(tokenizer, data, i: int = 0) -> str:
+    ids, _ = data.preview(i + 1)[i]
     return tokenizer.decode(np.asarray(ids).tolist())
 
 
@@ -45,10 +45,10 @@ TRAINED = {"alpaca": "Four.<|end|>", "chat": "Four.<|end|>", "sharegpt": "Four.<
 def test_each_format_trains_exactly_its_answer(name, declared, tokenizer, data_cfg, jsonl):
     path = jsonl([ROWS[name]] * 3)
     cfg = data_cfg(path=str(path), format="auto" if declared == "auto" else name)
-    bundle = _build(cfg, tokenizer)
-    assert bundle.stats.format == name
-    assert bundle.stats.rows == 3
-    assert _trained_text(tokenizer, bundle) == TRAINED[name]
+    data = _build(cfg, tokenizer)
+    assert data.stats.format == name
+    assert data.stats.rows == 3
+    assert _trained_text(tokenizer, data) == TRAINED[name]
 
 
 def test_text_is_bos_text_eos(tokenizer, data_cfg, jsonl):
@@ -93,19 +93,19 @@ def test_conversational_prompt_completion_uses_the_template(tokenizer, data_cfg,
     row = {"prompt": [{"role": "user", "content": "Hi"}],
            "completion": [{"role": "assistant", "content": "Hello"}]}
     path = jsonl([row])
-    bundle = _build(data_cfg(path=str(path)), tokenizer)
-    assert bundle.stats.format == "prompt_completion"
-    assert _trained_text(tokenizer, bundle) == "Hello<|end|>"
-    assert "<|user|>" in _full_text(tokenizer, bundle)
+    data = _build(data_cfg(path=str(path)), tokenizer)
+    assert data.stats.format == "prompt_completion"
+    assert _trained_text(tokenizer, data) == "Hello<|end|>"
+    assert "<|user|>" in _full_text(tokenizer, data)
 
 
 def test_column_mapping_reads_renamed_fields(tokenizer, data_cfg, jsonl):
     rows = [{"question": "Add two and two.", "answer": "Four."}] * 2
     path = jsonl(rows)
     cfg = data_cfg(path=str(path), columns={"instruction": "question", "output": "answer"})
-    bundle = _build(cfg, tokenizer)
-    assert bundle.stats.format == "alpaca"  # auto detection sees the mapped names
-    assert _trained_text(tokenizer, bundle) == "Four.<|end|>"
+    data = _build(cfg, tokenizer)
+    assert data.stats.format == "alpaca"  # auto detection sees the mapped names
+    assert _trained_text(tokenizer, data) == "Four.<|end|>"
 
 
 def test_column_mapping_rejects_a_field_the_format_does_not_read():
@@ -135,9 +135,9 @@ def test_conversation_without_assistant_turn(tokenizer, data_cfg, jsonl):
     path = jsonl(rows)
     with pytest.raises(DataError, match=r"d.jsonl:2: the conversation has no assistant turn"):
         _build(data_cfg(path=str(path)), tokenizer)
-    bundle = _build(data_cfg(path=str(path), on_bad_row="skip"), tokenizer)
-    assert bundle.stats.skipped_rows == 1
-    assert bundle.stats.skip_reasons == {"no_assistant_turn": 1}
+    data = _build(data_cfg(path=str(path), on_bad_row="skip"), tokenizer)
+    assert data.stats.skipped_rows == 1
+    assert data.stats.skip_reasons == {"no_assistant_turn": 1}
 
 
 def test_role_the_template_does_not_know(tokenizer, data_cfg, jsonl):
@@ -146,5 +146,5 @@ def test_role_the_template_does_not_know(tokenizer, data_cfg, jsonl):
     path = jsonl(rows)
     with pytest.raises(DataError, match=r"d.jsonl:2: the chat template rejected .*unknown role: tool"):
         _build(data_cfg(path=str(path)), tokenizer)
-    bundle = _build(data_cfg(path=str(path), on_bad_row="skip"), tokenizer)
-    assert (bundle.stats.rows, bundle.stats.skipped_rows) == (1, 1)
+    data = _build(data_cfg(path=str(path), on_bad_row="skip"), tokenizer)
+    assert (data.stats.rows, data.stats.skipped_rows) == (1, 1)

@@ -79,8 +79,8 @@ def packed(tokenizer, data_cfg, jsonl, alpaca_rows):
 
     def make(attention: str):
         cfg = data_cfg(path=str(path), packing=True, max_seq_len=96)
-        bundle = build_data(cfg, tokenizer, attention=attention, seed=0, micro_batch_size=2)
-        train = bundle.train
+        data = build_data(cfg, tokenizer, attention=attention, seed=0, micro_batch_size=2)
+        train = data.train
         rows = [train.documents(train._unit_at(p)) for p in range(2)]
         assert all(len(row) >= 2 for row in rows), "each row should hold several documents"
         return train.batch_at(0), rows

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from finetune.data import DataError, build_data
-from finetune.data.tokenized import ExampleEncoder
+from finetune.data.encode import FastEncoder
 
 
 def _build(cfg, tokenizer, **kwargs):
@@ -19,13 +19,13 @@ def _build(cfg, tokenizer, **kwargs):
 @pytest.fixture
 def count_tokenizer_calls(monkeypatch):
     calls = []
-    original = ExampleEncoder._encode_texts
+    original = FastEncoder._tokenize
 
     def counting(self, texts):
         calls.append(len(texts))
         return original(self, texts)
 
-    monkeypatch.setattr(ExampleEncoder, "_encode_texts", counting)
+    monkeypatch.setattr(FastEncoder, "_tokenize", counting)
     return calls
 
 
@@ -69,13 +69,13 @@ def test_cache_dir_defaults_to_finetune_cache(tokenizer, jsonl, alpaca_rows, mon
 
 def test_held_out_split_is_fixed_across_seeds(tokenizer, data_cfg, jsonl, alpaca_rows):
     cfg = data_cfg(path=str(jsonl(alpaca_rows(40))), val_split=0.1)
-    bundles = [build_data(cfg, tokenizer, attention="sdpa", seed=s, micro_batch_size=2)
-               for s in (0, 1)]
-    assert bundles[0].stats.val_rows == 4 and bundles[0].stats.rows == 36
-    vals = [b.val_batches(None) for b in bundles]
+    datas = [build_data(cfg, tokenizer, attention="sdpa", seed=s, micro_batch_size=2)
+             for s in (0, 1)]
+    assert datas[0].stats.val_rows == 4 and datas[0].stats.rows == 36
+    vals = [d.val_batches(None) for d in datas]
     assert len(vals[0]) == 2
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(*vals, strict=True))
-    assert len(bundles[0].val_batches(1)) == 1
+    assert len(datas[0].val_batches(1)) == 1
 
 
 def test_val_path_and_rank_sharded_held_out_batches(tokenizer, data_cfg, jsonl, alpaca_rows):
@@ -96,9 +96,9 @@ def test_val_path_and_rank_sharded_held_out_batches(tokenizer, data_cfg, jsonl, 
 def test_mixture_weights_set_each_source_share(tokenizer, data_cfg, jsonl, alpaca_rows):
     a = jsonl(alpaca_rows(10), "a.jsonl")
     b = jsonl([{"text": f"document {i}"} for i in range(10)], "b.jsonl")
-    bundle = _build(data_cfg(path=[str(a), str(b)], weights=[3, 1]), tokenizer)
-    assert bundle.stats.rows == 20 and bundle.stats.format == "alpaca+text"
-    docs = [bundle.train.documents(i)[0][0] for i in range(20)]
+    data = _build(data_cfg(path=[str(a), str(b)], weights=[3, 1]), tokenizer)
+    assert data.stats.rows == 20 and data.stats.format == "alpaca+text"
+    docs = [data.train.documents(i)[0][0] for i in range(20)]
     from_b = sum(tokenizer.decode(ids.tolist()).startswith("<|begin|>document") for ids in docs)
     assert from_b == 5
     with pytest.raises(DataError, match="data.weights has 1 values for 2"):
@@ -118,8 +118,8 @@ def test_stats_count_tokens_and_packing_efficiency(tokenizer, data_cfg, jsonl, a
 
 
 def test_unpacked_batch_shapes_and_labels(tokenizer, data_cfg, jsonl, alpaca_rows):
-    bundle = _build(data_cfg(path=str(jsonl(alpaca_rows(6)))), tokenizer)
-    batch = next(iter(bundle.train))
+    data = _build(data_cfg(path=str(jsonl(alpaca_rows(6)))), tokenizer)
+    batch = next(iter(data.train))
     assert set(batch) == {"input_ids", "labels", "position_ids", "attention_mask"}
     shape = batch["input_ids"].shape
     assert all(v.shape == shape and v.dtype == torch.long for v in batch.values())
@@ -140,3 +140,31 @@ def test_mask_dtype_follows_the_model_dtype(tokenizer, data_cfg, jsonl, alpaca_r
     mask = batch["attention_mask"]
     assert mask.dtype == torch.bfloat16 and mask.shape[1] == 1
     assert set(mask.unique().tolist()) == {0.0, torch.finfo(torch.bfloat16).min}
+
+
+@pytest.mark.parametrize("key", ["truncation", "on_bad_row", "train_on", "text_unit"])
+def test_closed_set_settings_are_read_through_the_config_enums(tokenizer, tmp_path, key):
+    """A library caller's plain string is checked against the config Enum, whose members the
+    message lists (the data package keeps no list of its own)."""
+    from finetune.config import data as schema
+    from finetune.data.encode import OffsetEncoder
+    from finetune.data.readers import read_file
+
+    enum = {"truncation": schema.Truncation, "on_bad_row": schema.OnBadRow,
+            "train_on": schema.TrainOn, "text_unit": schema.TextUnit}[key]
+    message = rf"^data\.{key}='nope' is not one of {', '.join(enum.__members__)}$"
+    with pytest.raises(DataError, match=message):
+        if key == "text_unit":
+            (tmp_path / "d.txt").write_text("a line\n")
+            list(read_file(tmp_path / "d.txt", text_unit="nope"))
+        else:
+            OffsetEncoder(tokenizer, tokenizer.chat_template, max_seq_len=8, **{key: "nope"})
+
+
+def test_a_data_error_is_a_user_error_with_exit_code_2(tokenizer, data_cfg, tmp_path):
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError) as caught:
+        _build(data_cfg(path=str(tmp_path / "missing.jsonl")), tokenizer)
+    assert isinstance(caught.value, DataError) and isinstance(caught.value, ValueError)
+    assert caught.value.exit_code == 2

@@ -1,4 +1,5 @@
-"""Tokenizing a source in several processes gives exactly what one process gives."""
+"""Tokenizing a source in several processes, or on threads, gives exactly what one process and
+the plain encoder give."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune.data import DataError, shards
-from finetune.data.ingest import tokenize_source
+from finetune.data import DataError
+from finetune.data.encode import FastEncoder, OffsetEncoder, shards
 from finetune.data.sources import resolve_source
-from finetune.data.template import ChatRenderer
-from finetune.data.tokenized import ExampleEncoder
 
 pytestmark = pytest.mark.skipif(not shards.can_fork(), reason="sharding forks (Linux only)")
 
@@ -28,11 +27,14 @@ def source_for(spec: str):
     return resolve_source(spec, split="train", json_key=None, text_unit="line")
 
 
-def tokenize(tokenizer, data_cfg, spec: str, num_proc: int, **settings):
+def tokenize(tokenizer, data_cfg, spec: str, num_proc: int, *, plain: bool = False,
+             **settings):
+    """The source through the fast encoder (forking with num_proc > 1), or the plain one."""
     cfg = data_cfg(path=spec, num_proc=num_proc, **settings)
-    encoder = ExampleEncoder(tokenizer, ChatRenderer(tokenizer, tokenizer.chat_template),
-                             max_seq_len=cfg.max_seq_len, on_bad_row=cfg.on_bad_row)
-    return tokenize_source(source_for(spec), cfg, encoder, None, "tok")
+    encoder = (OffsetEncoder if plain else FastEncoder)(
+        tokenizer, tokenizer.chat_template, max_seq_len=cfg.max_seq_len,
+        on_bad_row=cfg.on_bad_row)
+    return encoder.encode_source(source_for(spec), cfg, "key")
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -96,9 +98,11 @@ def test_sharded_tokenizing_matches_one_process(tokenizer, data_cfg, tmp_path, a
     write_lines(folder / "b.jsonl", [""] + alpaca_lines(rows[70:], bad_at=(30,)))
     one = tokenize(tokenizer, data_cfg, str(folder), 1, on_bad_row="skip")
     many = tokenize(tokenizer, data_cfg, str(folder), 3, on_bad_row="skip")
+    plain = tokenize(tokenizer, data_cfg, str(folder), 3, on_bad_row="skip", plain=True)
     for name in ("tokens", "trained", "offsets"):
         assert np.array_equal(getattr(one.rows, name), getattr(many.rows, name)), name
-    assert many.counts.to_dict() == one.counts.to_dict()
+        assert np.array_equal(getattr(plain.rows, name), getattr(many.rows, name)), name
+    assert many.counts.to_dict() == one.counts.to_dict() == plain.counts.to_dict()
     assert many.counts.read == 120 and many.counts.skipped["malformed_json"] == 3
     assert f"{folder / 'a.jsonl'}:4: malformed JSON" in many.counts.first_skips[0]
     assert f"{folder / 'b.jsonl'}:32: malformed JSON" in many.counts.first_skips[2]
@@ -129,19 +133,17 @@ def test_the_first_bad_line_is_reported_whichever_process_finds_it(tokenizer, da
 
 def test_a_worker_that_dies_is_redone_in_this_process(tokenizer, data_cfg, tmp_path,
                                                       alpaca_rows, monkeypatch, caplog):
-    from finetune.data import ingest
-
     path = write_lines(tmp_path / "d.jsonl", alpaca_lines(alpaca_rows(60)))
     expected = tokenize(tokenizer, data_cfg, str(path), 1)
-    parent, original = os.getpid(), ingest.tokenize_rows
+    parent, original = os.getpid(), FastEncoder._encode_rows
 
     def dies_in_a_child(*args, **kwargs):
         if os.getpid() != parent:
             os._exit(3)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ingest, "tokenize_rows", dies_in_a_child)
-    with caplog.at_level(logging.WARNING, logger="finetune.data.shards"):
+    monkeypatch.setattr(FastEncoder, "_encode_rows", dies_in_a_child)
+    with caplog.at_level(logging.WARNING, logger="finetune.data.encode.shards"):
         got = tokenize(tokenizer, data_cfg, str(path), 2)
     assert np.array_equal(got.rows.tokens, expected.rows.tokens)
     assert got.counts.to_dict() == expected.counts.to_dict()
@@ -149,21 +151,21 @@ def test_a_worker_that_dies_is_redone_in_this_process(tokenizer, data_cfg, tmp_p
 
 
 def test_threaded_batches_match_one_batch_at_a_time(tokenizer, monkeypatch):
-    from finetune.data import tokenized
+    from finetune.data.encode import fast
     from finetune.data.errors import RowOrigin
     from finetune.data.formats import Example
     from finetune.data.tokenized import RowCounts, TokenizedRows
 
-    monkeypatch.setattr(tokenized, "TOKENIZE_CHUNK", 3)  # several chunks per batch to share
+    monkeypatch.setattr(fast, "TOKENIZE_CHUNK", 3)  # several chunks per batch to share
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    encoder = ExampleEncoder(tokenizer, ChatRenderer(tokenizer, tokenizer.chat_template),
-                             max_seq_len=64)
+    encoder = FastEncoder(tokenizer, tokenizer.chat_template, max_seq_len=64)
     items = [(Example(messages=[("user", f"question {i}" + " more" * (i % 5)),
                                 ("assistant", f"answer {i}")]), RowOrigin("t.jsonl", i + 1))
              for i in range(40)]
     batches = [items[i:i + 7] for i in range(0, 40, 7)]
     threaded = TokenizedRows.concat(list(encoder.encode_batches(iter(batches), RowCounts())))
-    serial = TokenizedRows.concat([encoder.encode(b, RowCounts()) for b in batches])
+    plain = OffsetEncoder(tokenizer, tokenizer.chat_template, max_seq_len=64)
+    serial = TokenizedRows.concat(list(plain.encode_batches(iter(batches), RowCounts())))
     assert np.array_equal(threaded.tokens, serial.tokens)
     assert np.array_equal(threaded.trained, serial.trained)
     assert np.array_equal(threaded.offsets, serial.offsets)

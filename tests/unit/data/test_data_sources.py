@@ -22,8 +22,8 @@ def _rows(path, **kwargs):
 
 
 def test_builtin_instructions_resolves_to_the_bundled_file(tokenizer, data_cfg):
-    bundle = _build(data_cfg(path="builtin:instructions"), tokenizer)
-    assert (bundle.stats.format, bundle.stats.rows) == ("alpaca", 4000)
+    data = _build(data_cfg(path="builtin:instructions"), tokenizer)
+    assert (data.stats.format, data.stats.rows) == ("alpaca", 4000)
     with pytest.raises(DataError, match="unknown built-in dataset 'builtin:nope'.*builtin:instructions"):
         resolve_source("builtin:nope", split="train", json_key=None, text_unit="line")
 
@@ -96,9 +96,9 @@ def test_malformed_json_line_names_file_and_line(tokenizer, data_cfg, tmp_path):
                     json.dumps(GOOD) + "\n")
     with pytest.raises(DataError, match=rf"^{path}:3: malformed JSON .*data.on_bad_row=skip"):
         _build(data_cfg(path=str(path)), tokenizer)
-    bundle = _build(data_cfg(path=str(path), on_bad_row="skip"), tokenizer)
-    assert (bundle.stats.rows, bundle.stats.skipped_rows) == (2, 1)
-    assert bundle.stats.skip_reasons == {"malformed_json": 1}
+    data = _build(data_cfg(path=str(path), on_bad_row="skip"), tokenizer)
+    assert (data.stats.rows, data.stats.skipped_rows) == (2, 1)
+    assert data.stats.skip_reasons == {"malformed_json": 1}
 
 
 def test_invalid_utf8_is_a_located_error_or_a_counted_skip(tokenizer, data_cfg, tmp_path):
@@ -106,8 +106,8 @@ def test_invalid_utf8_is_a_located_error_or_a_counted_skip(tokenizer, data_cfg, 
     path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"instruction": "\xff", "output": "x"}\n')
     with pytest.raises(DataError, match=rf"{path}:2: invalid UTF-8"):
         _build(data_cfg(path=str(path)), tokenizer)
-    bundle = _build(data_cfg(path=str(path), on_bad_row="skip"), tokenizer)
-    assert bundle.stats.skip_reasons == {"invalid_utf8": 1}
+    data = _build(data_cfg(path=str(path), on_bad_row="skip"), tokenizer)
+    assert data.stats.skip_reasons == {"invalid_utf8": 1}
 
 
 def test_missing_field_lists_the_fields_found(tokenizer, data_cfg, jsonl):
@@ -135,8 +135,8 @@ def _save_dataset(folder, rows):
 
 def test_hf_save_to_disk_folder(tokenizer, data_cfg, tmp_path):
     _save_dataset(tmp_path / "saved", [GOOD] * 4)
-    bundle = _build(data_cfg(path=f"hf:{tmp_path / 'saved'}"), tokenizer)
-    assert (bundle.stats.format, bundle.stats.rows) == ("alpaca", 4)
+    data = _build(data_cfg(path=f"hf:{tmp_path / 'saved'}"), tokenizer)
+    assert (data.stats.format, data.stats.rows) == ("alpaca", 4)
 
 
 def test_hf_dataset_dict_folder_picks_the_split(tokenizer, data_cfg, tmp_path):
@@ -152,9 +152,9 @@ def test_hf_dataset_dict_folder_picks_the_split(tokenizer, data_cfg, tmp_path):
 
 def test_hf_folder_of_files_goes_through_datasets(tokenizer, data_cfg, jsonl, tmp_path):
     jsonl([GOOD] * 5, "raw/train.jsonl")
-    bundle = _build(data_cfg(path=f"hf:{tmp_path / 'raw'}"), tokenizer)
-    assert bundle.stats.rows == 5
-    assert bundle.stats.sources[0]["path"] == f"hf:{tmp_path / 'raw'}"
+    data = _build(data_cfg(path=f"hf:{tmp_path / 'raw'}"), tokenizer)
+    assert data.stats.rows == 5
+    assert data.stats.sources[0]["path"] == f"hf:{tmp_path / 'raw'}"
 
 
 def test_hf_hub_offline_says_how_to_use_a_local_copy(tokenizer, data_cfg, monkeypatch):

@@ -36,16 +36,16 @@ def take(train, n):
 
 
 def test_one_epoch_streams_every_row_once(stream, tokenizer, data_cfg):
-    bundle = stream()
-    assert bundle.train.samples_per_epoch is None and bundle.stats.rows is None
+    data = stream()
+    assert data.train.samples_per_epoch is None and data.stats.rows is None
     in_memory = build_data(data_cfg(path=str(stream.path)), tokenizer, attention="sdpa", seed=0,
                            micro_batch_size=1)
     expected = sorted(tuple(in_memory.train.documents(i)[0][0].tolist()) for i in range(23))
-    seen = [row for b in take(bundle.train, 11) for row in rows_of(b)]  # 22 of 23
-    assert bundle.train.epoch == 0
-    seen += rows_of(next(iter(bundle.train)))  # the 23rd, then the next epoch's first
+    seen = [row for b in take(data.train, 11) for row in rows_of(b)]  # 22 of 23
+    assert data.train.epoch == 0
+    seen += rows_of(next(iter(data.train)))  # the 23rd, then the next epoch's first
     assert sorted(seen[:23]) == expected
-    assert bundle.train.epoch == 1 and bundle.train.state_dict()["epoch"] == 1
+    assert data.train.epoch == 1 and data.train.state_dict()["epoch"] == 1
 
 
 def test_resume_continues_exactly_and_skips_what_came_before(stream):
@@ -95,22 +95,22 @@ def test_two_ranks_then_one_continue_at_the_same_position(stream):
 
 
 def test_streaming_packs_on_the_fly_with_isolation(stream):
-    bundle = stream(packing=True, max_seq_len=64, stream_buffer=8, attention="flash_attention_2")
-    batch = next(iter(bundle.train))
+    data = stream(packing=True, max_seq_len=64, stream_buffer=8, attention="flash_attention_2")
+    batch = next(iter(data.train))
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     starts = int((batch["position_ids"][0] == 0).sum())
     assert starts > 2  # several documents per packed row
-    bundle = stream(packing=True, max_seq_len=64, stream_buffer=8)
-    mask = next(iter(bundle.train))["attention_mask"]
+    data = stream(packing=True, max_seq_len=64, stream_buffer=8)
+    mask = next(iter(data.train))["attention_mask"]
     assert mask.shape[1:] == (1, 64, 64) or mask.shape[-1] <= 64
 
 
 def test_held_out_rows_are_kept_out_of_training(stream):
-    bundle = stream(val_split=0.3)
-    val = bundle.val_batches(None)
+    data = stream(val_split=0.3)
+    val = data.val_batches(None)
     val_rows = {row for b in val for row in rows_of(b)}
     assert 0 < len(val_rows) < 23
-    train_rows = {row for b in take(bundle.train, 12) for row in rows_of(b)}
+    train_rows = {row for b in take(data.train, 12) for row in rows_of(b)}
     assert not val_rows & train_rows
     assert len(val_rows | train_rows) == 23
 
@@ -118,7 +118,7 @@ def test_held_out_rows_are_kept_out_of_training(stream):
 def test_bad_rows_are_counted_while_streaming(tokenizer, data_cfg, jsonl, alpaca_rows):
     path = jsonl(alpaca_rows(6) + [{"instruction": "only"}] + alpaca_rows(3))
     cfg = data_cfg(path=str(path), streaming=True, on_bad_row="skip", format="alpaca")
-    bundle = build_data(cfg, tokenizer, attention="sdpa", seed=0, micro_batch_size=3)
-    take(bundle.train, 3)
-    assert bundle.stats.skipped_rows == 1 and bundle.stats.skip_reasons == {"missing_field": 1}
-    assert bundle.val_batches(1) == []  # val_split=0 and no data.val_path
+    data = build_data(cfg, tokenizer, attention="sdpa", seed=0, micro_batch_size=3)
+    take(data.train, 3)
+    assert data.stats.skipped_rows == 1 and data.stats.skip_reasons == {"missing_field": 1}
+    assert data.val_batches(1) == []  # val_split=0 and no data.val_path

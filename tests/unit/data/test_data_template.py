@@ -7,15 +7,12 @@ import random
 import numpy as np
 import pytest
 
+from finetune.data.encode import FastEncoder, OffsetEncoder
+from finetune.data.encode.layout import LayoutRenderer, prints_contents_only
 from finetune.data.errors import RowOrigin
 from finetune.data.formats import Example
-from finetune.data.template import (
-    BUILTIN_CHAT_TEMPLATE,
-    ChatRenderer,
-    prints_contents_only,
-    resolve_template,
-)
-from finetune.data.tokenized import ExampleEncoder, RowCounts
+from finetune.data.template import BUILTIN_CHAT_TEMPLATE, ChatRenderer, resolve_template
+from finetune.data.tokenized import RowCounts
 
 CONVERSATION = Example(messages=[("system", "You add numbers."), ("user", "1 + 1?"),
                                  ("assistant", "Two."), ("user", "And 2 + 2?"),
@@ -31,12 +28,12 @@ TRIM_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}"
                  "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
-def encode(tokenizer, example: Example, *, template=None, train_on="assistant", fast=None,
+def encode(tokenizer, example: Example, *, template=None, train_on="assistant", fast=True,
            max_seq_len=512, counts=None):
-    renderer = ChatRenderer(tokenizer, template or tokenizer.chat_template, train_on=train_on)
-    if fast is not None:
-        renderer.fast = fast
-    encoder = ExampleEncoder(tokenizer, renderer, max_seq_len=max_seq_len)
+    """One example through the fast encoder (what runs use) or the plain one."""
+    encoder = (FastEncoder if fast else OffsetEncoder)(
+        tokenizer, template or tokenizer.chat_template, train_on=train_on,
+        max_seq_len=max_seq_len)
     rows = encoder.encode([(example, RowOrigin("t.jsonl", 1))], counts or RowCounts())
     return rows.example(0) if len(rows) else None
 
@@ -134,16 +131,16 @@ def test_layout_shortcut_matches_rendering_every_row(tokenizer, template):
     source = {"tokenizer": tokenizer.chat_template, "builtin": BUILTIN_CHAT_TEMPLATE,
               "no_eos": NO_EOS_TEMPLATE}[template]
     rng = random.Random(0)
-    fast = ChatRenderer(tokenizer, source)
+    fast = LayoutRenderer(tokenizer, source)
     exact = ChatRenderer(tokenizer, source)
-    exact.fast = False
-    assert fast.fast
+    assert fast.shortcut
     for _ in range(200):
         example = _random_conversation(rng)
         assert fast.render(example) == exact.render(example)
 
 
-def test_tokenizer_without_offsets_gives_the_same_labels(tokenizer):
+@pytest.mark.parametrize("fast", [True, False])
+def test_tokenizer_without_offsets_gives_the_same_labels(tokenizer, fast):
     class NoOffsets:  # a "slow" tokenizer: no backend, only __call__
         def __init__(self, inner):
             self.inner = inner
@@ -156,9 +153,9 @@ def test_tokenizer_without_offsets_gives_the_same_labels(tokenizer):
         def apply_chat_template(self, *args, **kwargs):
             return self.inner.apply_chat_template(*args, **kwargs)
 
-    slow = encode(NoOffsets(tokenizer), CONVERSATION)
-    fast = encode(tokenizer, CONVERSATION)
-    assert np.array_equal(slow[0], fast[0]) and np.array_equal(slow[1], fast[1])
+    without = encode(NoOffsets(tokenizer), CONVERSATION, fast=fast)
+    tracked = encode(tokenizer, CONVERSATION, fast=False)
+    assert np.array_equal(without[0], tracked[0]) and np.array_equal(without[1], tracked[1])
 
 
 @pytest.mark.parametrize("mode", ["truncate", "drop", "error"])
@@ -187,25 +184,24 @@ def test_truncation_that_leaves_nothing_trained_drops_the_row(tokenizer):
 
 
 def encode_mode(tokenizer, example, mode, counts):
-    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
-    encoder = ExampleEncoder(tokenizer, renderer, max_seq_len=32, truncation=mode)
+    encoder = FastEncoder(tokenizer, tokenizer.chat_template, max_seq_len=32, truncation=mode)
     return encoder.encode([(example, RowOrigin("t.jsonl", 1))], counts)
 
 
 def test_the_encoding_copy_without_template_processing_gives_the_same_tokens(tokenizer):
     from tokenizers import processors
 
-    from finetune.data.tokenized import _without_template_processing
+    from finetune.data.encode.fast import without_template_processing
 
     backend = tokenizer.backend_tokenizer
     assert isinstance(backend.post_processor, processors.TemplateProcessing)
-    copy = _without_template_processing(backend)
+    copy = without_template_processing(backend)
     assert copy is not backend and copy.post_processor is None
     texts = ["<|begin|><|user|>\nnaïve café ✓  two  spaces<|end|>\n", "", " lead", "x\n\ny"]
     for ours, theirs in zip(copy.encode_batch(texts, add_special_tokens=False),
                             backend.encode_batch(texts, add_special_tokens=False), strict=True):
         assert (ours.ids, ours.offsets) == (theirs.ids, theirs.offsets)
-    backend_copy = _without_template_processing(copy)  # no TemplateProcessing: used as is
+    backend_copy = without_template_processing(copy)  # no TemplateProcessing: used as is
     assert backend_copy is copy
     copy.post_processor = processors.ByteLevel(trim_offsets=True)
-    assert _without_template_processing(copy) is copy
+    assert without_template_processing(copy) is copy

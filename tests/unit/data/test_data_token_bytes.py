@@ -20,11 +20,13 @@ from tokenizers import (
     trainers,
 )
 
+from finetune.data.encode import Encoder, FastEncoder, OffsetEncoder
+from finetune.data.encode.offsets import span_tokens_from_offsets
+from finetune.data.encode.token_bytes import span_tokens, token_byte_lengths, token_ends
 from finetune.data.errors import RowOrigin
 from finetune.data.formats import Example
-from finetune.data.template import BUILTIN_CHAT_TEMPLATE, ChatRenderer
-from finetune.data.token_bytes import span_tokens, token_byte_lengths, token_ends
-from finetune.data.tokenized import ExampleEncoder, RowCounts, _span_tokens
+from finetune.data.template import BUILTIN_CHAT_TEMPLATE
+from finetune.data.tokenized import RowCounts
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "naïve café, déjà vu; 中文 and 🙂",
           "def f(x):\n\treturn x * 2  # twice", "1234 + 5678 = 6912", "  leading and trailing  "]
@@ -81,8 +83,8 @@ def assert_spans_match(tok: Tokenizer, table, text: str) -> bool:
         return False
     n, t = len(text), len(enc.ids)
     for p in range(n + 1):
-        assert span_tokens(ends, text, p, n) == _span_tokens(enc, p, n, n, t), (text, p)
-        assert span_tokens(ends, text, 0, p) == _span_tokens(enc, 0, p, n, t), (text, p)
+        assert span_tokens(ends, text, p, n) == span_tokens_from_offsets(enc, p, n, n, t), (text, p)
+        assert span_tokens(ends, text, 0, p) == span_tokens_from_offsets(enc, 0, p, n, t), (text, p)
     return True
 
 
@@ -142,21 +144,21 @@ def test_designs_that_change_the_text_track_offsets(make):
     assert token_byte_lengths(make()) is None
 
 
-def _encoder(tok: Tokenizer, *, byte_lengths: bool) -> ExampleEncoder:
+def _encoder(tok: Tokenizer, *, fast: bool) -> Encoder:
+    """The fast encoder (asserting that it takes the byte-length path) or the plain one."""
     from transformers import PreTrainedTokenizerFast
 
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    encoder = ExampleEncoder(wrapped, ChatRenderer(wrapped, BUILTIN_CHAT_TEMPLATE),
-                             max_seq_len=64)
+    if not fast:
+        return OffsetEncoder(wrapped, BUILTIN_CHAT_TEMPLATE, max_seq_len=64)
+    encoder = FastEncoder(wrapped, BUILTIN_CHAT_TEMPLATE, max_seq_len=64)
     encoder.warm_up()
-    assert (encoder._token_bytes is not None) is True  # the design qualifies
-    if not byte_lengths:
-        encoder._token_bytes = None
+    assert encoder._token_bytes is not None  # the design qualifies
     return encoder
 
 
 @pytest.mark.parametrize("design", ["byte_level", "metaspace"])
-def test_encoder_gives_the_same_rows_either_way(design):
+def test_fast_encoder_gives_the_rows_of_the_plain_one(design):
     tok = byte_level() if design == "byte_level" else metaspace()
     rng = random.Random(1)
     items = []
@@ -166,9 +168,9 @@ def test_encoder_gives_the_same_rows_either_way(design):
             turns += [("user", random_text(rng)), ("assistant", random_text(rng))]
         items.append((Example(messages=turns), RowOrigin("t.jsonl", i + 1)))
     rows, counts = [], []
-    for byte_lengths in (True, False):
+    for fast in (True, False):
         counts.append(RowCounts())
-        rows.append(_encoder(tok, byte_lengths=byte_lengths).encode(items, counts[-1]))
+        rows.append(_encoder(tok, fast=fast).encode(items, counts[-1]))
     ours, theirs = rows
     assert len(ours) == len(theirs) > 100
     for got, want in zip((ours.tokens, ours.trained, ours.offsets),
@@ -178,8 +180,7 @@ def test_encoder_gives_the_same_rows_either_way(design):
 
 
 def test_the_tiny_tokenizer_encodes_without_offsets(tokenizer):
-    encoder = ExampleEncoder(tokenizer, ChatRenderer(tokenizer, tokenizer.chat_template),
-                             max_seq_len=64)
+    encoder = FastEncoder(tokenizer, tokenizer.chat_template, max_seq_len=64)
     encoder.warm_up()
     assert encoder._token_bytes is not None
     # Its byte pieces are vocabulary, not added tokens: the literal text is not a byte.

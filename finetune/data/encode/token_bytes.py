@@ -138,7 +138,7 @@ def token_ends(table: ByteTable, ids: list[int], text: str) -> list[int] | None:
 
 def span_tokens(ends: list[int], text: str, a: int, b: int) -> tuple[int, int]:
     """Token range [ta, tb) of the tokens that hold any character of text[a:b] (a token that
-    straddles the start counts, as in tokenized._span_tokens)."""
+    straddles the start counts, as in offsets.span_tokens_from_offsets)."""
     n = len(ends)
     if b <= a:
         return n, n
@@ -151,9 +151,10 @@ def batch_span_tokens(table: ByteTable, flat: np.ndarray, row_starts: np.ndarray
                       texts: list[str], spans: list
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`span_tokens` for every span of a batch at once. `flat` holds the rows' ids end to end,
-    row k at flat[row_starts[k]:row_starts[k + 1]]; spans[k] lists row k's (a, b, needs_eos) character spans. Returns, one entry per span in
-    row order, the row and the local token range [ta, tb), and per row whether its tokens spell
-    its text (the spans of a row that does not are meaningless; it needs tracked offsets)."""
+    row k at flat[row_starts[k]:row_starts[k + 1]]; spans[k] lists row k's (a, b, needs_eos)
+    character spans. Returns, one entry per span in row order, the row and the local token
+    range [ta, tb), and per row whether its tokens spell its text (the spans of a row that does
+    not are meaningless; it needs tracked offsets)."""
     sizes = np.diff(row_starts)
     before = np.zeros(len(flat) + 1, np.int64)
     np.cumsum(table.array[flat], out=before[1:])  # before[i]: bytes ahead of token i

@@ -27,15 +27,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from finetune.data.encode.cpus import single_threaded_tokenizer, usable_cpus
 from finetune.data.errors import DataError
 from finetune.data.readers import FilePosition
 from finetune.data.sources import FileSource, Source, SourcePosition, SourceRow
-from finetune.data.tokenized import (
-    RowCounts,
-    TokenizedRows,
-    single_threaded_tokenizer,
-    usable_cpus,
-)
+from finetune.data.tokenized import RowCounts, TokenizedRows
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
-"""The tokenized-data cache: one folder per (source, tokenizer, settings) key, written atomically.
+"""The tokenized-data cache: one folder per source key, written atomically.
 
-The key hashes everything that changes the tokens: the source fingerprint (each file's path,
-size and mtime, or the `datasets` fingerprint), the tokenizer (its full serialisation, special
-tokens and the chat template in use) and the settings (format, columns, max_seq_len, truncation,
-train_on, on_bad_row). An entry is written into a temporary folder and renamed into place, so a
-crash or a concurrent rank never leaves a half-written entry; `meta.json` is written last.
+The key (finetune.data.ingest.source_key) hashes everything that changes the tokens: the source
+fingerprint (each file's path, size and mtime, or the `datasets` fingerprint), the tokenizer
+(its full serialisation, special tokens and the chat template in use) and the settings (format,
+columns, max_seq_len, truncation, train_on, on_bad_row). An entry is written into a temporary
+folder and renamed into place, so a crash or a concurrent rank never leaves a half-written
+entry; `meta.json` is written last.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +24,6 @@ from finetune.data.tokenized import TokenizedRows
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
 _ARRAYS = ("tokens", "trained", "offsets")
 
 
@@ -34,27 +33,6 @@ def default_cache_dir(setting: Any = None) -> Path:
         return Path(str(setting)).expanduser()
     env = os.environ.get("FINETUNE_CACHE")
     return (Path(env) if env else Path.home() / ".cache" / "finetune") / "data"
-
-
-def tokenizer_fingerprint(tokenizer: Any, template: str) -> str:
-    """A hash of what makes this tokenizer produce its ids (vocabulary, merges, normalisation,
-    special tokens) plus the chat template used."""
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(type(tokenizer).__name__.encode())
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
-    h.update(json.dumps([special, tokenizer.bos_token_id, tokenizer.eos_token_id]).encode())
-    h.update(template.encode())
-    return h.hexdigest()
-
-
-def cache_key(material: dict) -> str:
-    blob = json.dumps({"version": CACHE_VERSION, **material}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 class TokenCache:
