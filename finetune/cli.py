@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside it, a checkpoint)
+        print("interrupted (Ctrl-C); checkpoints already written are intact.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def compose_dict(recipe: str, overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
+    from yaml import YAMLError
 
     register_schemas()
     config_dir, config_name = resolve_recipe(recipe)
@@ -82,8 +83,20 @@ def compose_dict(recipe: str, overrides: list[str]) -> DictConfig:
             return compose(config_name=config_name, overrides=list(overrides) + search)
     except (HydraException, OmegaConfBaseException) as exc:
         raise explain_config_error(exc, overrides) from None
+    except YAMLError as exc:
+        raise yaml_syntax_error(exc) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def yaml_syntax_error(exc: BaseException) -> ConfigError:
+    """A YAML syntax error as one paragraph naming the file, line and column."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = (f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None
+             else "a config file")
+    return ConfigError(f"YAML syntax error in {where}: {problem}. Fix that line (check its "
+                       "indentation, colons and brackets) and run again.")
 
 
 def _unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:

@@ -7,6 +7,9 @@ value and what is accepted, before any work starts.
 
 from __future__ import annotations
 
+import math
+from dataclasses import fields, is_dataclass
+
 from finetune.config.schema import RunConfig
 from finetune.errors import ConfigError
 
@@ -24,8 +27,27 @@ def _get(run: RunConfig, key: str):
     return node
 
 
+def _non_finite(node: object, prefix: str = "") -> str | None:
+    """The first key holding a NaN or infinite number, or None."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            found = _non_finite(value, f"{key}.")
+            if found:
+                return found
+        values = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return key
+    return None
+
+
 def validate_run_config(run: RunConfig) -> None:
     """Raise ConfigError for the first value outside its accepted range or combination."""
+    bad = _non_finite(run)
+    if bad is not None:
+        raise ConfigError(f"{bad}={_get(run, bad)} is not a finite number; give a real value "
+                          f"(e.g. {bad}={_get(RunConfig(), bad)}).")
     for key in POSITIVE:
         if _get(run, key) <= 0:
             raise ConfigError(f"{key}={_get(run, key)} must be a positive number.")

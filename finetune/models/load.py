@@ -6,6 +6,7 @@ as an ordinary Hugging Face folder. `trust_remote_code` stays off unless the con
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -41,7 +42,23 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return name
 
 
-def _hub_error(name: str, exc: Exception) -> ConfigError:
+def _needs_remote_code(source: str) -> bool:
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "auto_map" in json.loads(config.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+
+
+def _hub_error(name: str, exc: Exception, source: str | None = None) -> ConfigError:
+    if "trust_remote_code" in str(exc) or (source and _needs_remote_code(source)):
+        return ConfigError(
+            f"model.name_or_path={name}: this model's code ships with the model (its config "
+            "has an auto_map), and running it is off by default. If you trust the model's "
+            "author, add model.trust_remote_code=true: that lets the Python files in the model "
+            "folder or hub repo run on this machine with your permissions.")
     return ConfigError(
         f"model.name_or_path={name}: could not load it ({type(exc).__name__}: "
         f"{str(exc).splitlines()[0] if str(exc) else ''}). If it is a hub id, this machine may "
@@ -58,7 +75,7 @@ def load_model_config(cfg: ModelConfig):
         return AutoConfig.from_pretrained(source, revision=cfg.revision,
                                           trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _hub_error(cfg.name_or_path, exc) from None
+        raise _hub_error(cfg.name_or_path, exc, source) from None
 
 
 def model_facts(hf_config) -> ModelFacts:
@@ -83,7 +100,23 @@ def load_tokenizer(cfg: ModelConfig):
         raise _hub_error(cfg.name_or_path, exc) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer has no pad token: padding with its EOS token %r (padded "
+                    "positions are masked out of attention and loss)", tokenizer.eos_token)
     return tokenizer
+
+
+def _damaged_weights(source: str) -> list[str]:
+    """The weight files in a local model folder whose safetensors header does not read."""
+    from safetensors import safe_open
+
+    damaged = []
+    for path in sorted(Path(source).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception:  # any failure to open is a damaged file here
+            damaged.append(path.name)
+    return damaged
 
 
 def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype):
@@ -98,7 +131,15 @@ def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype):
             source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=attn_implementation, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise _hub_error(cfg.name_or_path, exc) from None
+        raise _hub_error(cfg.name_or_path, exc, source) from None
+    except Exception as exc:
+        damaged = _damaged_weights(source) if Path(source).is_dir() else []
+        if not damaged:
+            raise
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path}: weight file {', '.join(damaged)} is damaged "
+            f"or incomplete ({type(exc).__name__}: {str(exc).splitlines()[0]}). An interrupted "
+            "download leaves such files: download the model again.") from None
     logger.info("loaded %s (%s, %s, attention=%s)", cfg.name_or_path, type(model).__name__,
                 dtype, model.config._attn_implementation)
     return model
