@@ -9,15 +9,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Set before any test module imports huggingface_hub or wandb, which read them at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("finetune-cache")
     os.environ["FINETUNE_CACHE"] = str(cache)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["WANDB_MODE"] = "disabled"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return cache
 
 

@@ -194,10 +194,6 @@ def test_remote_code_never_runs_with_trust_remote_code_off(model_cfg, tiny_copy,
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known open defect: finetune/models/load.py _hub_error keeps only the first line of "
-    "transformers' error, dropping 'pass trust_remote_code=True', and adds hub-download advice "
-    "that does not apply; the error should name model.trust_remote_code=true as the fix"))
 def test_remote_code_error_names_the_trust_remote_code_fix(model_cfg, tiny_copy) -> None:
     folder, _ = _remote_code_folder(tiny_copy, "x_custom_llama")
     with pytest.raises(ConfigError) as info:
