@@ -18,10 +18,17 @@ from finetune.errors import CheckpointError, ConfigError
 logger = logging.getLogger(__name__)
 
 
-def export_final(model, tokenizer, run_dir: Path) -> Path:
+def export_final(model, tokenizer, run_dir: Path, *, chat_template: str | None = None) -> Path:
     """Write `run_dir/final` atomically: the adapter in peft format (or the full model), plus
-    the tokenizer. An existing final/ is replaced only once the new one is complete."""
+    the tokenizer with `chat_template` (the template the run trained with, so that the result
+    generates as it was trained, also when the tokenizer came without one). An existing
+    final/ is replaced only once the new one is complete."""
     final = run_dir / "final"
+    if chat_template is not None and tokenizer.chat_template != chat_template:
+        if tokenizer.chat_template:
+            logger.info("final/: saving the chat template used in training (data.chat_template) "
+                        "instead of the tokenizer's own")
+        tokenizer.chat_template = chat_template
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run_dir))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

@@ -18,12 +18,11 @@ def run(args: argparse.Namespace) -> int:
     """Print the resolved config.yaml a run would write; a bad config raises ConfigError."""
     from finetune.config import config_yaml
     from finetune.config.compose import compose_run_config
-    from finetune.kernels import check_choices
     from finetune.train.recipe import load_recipe
+    from finetune.train.run import check_before_work
 
     cfg = compose_run_config(args.recipe, args.overrides)
-    check_choices(cfg.kernels)
-    load_recipe(cfg.recipe).check(cfg)
+    check_before_work(cfg, load_recipe(cfg.recipe))
     print(config_yaml(cfg), end="")
     print(f"# ok: {args.recipe} composes and validates", file=sys.stderr)
     return 0

@@ -38,13 +38,17 @@ class BadRow(Exception):
     """Raised inside the pipeline for one row; turned into a DataError or a counted skip.
 
     `reason` is a short key counted in the stats when rows are skipped (`malformed_json`,
-    `missing_field`, ...); `message` is the full user-facing text without the location.
+    `missing_field`, ...); `message` says what is wrong, without the location; `fix` how to
+    repair the row. A skipped row is reported with its message only; an error adds the fix and
+    the skip setting.
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, fix: str = "fix the row") -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.fix = fix
 
     def at(self, origin: RowOrigin) -> DataError:
-        return DataError(f"{origin}: {self.message}")
+        return DataError(f"{origin}: {self.message}. To fix it: {self.fix}; or set "
+                         "data.on_bad_row=skip to skip such rows (they are counted).")

@@ -57,9 +57,11 @@ def _text(row: Mapping[str, Any], field: str, *, optional: bool = False) -> str:
     if value is None:
         if optional:
             return ""
-        raise BadRow("missing_field", f"field {field!r} is empty")
+        raise BadRow("missing_field", f"field {field!r} is empty", f"give {field!r} a value")
     if not isinstance(value, str):
-        raise BadRow("wrong_type", f"field {field!r} must be a string, got {type(value).__name__}")
+        raise BadRow("wrong_type", f"field {field!r} must be a string, got "
+                     f"{type(value).__name__} ({value!r:.40})",
+                     f"write it as text in the file, e.g. \"{field}\": \"{value!s:.40}\"")
     return value
 
 
@@ -114,7 +116,7 @@ def _conversation(turns: list[tuple[str, str]], system: str = "") -> Example:
         turns = [("system", system)] + turns
     if not any(role == ASSISTANT for role, _ in turns):
         raise BadRow("no_assistant_turn", "the conversation has no assistant turn, so nothing "
-                     "would be trained; remove the row or set data.on_bad_row=skip")
+                     "would be trained", "add the assistant's answer or remove the row")
     return Example(messages=turns)
 
 
@@ -198,20 +200,25 @@ class RowConverter:
     def __call__(self, row: Mapping[str, Any]) -> Example:
         missing = [c for c in self.required if c not in row]
         if missing:
-            raise BadRow("missing_field", _missing_message(missing, row, self.format, self.rename))
+            raise BadRow("missing_field", *_missing_message(missing, row, self.format,
+                                                            self.rename))
         if self.rename:
             row = {self.rename.get(k, k): v for k, v in row.items()}
         return self.format.convert(row)
 
 
 def _missing_message(missing: list[str], row: Mapping[str, Any], fmt: DataFormat,
-                     rename: Mapping[str, str]) -> str:
+                     rename: Mapping[str, str]) -> tuple[str, str]:
+    """(what is wrong, how to fix it); the fix names the format whose fields the row has."""
     found = ", ".join(map(str, row)) or "none"
     fields = ", ".join(repr(m) for m in missing)
     hint = rename.get(missing[0], missing[0])
-    return (f"missing field {fields} for the {fmt.name} format; found fields: {found}. "
-            f"Map a column with data.columns.{hint}=COLUMN, fix the row, or set "
-            "data.on_bad_row=skip")
+    other = next((f.name for f in FORMATS.values()
+                  if f is not fmt and _has_fields(row, f, {})), None)
+    fix = (f"this row has the fields of the {other} format: set data.format={other} (or "
+           "data.format=auto to detect it), " if other else "")
+    return (f"missing field {fields} for the {fmt.name} format; found fields: {found}",
+            f"{fix}map a column with data.columns.{hint}=COLUMN, or fix the row")
 
 
 def _has_fields(row: Mapping[str, Any], fmt: DataFormat, columns: Mapping[str, str]) -> bool:

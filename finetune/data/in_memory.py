@@ -34,6 +34,8 @@ SPLIT_SEED = 20240917  # the held-out split does not move with the training seed
 class InMemoryData:
     """TrainData (finetune.data.train_data) over tokenized rows held in memory."""
 
+    chat_template: str = ""  # set by build_data
+
     def __init__(self, train: TrainBatches, stats: DataStats, val_rows: TokenizedRows,
                  val_units: list[list[int]] | None, *, micro_batch_size: int, rank: int,
                  world_size: int) -> None:

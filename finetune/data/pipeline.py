@@ -16,7 +16,7 @@ import torch
 from finetune.config.data import DataConfig
 from finetune.data.collate import Collator
 from finetune.data.encode import FastEncoder, TokenCache, default_cache_dir
-from finetune.data.in_memory import build_in_memory
+from finetune.data.in_memory import InMemoryData, build_in_memory
 from finetune.data.ingest import tokenizer_fingerprint
 from finetune.data.packing import packing_isolation
 from finetune.data.settings import check_settings, mixture_weights
@@ -46,14 +46,19 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
     options = {"split": cfg.split, "json_key": cfg.json_key, "text_unit": cfg.text_unit}
     sources = [resolve_source(spec, **options) for spec in path_list(cfg.path)]
     weights = mixture_weights(cfg.weights, len(sources))
-    val_sources = ([resolve_source(spec, **options) for spec in path_list(cfg.val_path,
-                                                                         "data.val_path")]
+    val_sources = ([resolve_source(spec, **options, key="data.val_path")
+                    for spec in path_list(cfg.val_path, "data.val_path")]
                    if cfg.val_path is not None else [])
+    data: StreamingData | InMemoryData
     if cfg.streaming:
-        return StreamingData(cfg, sources, weights, val_sources, encoder, collator, seed=seed,
+        data = StreamingData(cfg, sources, weights, val_sources, encoder, collator, seed=seed,
                              micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                              isolation=isolation, template_from=template_from)
-    return build_in_memory(cfg, sources, weights, val_sources, encoder, collator,
-                           tokenizer_hash=tokenizer_fingerprint(tokenizer, template), seed=seed,
-                           micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
-                           isolation=isolation, template_from=template_from)
+    else:
+        data = build_in_memory(cfg, sources, weights, val_sources, encoder, collator,
+                               tokenizer_hash=tokenizer_fingerprint(tokenizer, template),
+                               seed=seed, micro_batch_size=micro_batch_size, rank=rank,
+                               world_size=world_size, isolation=isolation,
+                               template_from=template_from)
+    data.chat_template = template
+    return data

@@ -58,8 +58,8 @@ def _decode(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadRow("invalid_utf8", f"invalid UTF-8 (byte {exc.start + 1} of the line); "
-                     "re-encode the file as UTF-8 or set data.on_bad_row=skip") from None
+        raise BadRow("invalid_utf8", f"invalid UTF-8 (byte {exc.start + 1} of the line)",
+                     "re-encode the file as UTF-8") from None
 
 
 def _numbered_lines(path: Path,
@@ -85,8 +85,8 @@ def _read_jsonl(path: Path, start: FilePosition) -> Iterator[RowItem]:
                 continue
             row = _json_line(raw)
         if not isinstance(row, (dict, BadRow)):
-            row = BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}; "
-                         "each line must be one object like {\"field\": ...}")
+            row = BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}",
+                         "make each line one object like {\"field\": ...}")
         yield row, origin, resume
 
 
@@ -97,8 +97,8 @@ def _json_line(raw: bytes) -> Any:
     except BadRow as bad:
         return bad
     except json.JSONDecodeError as exc:
-        return BadRow("malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno}); "
-                      "fix the line or set data.on_bad_row=skip")
+        return BadRow("malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})",
+                      "fix the line")
 
 
 def _records_in(data: Any, path: Path, json_key: str | None) -> list:
@@ -135,7 +135,8 @@ def _read_json(path: Path, json_key: str | None, start: FilePosition) -> Iterato
     for index in range(start.offset, len(records)):
         row = records[index]
         if not isinstance(row, dict):
-            row = BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}")
+            row = BadRow("not_an_object", f"expected a JSON object, got {type(row).__name__}",
+                         "make each record an object like {\"field\": ...}")
         yield row, RowOrigin(source, index + 1, "record"), FilePosition(index + 1, index + 2)
 
 
@@ -190,7 +191,8 @@ def _read_csv(path: Path, start: FilePosition) -> Iterator[RowItem]:
                 continue
             if len(values) != len(header):
                 row: Any = BadRow("wrong_column_count", f"expected {len(header)} CSV fields "
-                                  f"({', '.join(header)}), found {len(values)}")
+                                  f"({', '.join(header)}), found {len(values)}",
+                                  "quote values that hold commas or line breaks")
             else:
                 row = dict(zip(header, values, strict=True))
             yield row, RowOrigin(source, first_line), resume

@@ -174,24 +174,38 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _files_for(spec: str) -> list[Path]:
+def _hint(key: str) -> str:
+    return PATH_HINT.replace("data.path", key)
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+        or (path / "tokenizer.json").is_file())
+
+
+def _files_for(spec: str, key: str) -> list[Path]:
     if any(ch in spec for ch in "*?["):
         matches = sorted(Path(p) for p in glob.glob(spec, recursive=True))
         files = [p for p in matches if p.is_file() and p.suffix.lower() in READ_EXTENSIONS]
         if not files:
-            raise DataError(f"no data files match {spec!r} (data.path); {PATH_HINT}")
+            raise DataError(f"no data files match {spec!r} ({key}); {_hint(key)}")
         return files
     path = Path(spec).expanduser()
+    if path.is_dir() and _is_model_folder(path):
+        raise DataError(f"{key}={spec} is a model folder (config.json and weights or a "
+                        "tokenizer), not training data. Set model.name_or_path to it, and "
+                        f"{key} to your data file or folder.")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*")
                        if p.is_file() and p.suffix.lower() in READ_EXTENSIONS
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
-            raise DataError(f"folder {path} (data.path) holds no data files ending in "
+            raise DataError(f"folder {path} ({key}) holds no data files ending in "
                             f"{', '.join(READ_EXTENSIONS)}")
         return files
     if not path.exists():
-        raise DataError(f"data file not found: {path} (data.path={spec!r}); {PATH_HINT}")
+        raise DataError(f"data file not found: {path} ({key}={spec!r}); {_hint(key)}")
     if path.suffix.lower() not in READ_EXTENSIONS:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; data files must end in "
                         f"one of {', '.join(READ_EXTENSIONS)}")
@@ -212,8 +226,10 @@ def path_list(value: Any, key: str = "data.path") -> list[str]:
     raise DataError(f"{key} must be a string or a list of strings, got {type(value).__name__}")
 
 
-def resolve_source(spec: str, *, split: str, json_key: str | None, text_unit: str) -> Source:
-    """Turn one `data.path` entry into a Source (errors name the entry and how to fix it)."""
+def resolve_source(spec: str, *, split: str, json_key: str | None, text_unit: str,
+                   key: str = "data.path") -> Source:
+    """Turn one `data.path` (or `key`) entry into a Source (errors name the entry and how to
+    fix it)."""
     if spec.startswith(HF_PREFIX):
         name = spec[len(HF_PREFIX):].strip()
         if not name:
@@ -227,4 +243,4 @@ def resolve_source(spec: str, *, split: str, json_key: str | None, text_unit: st
             raise DataError(f"unknown built-in dataset {spec!r}; known: "
                             f"{', '.join('builtin:' + k for k in known)}")
         return FileSource(spec, [path], json_key=json_key, text_unit=text_unit)
-    return FileSource(spec, _files_for(spec), json_key=json_key, text_unit=text_unit)
+    return FileSource(spec, _files_for(spec, key), json_key=json_key, text_unit=text_unit)

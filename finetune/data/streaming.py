@@ -37,6 +37,8 @@ class StreamingData:
     The arguments are build_data's, once resolved: `weights` from data.weights, `isolation`
     for packing, `template_from` for the stats."""
 
+    chat_template: str = ""  # set by build_data
+
     def __init__(self, cfg: DataConfig, sources: list[Source], weights: list[float] | None,
                  val_sources: list[Source], encoder: Encoder, collator: Collator, *, seed: int,
                  micro_batch_size: int, rank: int, world_size: int, template_from: str,

@@ -100,8 +100,7 @@ class ChatRenderer:
         except Exception as exc:  # jinja TemplateError from raise_exception, or a bad template
             text = str(exc).strip() or type(exc).__name__
             raise BadRow("template_error", f"the chat template rejected this conversation "
-                         f"({text}); fix the row, set data.chat_template=builtin, or set "
-                         "data.on_bad_row=skip") from None
+                         f"({text})", "fix the row, or set data.chat_template=builtin") from None
 
     def _trained_turns(self, messages: list[tuple[str, str]]) -> list[int]:
         turns = [i for i, (role, _) in enumerate(messages) if role == ASSISTANT]
@@ -145,8 +144,9 @@ class ChatRenderer:
         start = full.find(needle, cursor) if needle else -1
         if start < 0:
             raise BadRow("template_mismatch", "cannot find the assistant turn in the rendered "
-                         "conversation (the chat template rewrites it); set "
-                         "data.chat_template=builtin or use a template that prints turns as is")
+                         "conversation (the chat template rewrites it)",
+                         "set data.chat_template=builtin or use a template that prints turns "
+                         "as is")
         end = start + len(needle)
         rest = full[end:]
         if self.eos and rest.lstrip().startswith(self.eos):

@@ -65,7 +65,13 @@ class ResumableBatches(Protocol):
 
 @runtime_checkable
 class TrainData(Protocol):
-    """The data of one rank: training batches, held-out batches, a preview and statistics."""
+    """The data of one rank: training batches, held-out batches, a preview and statistics.
+
+    `chat_template` is the Jinja template the examples were rendered with (the tokenizer's own,
+    the built-in one, or data.chat_template); a run saves it beside its result.
+    """
+
+    chat_template: str
 
     @property
     def train(self) -> ResumableBatches:

@@ -18,7 +18,8 @@ from finetune.checkpoint import store
 from finetune.checkpoint.files import write_json
 from finetune.config import config_dict, config_yaml
 from finetune.config.schema import RunConfig
-from finetune.kernels import format_plan_table
+from finetune.data.settings import check_settings as check_data_settings
+from finetune.kernels import check_choices, format_plan_table
 from finetune.metrics.summary import print_summary, run_summary
 from finetune.metrics.writers import step_losses
 from finetune.train.recipe import Recipe, load_recipe
@@ -41,9 +42,17 @@ def run_recipe(cfg: RunConfig) -> int:
     return run_training(cfg, load_recipe(cfg.recipe))
 
 
+def check_before_work(cfg: RunConfig, recipe: Recipe) -> None:
+    """The checks that need no model, data or device, so a mistake stops before any work:
+    the recipe's fit, the data settings and the kernel names."""
+    recipe.check(cfg)
+    check_data_settings(cfg.data)
+    check_choices(cfg.kernels)
+
+
 def run_training(cfg: RunConfig, recipe: Recipe) -> int:
     """Train `recipe` as configured; return the exit code (0, or PREEMPTED_EXIT_CODE)."""
-    recipe.check(cfg)
+    check_before_work(cfg, recipe)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.recipe)
     fresh_dir = FreshRunDir(run_dir, cfg.resume)
     check_output_dir(run_dir, cfg.resume)
@@ -96,7 +105,8 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
         if cfg.trainer.save_every_n_steps or cfg.trainer.save_every_minutes:
             trainer.save_checkpoint()
         if acc.is_main_process:
-            final = export_final(parts.unwrapped, parts.tokenizer, run_dir)
+            final = export_final(parts.unwrapped, parts.tokenizer, run_dir,
+                                 chat_template=parts.data.chat_template)
             summary = run_summary(
                 trainer.state.to_dict(), step_losses(run_dir / "metrics.jsonl"),
                 parts.data.stats.to_dict(), total_steps=parts.total_steps,
@@ -126,4 +136,4 @@ def _print_start(out, cfg: RunConfig, parts, start_step: int) -> None:
         f"lr {cfg.optim.lr} {cfg.optim.scheduler}")
 
 
-__all__ = ["run_recipe", "run_training"]
+__all__ = ["check_before_work", "run_recipe", "run_training"]

@@ -151,3 +151,21 @@ def test_run_dir_without_final_points_at_its_checkpoints(tmp_path: Path) -> None
     (tmp_path / "config.yaml").write_text("seed: 1\n", encoding="utf-8")
     with pytest.raises(CheckpointError, match="checkpoints/step_NNNNNNN"):
         load_trained_model(tmp_path)
+
+
+def test_final_keeps_the_chat_template_the_run_trained_with(tmp_path: Path,
+                                                           tiny_model_dir: Path) -> None:
+    """A tokenizer without a chat template gets the one training used, so final/ generates as
+    it was trained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.adapters.export import export_final
+    from finetune.data.template import BUILTIN_CHAT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tokenizer.chat_template = None
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    final = export_final(model, tokenizer, tmp_path, chat_template=BUILTIN_CHAT_TEMPLATE)
+    reloaded = AutoTokenizer.from_pretrained(str(final))
+    assert reloaded.chat_template == BUILTIN_CHAT_TEMPLATE
+    assert not list(tmp_path.glob(".final-*"))
