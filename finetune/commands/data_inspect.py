@@ -24,7 +24,7 @@ from finetune.errors import FinetuneError
 JSON_KEYS = ("format", "rows", "tokens", "trained_tokens", "skipped_rows", "truncated_rows",
              "packed_sequences", "packing_efficiency")
 EXTRA_KEYS = ("dropped_rows", "val_rows", "rows_read", "skip_reasons", "max_seq_len",
-              "isolation", "template", "streaming", "sources")
+              "max_seq_len_from", "isolation", "template", "streaming", "sources")
 
 
 def mark_trained(tokenizer: Any, ids: np.ndarray, trained: np.ndarray) -> str:
@@ -42,11 +42,13 @@ def mark_trained(tokenizer: Any, ids: np.ndarray, trained: np.ndarray) -> str:
 
 
 def inspect_data(cfg: DataConfig, tokenizer: Any, *, attention: str = "auto", seed: int = 0,
-                 micro_batch_size: int = 1) -> tuple[dict[str, Any], str]:
-    """Build the data and describe it: (report dict, human-readable text)."""
+                 micro_batch_size: int = 1,
+                 max_context: int | None = None) -> tuple[dict[str, Any], str]:
+    """Build the data and describe it: (report dict, human-readable text). `max_context` is
+    the model's context length (the bound of data.max_seq_len=auto)."""
     attention = "sdpa" if attention == "auto" else attention
     data = build_data(cfg, tokenizer, attention=attention, seed=seed,
-                      micro_batch_size=micro_batch_size)
+                      micro_batch_size=micro_batch_size, max_context=max_context)
     stats = data.stats.to_dict()
     report = {key: stats[key] for key in JSON_KEYS + EXTRA_KEYS}
     preview = data.preview(1)
@@ -69,7 +71,8 @@ def format_report(report: dict[str, Any]) -> str:
              + (f" ({', '.join(f'{k}: {v}' for k, v in report['skip_reasons'].items())})"
                 if report.get("skip_reasons") else ""),
              f"truncated rows:     {report['truncated_rows']:,}",
-             f"dropped rows:       {report['dropped_rows']:,}"]
+             f"dropped rows:       {report['dropped_rows']:,}",
+             f"max_seq_len:        {report['max_seq_len']} ({report['max_seq_len_from']})"]
     if report["packed_sequences"] is not None:
         lines.append(f"packed sequences:   {report['packed_sequences']:,} of "
                      f"{report['max_seq_len']} tokens, {report['packing_efficiency']:.1%} full "
@@ -100,13 +103,14 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help (0) or an argparse error (2, already printed)
         return int(exc.code or 0)
     from finetune.config.compose import compose_run_config
-    from finetune.models import load_tokenizer
+    from finetune.models import context_length, load_model_config, load_tokenizer
 
     try:
         run = compose_run_config(args.recipe, args.overrides)
         tokenizer = load_tokenizer(run.model)
         report, text = inspect_data(run.data, tokenizer, attention=run.kernels.attention,
-                                    seed=run.seed, micro_batch_size=run.trainer.micro_batch_size)
+                                    seed=run.seed, micro_batch_size=run.trainer.micro_batch_size,
+                                    max_context=context_length(load_model_config(run.model)))
     except FinetuneError as exc:  # DataError and ConfigError among them
         print(f"finetune data inspect: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -57,7 +57,7 @@ class DataConfig:
     text_unit: TextUnit = TextUnit.line  # .txt files: one document per line, paragraph or file
     val_path: Any = None  # held-out data; None: hold out `val_split` of `path`
     val_split: float = 0.05
-    max_seq_len: int = 512
+    max_seq_len: Any = "auto"  # tokens a row; auto: 99% of rows fit, within the model's context
     truncation: Truncation = Truncation.truncate
     train_on: TrainOn = TrainOn.assistant
     packing: bool = False

@@ -14,7 +14,7 @@ from finetune.config.schema import RunConfig
 from finetune.errors import ConfigError
 
 POSITIVE = ("trainer.micro_batch_size", "trainer.grad_accum_steps", "trainer.epochs",
-            "data.max_seq_len", "peft.r", "trainer.log_every_n_steps")
+            "peft.r", "trainer.log_every_n_steps")
 NON_NEGATIVE = ("trainer.save_every_n_steps", "trainer.keep_last_n", "trainer.eval_every_n_steps",
                 "trainer.save_every_minutes", "optim.warmup_steps", "optim.weight_decay",
                 "trainer.max_grad_norm", "trainer.eval_max_batches")
@@ -54,6 +54,12 @@ def validate_run_config(run: RunConfig) -> None:
     for key in NON_NEGATIVE:
         if _get(run, key) < 0:
             raise ConfigError(f"{key}={_get(run, key)} must be zero or positive.")
+    length = run.data.max_seq_len
+    if length != "auto" and (isinstance(length, bool) or not isinstance(length, int)
+                             or length < 2):
+        raise ConfigError(f"data.max_seq_len={length!r} must be auto (99% of rows fit, within "
+                          "the model's context) or a whole number of tokens, 2 or more, e.g. "
+                          "data.max_seq_len=2048.")
     if run.trainer.max_steps == 0 or run.trainer.max_steps < -1:
         raise ConfigError(f"trainer.max_steps={run.trainer.max_steps} must be positive, or -1 to "
                           "run trainer.epochs full passes over the data.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from finetune.data.encode import Encoder
 from finetune.data.errors import DataError
 from finetune.data.held_out import held_out_batches
 from finetune.data.ingest import SourceTokens, source_key
+from finetune.data.length import choose_max_seq_len, cut_rows, warn_if_many_cut
 from finetune.data.packing import pack_documents, packing_efficiency
 from finetune.data.sampler import TrainBatches
 from finetune.data.sources import Source
@@ -61,15 +63,25 @@ class InMemoryData:
 def build_in_memory(cfg: DataConfig, sources: list[Source], weights: list[float] | None,
                     val_sources: list[Source], encoder: Encoder, collator: Collator, *,
                     tokenizer_hash: str, seed: int, micro_batch_size: int, rank: int,
-                    world_size: int, isolation: str | None, template_from: str) -> InMemoryData:
+                    world_size: int, isolation: str | None, template_from: str,
+                    auto_cap: int | None = None) -> InMemoryData:
     """Tokenize (or load) every source, split, mix, pack and order it (see the module).
     `tokenizer_hash` is ingest.tokenizer_fingerprint of the tokenizer and template in use.
+    With `auto_cap` (data.max_seq_len=auto), the rows were encoded with that limit (the model's
+    context) and are cut here to the chosen length (finetune.data.length).
     Raises DataError when no training row is left."""
     def encode(source: Source) -> SourceTokens:
         return encoder.encode_source(source, cfg, source_key(source, cfg, tokenizer_hash))
 
     loaded = [encode(s) for s in sources]
     val_loaded = [encode(s) for s in val_sources]
+    length_from = "data.max_seq_len"
+    if auto_cap is not None:
+        lengths = np.concatenate([s.rows.lengths for s in loaded])
+        choice = choose_max_seq_len(lengths, auto_cap, cfg.truncation)
+        for s in loaded + val_loaded:
+            s.rows = cut_rows(s.rows, choice.length, cfg.truncation, s.counts)
+        cfg, length_from = replace(cfg, max_seq_len=choice.length), choice.source
     if val_sources:
         train_parts = [s.rows for s in loaded]
         val_rows = TokenizedRows.concat([s.rows for s in val_loaded])
@@ -89,8 +101,12 @@ def build_in_memory(cfg: DataConfig, sources: list[Source], weights: list[float]
                          micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                          fingerprint=fingerprint[:16])
     stats = _stats(cfg, loaded + val_loaded, train_rows, units, len(val_rows), isolation,
-                   template_from)
+                   template_from, length_from)
     logger.info("data: %s", _summary(stats))
+    totals = RowCounts()
+    for s in loaded + val_loaded:
+        totals.merge(s.counts)
+    warn_if_many_cut(totals, cfg.max_seq_len, length_from)
     return InMemoryData(train, stats, val_rows, val_units, micro_batch_size=micro_batch_size,
                         rank=rank, world_size=world_size)
 
@@ -139,7 +155,7 @@ def _empty_error(loaded: list[SourceTokens], cfg: DataConfig) -> DataError:
 
 def _stats(cfg: DataConfig, loaded: list[SourceTokens], train_rows: TokenizedRows,
            units: list[list[int]] | None, val_rows: int, isolation: str | None,
-           template_from: str) -> DataStats:
+           template_from: str, length_from: str) -> DataStats:
     counts = RowCounts()
     for s in loaded:
         counts.merge(s.counts)
@@ -152,7 +168,8 @@ def _stats(cfg: DataConfig, loaded: list[SourceTokens], train_rows: TokenizedRow
         dropped_rows=counts.dropped, packed_sequences=len(units) if units is not None else None,
         packing_efficiency=(round(packing_efficiency(tokens, len(units), cfg.max_seq_len), 4)
                             if units is not None else None),
-        max_seq_len=cfg.max_seq_len, isolation=isolation, template=template_from,
+        max_seq_len=cfg.max_seq_len, max_seq_len_from=length_from, isolation=isolation,
+        template=template_from,
         rows_read=counts.read, skip_reasons=dict(counts.skipped),
         sources=[{"path": s.source.spec, "format": s.format, "examples": len(s.rows),
                   "read": s.counts.read, "skipped": sum(s.counts.skipped.values()),

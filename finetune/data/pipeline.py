@@ -9,6 +9,7 @@ the collator, the sources); `InMemoryData` or, with data.streaming, `StreamingDa
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,8 +17,10 @@ import torch
 from finetune.config.data import DataConfig
 from finetune.data.collate import Collator
 from finetune.data.encode import FastEncoder, TokenCache, default_cache_dir
+from finetune.data.errors import DataError
 from finetune.data.in_memory import InMemoryData, build_in_memory
 from finetune.data.ingest import tokenizer_fingerprint
+from finetune.data.length import AUTO, UNKNOWN_CONTEXT
 from finetune.data.packing import packing_isolation
 from finetune.data.settings import check_settings, mixture_weights
 from finetune.data.sources import path_list, resolve_source
@@ -28,11 +31,21 @@ from finetune.data.train_data import TrainData
 
 def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
                micro_batch_size: int, rank: int = 0, world_size: int = 1,
-               mask_dtype: torch.dtype = torch.float32) -> TrainData:
+               mask_dtype: torch.dtype = torch.float32,
+               max_context: int | None = None) -> TrainData:
     """Build the data for one rank. `attention` is the resolved attention implementation (it
     decides how packed documents are isolated); `mask_dtype` is the dtype of a 4D packed mask
-    (the model's compute dtype). Raises DataError for bad data or settings."""
+    (the model's compute dtype); `max_context` the model's context length, the upper bound of
+    data.max_seq_len=auto. Raises DataError for bad data or settings."""
     check_settings(cfg)
+    auto_cap = None
+    if cfg.max_seq_len == AUTO:
+        if cfg.streaming:
+            raise DataError("data.max_seq_len=auto needs the lengths of the whole dataset, which "
+                            "data.streaming=true does not read up front: set data.max_seq_len=N "
+                            "(e.g. data.max_seq_len=2048).")
+        auto_cap = max_context or UNKNOWN_CONTEXT
+        cfg = replace(cfg, max_seq_len=auto_cap)
     isolation = packing_isolation(attention) if cfg.packing else None
     template, template_from = resolve_template(tokenizer, cfg.chat_template)
     encoder = FastEncoder(tokenizer, template, train_on=cfg.train_on, max_seq_len=cfg.max_seq_len,
@@ -59,6 +72,6 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
                                tokenizer_hash=tokenizer_fingerprint(tokenizer, template),
                                seed=seed, micro_batch_size=micro_batch_size, rank=rank,
                                world_size=world_size, isolation=isolation,
-                               template_from=template_from)
+                               template_from=template_from, auto_cap=auto_cap)
     data.chat_template = template
     return data

@@ -29,6 +29,7 @@ class DataStats:
     packed_sequences: int | None
     packing_efficiency: float | None
     max_seq_len: int
+    max_seq_len_from: str = "data.max_seq_len"  # or how data.max_seq_len=auto chose it
     streaming: bool = False
     isolation: str | None = None
     template: str = "tokenizer"

@@ -3,7 +3,9 @@
 NVIDIA is keyed on its sm family and AMD on `gcnArchName`; the two are never compared (ROCm's
 compute capabilities are synthetic: MI250 reports 9.0). Families are explicit sets, not `>=`
 checks, because sm_120 is not a superset of sm_100 and gfx1100 is not "newer" than gfx942.
-Sources: /work/shared/reference/gpu-kernels.md section 1 and 2.
+Sources: pytorch/pytorch aten/src/ATen/native/transformers/cuda/sdp_utils.cpp (SDPA backends per
+arch), ROCm/aotriton v2src/util.cc (AOTriton targets), Dao-AILab/flash-attention setup.py (CK
+targets), vllm-project/vllm#40620 (sm_120 is not a superset of sm_100).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ AMD_RDNA: frozenset[str] = frozenset(
 # Native bf16 (and a working Triton/Inductor) from gfx90a on; older parts (gfx906, gfx908,
 # RDNA2 gfx103x) are left out.
 AMD_BF16_NATIVE: frozenset[str] = AMD_CDNA | AMD_RDNA
-# hipBLASLt honours HIPBLASLT_ALLOW_TF32 on MI300 and newer only.
-AMD_HIPBLASLT_TF32: frozenset[str] = frozenset({"gfx940", "gfx941", "gfx942", "gfx950"})
+# hipBLASLt honours HIPBLASLT_ALLOW_TF32 on MI300 (gfx94x). Not on gfx950 (MI350X/MI355X): it
+# has no TF32 hardware, hipBLASLt emulates TF32 with bf16 there, and that path has an open
+# wrong-result report (ROCm/hipBLASLt#1806, ROCm/rocm-libraries#12226).
+AMD_HIPBLASLT_TF32: frozenset[str] = frozenset({"gfx940", "gfx941", "gfx942"})
+AMD_TF32_EMULATED: frozenset[str] = frozenset({"gfx950"})
 # flash-attn's CK backend (setup.py allow-list).
 AMD_FLASH_ATTN_CK: frozenset[str] = frozenset(
     {"gfx90a", "gfx942", "gfx950", "gfx1100", "gfx1101", "gfx1102", "gfx1150", "gfx1151",
@@ -30,9 +35,13 @@ AMD_FLASH_ATTN_CK: frozenset[str] = frozenset(
 AMD_AOTRITON: frozenset[str] = frozenset(
     {"gfx90a", "gfx942", "gfx950", "gfx1100", "gfx1101", "gfx1151", "gfx1201"}
 )
-# Archs torch refuses AOTriton on unless TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL=1; without it
-# SDPA silently falls through to MATH (quadratic memory).
-AMD_AOTRITON_EXPERIMENTAL: frozenset[str] = frozenset({"gfx950", "gfx1151", "gfx1201"})
+# Archs some AOTriton version treats as experimental: torch refuses AOTriton there unless
+# TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL=1 and SDPA silently falls through to MATH (quadratic
+# memory). The set differs between AOTriton versions (torch 2.5 treated gfx1100 as
+# experimental), which is why the plan sets the flag on every AMD GPU.
+AMD_AOTRITON_EXPERIMENTAL: frozenset[str] = frozenset(
+    {"gfx950", "gfx1100", "gfx1151", "gfx1201"}
+)
 # Inductor miscompiles here (unsloth disables torch.compile on gfx906).
 AMD_COMPILE_BROKEN: frozenset[str] = frozenset({"gfx906"})
 
@@ -48,9 +57,15 @@ NVIDIA_FAMILY_BY_MAJOR: dict[int, str] = {
 # Ampere and newer: native bf16, TF32, flash-attn 2, SDPA flash.
 NVIDIA_SM80_PLUS: frozenset[str] = frozenset({"ampere_ada", "hopper", "blackwell", "blackwell_rtx"})
 
-# Rank families: candidates rank per family, lower is preferred.
+# Rank families: candidates rank per family, lower is preferred. Datacenter Blackwell (sm_100,
+# sm_103) and Blackwell workstation/consumer parts (sm_120, sm_121) rank attention differently,
+# so they are families of their own; other sm80+ parts (Ampere, Ada, sm_110) share nvidia_sm80.
+NVIDIA_SM100: frozenset[str] = frozenset({"sm_100", "sm_103"})
+NVIDIA_SM120: frozenset[str] = frozenset({"sm_120", "sm_121"})
 RANK_FAMILIES: tuple[str, ...] = (
     "nvidia_hopper",
+    "nvidia_sm100",
+    "nvidia_sm120",
     "nvidia_sm80",
     "nvidia_legacy",
     "amd_cdna",
@@ -95,6 +110,10 @@ def rank_family(profile: HardwareProfile) -> str:
         family = nvidia_family(profile)
         if family == "hopper":
             return "nvidia_hopper"
+        if profile.arch in NVIDIA_SM100:
+            return "nvidia_sm100"
+        if profile.arch in NVIDIA_SM120:
+            return "nvidia_sm120"
         if family in NVIDIA_SM80_PLUS:
             return "nvidia_sm80"
         return "nvidia_legacy"

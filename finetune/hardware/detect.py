@@ -7,15 +7,17 @@ detection would produce there.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import platform
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from finetune.hardware.arch import amd_arch, nvidia_arch
 from finetune.hardware.peak import peak_bf16_tflops
-from finetune.hardware.profile import OPTIONAL_PACKAGES, DeviceProperties, HardwareProfile
+from finetune.hardware.profile import PACKAGE_DISTRIBUTIONS, DeviceProperties, HardwareProfile
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +30,49 @@ MI300A_COMPUTE_UNITS = 228
 AMD_APU_ARCHS: frozenset[str] = frozenset({"gfx1150", "gfx1151", "gfx1152", "gfx1153"})
 
 
+def distribution_version(name: str) -> str | None:
+    """The installed version of distribution `name` ("flash-attn-4"), None when not installed.
+
+    Reads package metadata only; nothing is imported. A broken install counts as absent.
+    """
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    except Exception:  # a damaged dist-info must not stop detection
+        logger.debug("reading the metadata of %r failed; treating it as not installed", name)
+        return None
+
+
 def installed_packages() -> frozenset[str]:
-    """Optional kernel packages importable here, located without importing them."""
-    found = set()
-    for name in OPTIONAL_PACKAGES:
-        try:
-            if importlib.util.find_spec(name) is not None:
-                found.add(name)
-        except (ImportError, ValueError):
-            logger.debug("find_spec(%r) failed; treating it as not installed", name)
-    return frozenset(found)
+    """Optional kernel packages (OPTIONAL_PACKAGES names) installed here, by distribution."""
+    return frozenset(
+        name for name, dists in PACKAGE_DISTRIBUTIONS.items()
+        if any(distribution_version(d) is not None for d in dists)
+    )
+
+
+def flash_attn_build() -> str | None:
+    """"compiled" when the installed flash-attn carries its `flash_attn_2_cuda` extension (CUDA,
+    or the CK backend on ROCm), "triton" when it does not (a ROCm build made with
+    FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE runs its Triton backend only), None when flash-attn
+    is not installed. Decided from the distribution's file list, then from a module lookup
+    (editable installs may not list the extension); nothing is imported.
+    """
+    try:
+        files = importlib.metadata.distribution("flash-attn").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    except Exception:
+        logger.debug("reading flash-attn's file list failed")
+        files = []
+    if any(Path(str(f)).name.startswith("flash_attn_2_cuda") for f in files):
+        return "compiled"
+    try:
+        found = importlib.util.find_spec("flash_attn_2_cuda") is not None
+    except (ImportError, ValueError):
+        found = False
+    return "compiled" if found else "triton"
 
 
 def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -59,6 +94,17 @@ def cpu_has_native_bf16(flags: frozenset[str]) -> bool:
 
 def _gib(num_bytes: int) -> float:
     return round(num_bytes / GIB, 1)
+
+
+def _apu_memory(props: DeviceProperties, device_count: int,
+                host_memory_bytes: int | None) -> int:
+    # An APU's total_memory may be only the BIOS carve-out (vllm-project/vllm#50320), so host
+    # RAM is used when larger. But the OS of a node with several APUs sees all of them as one
+    # host RAM (a 4 x MI300A node: 4 x 128 GB HBM3, AMD Instinct MI300A data sheet), so each
+    # device gets its share, never the whole node's.
+    if not host_memory_bytes:
+        return props.total_memory
+    return max(props.total_memory, host_memory_bytes // max(device_count, 1))
 
 
 def _is_unified(vendor: str, arch: str, props: DeviceProperties) -> bool:
@@ -94,7 +140,8 @@ def profile_from_device_properties(
     The vendor comes from `props.is_hip` (torch.version.hip), never from the name. On ROCm the
     arch is the gfx target and the synthetic major/minor are dropped; on CUDA `gcn_arch_name`
     (an alias of the name there) is ignored. On AMD APUs `total_memory` may be only the BIOS
-    carve-out, so the larger of it and host RAM is used.
+    carve-out, so the larger of it and this device's share of host RAM (host RAM divided by
+    `device_count`) is used.
     """
     if props.is_hip:
         vendor = "amd"
@@ -108,8 +155,8 @@ def profile_from_device_properties(
         runtime = f"cuda {runtime_version}"
     unified = _is_unified(vendor, arch, props)
     memory = props.total_memory
-    if unified and vendor == "amd" and host_memory_bytes:
-        memory = max(memory, host_memory_bytes)
+    if unified and vendor == "amd":
+        memory = _apu_memory(props, device_count, host_memory_bytes)
     return HardwareProfile(
         vendor=vendor,
         arch=arch,
@@ -273,7 +320,8 @@ def cudnn_version_string(raw: int) -> str:
 def detect() -> HardwareProfile:
     """Describe this machine: the first accelerator torch sees (CUDA/ROCm, XPU, MPS) or the CPU.
 
-    Cheap: no kernels run and no optional package is imported. The profile is not simulated,
+    Cheap: no kernels run and no optional package is imported (packages are found by their
+    distribution metadata). The profile is not simulated,
     so the kernel planner self-checks its choices on it.
     """
     import torch
@@ -339,5 +387,7 @@ def detect() -> HardwareProfile:
             packages=packages,
             simulated=False,
         )
+    profile = replace(profile, flash_attn_build=flash_attn_build(),
+                      transformers=distribution_version("transformers"))
     logger.debug("detected hardware: %s", profile)
     return profile

@@ -1,8 +1,11 @@
 """Dense bf16 peak TFLOP/s per device, for MFU. No API reports it, so it comes from a table.
 
-Sources (as collected in /work/shared/reference/gpu-kernels.md section 1):
+Sources:
   [tt]  pytorch/torchtitan torchtitan/tools/utils.py `get_peak_flops` (dense figures).
-  [dt]  the newer derived tables cited there (GB200, MI355X, MI300A).
+  [dt]  derived peak tables that extend torchtitan's (GB200, MI355X, MI300A).
+  [ds]  vendor data sheets, dense (half the "with sparsity" figure): NVIDIA H200 Tensor Core GPU
+        (H200 NVL 1,671 sparse -> 835; H200 SXM 1,979 -> 989), NVIDIA GH200 Grace Hopper
+        Superchip (1,979 sparse -> 989).
 A device that matches no row gets None: MFU is then reported as unknown instead of being
 computed against a guessed peak (torchtitan falls back to the A100 figure; we do not).
 Adding a row needs a cited source.
@@ -36,7 +39,11 @@ PEAK_BF16_TABLE: tuple[PeakRow, ...] = (
     PeakRow("nvidia", 835.0, "tt", name_tokens=("H100", "NVL")),
     PeakRow("nvidia", 756.0, "tt", name_tokens=("H100", "PCIE")),
     PeakRow("nvidia", 989.0, "tt", name_tokens=("H100",)),  # SXM and other variants
+    # H200 NVL (PCIe card, 600 W) and H200 SXM report the same memory, so the name's "NVL"
+    # token is what tells them apart ("NVIDIA H200 NVL" vs "NVIDIA H200").
+    PeakRow("nvidia", 835.0, "ds", name_tokens=("H200", "NVL")),
     PeakRow("nvidia", 989.0, "tt", name_tokens=("H200",)),
+    PeakRow("nvidia", 989.0, "ds", name_tokens=("GH200",)),
     PeakRow("nvidia", 2500.0, "dt", name_tokens=("GB200",)),
     PeakRow("nvidia", 2250.0, "tt", name_tokens=("B200",)),
     PeakRow("nvidia", 362.0, "tt", name_tokens=("L40S",)),

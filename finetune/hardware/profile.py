@@ -9,16 +9,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-# Optional packages the kernel plan cares about. Checked with importlib.util.find_spec, which
-# locates a package without importing it (importing flash_attn or deepspeed costs seconds).
-OPTIONAL_PACKAGES: tuple[str, ...] = (
-    "flash_attn",
-    "flash_attn_interface",
-    "liger_kernel",
-    "bitsandbytes",
-    "triton",
-    "deepspeed",
-)
+# Optional packages the kernel plan cares about, by the name the profile uses -> the installed
+# distributions that provide it (any one counts). They are found by distribution metadata, not
+# by module: flash-attn (FA2) and flash-attn-4 both install the `flash_attn` module, and an
+# install of flash-attn-4 alone makes `flash_attn` a namespace package that a module lookup
+# reads as FA2 (huggingface/transformers#44559). Nothing is imported.
+PACKAGE_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "flash-attn": ("flash-attn",),  # FlashAttention 2 (CUDA, ROCm CK or ROCm Triton builds)
+    "flash-attn-3": ("flash-attn-3",),  # FlashAttention 3 (flash-attention/hopper)
+    "flash-attn-4": ("flash-attn-4",),  # FlashAttention 4 (CuTeDSL, flash_attn.cute)
+    "liger-kernel": ("liger-kernel", "liger-kernel-nightly"),
+    "bitsandbytes": ("bitsandbytes",),
+    "triton": ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"),
+    "deepspeed": ("deepspeed",),
+}
+OPTIONAL_PACKAGES: tuple[str, ...] = tuple(PACKAGE_DISTRIBUTIONS)
+# How an installed flash-attn was built: with its compiled extension (CUDA, or the CK backend on
+# ROCm), or without it for the Triton backend (FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE at build).
+FLASH_ATTN_BUILDS: tuple[str, ...] = ("compiled", "triton")
 
 VENDORS: tuple[str, ...] = ("nvidia", "amd", "intel", "apple", "cpu")
 
@@ -62,7 +70,11 @@ class HardwareProfile:
         cpu_bf16: the host CPU has native bf16 (AMX-BF16 or AVX512-BF16).
         macos: macOS version on Apple machines, else None.
         cudnn: cuDNN version on NVIDIA when known ("9.10.2"), else None.
-        packages: optional kernel packages importable here (see OPTIONAL_PACKAGES).
+        packages: optional kernel packages installed here (see OPTIONAL_PACKAGES).
+        flash_attn_build: how the installed flash-attn was built (FLASH_ATTN_BUILDS), None when
+            it is not installed or its files do not say.
+        transformers: the installed transformers version, when known (it decides which
+            `attn_implementation` names are accepted).
         simulated: built from a named or injected profile, not from this machine's devices;
             kernels are then never self-checked.
         profile_name: the named simulated profile this came from, if any.
@@ -84,11 +96,13 @@ class HardwareProfile:
     macos: str | None = None
     cudnn: str | None = None
     packages: frozenset[str] = field(default_factory=frozenset)
+    flash_attn_build: str | None = None
+    transformers: str | None = None
     simulated: bool = False
     profile_name: str | None = None
 
     def has_package(self, name: str) -> bool:
-        """True when the optional package `name` is importable on this profile."""
+        """True when the optional package `name` (one of OPTIONAL_PACKAGES) is installed."""
         return name in self.packages
 
     def with_packages(self, packages: frozenset[str] | set[str]) -> HardwareProfile:
@@ -126,6 +140,8 @@ class HardwareProfile:
             "macos": self.macos,
             "cudnn": self.cudnn,
             "packages": sorted(self.packages),
+            "flash_attn_build": self.flash_attn_build,
+            "transformers": self.transformers,
             "simulated": self.simulated,
             "profile": self.profile_name,
         }

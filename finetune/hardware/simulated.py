@@ -3,12 +3,14 @@
 They are built through the same builders as real detection (from injected device properties),
 so `finetune env --profile h100` shows the plan an H100 would get. Memory figures are what
 torch reports (GiB per device, per GCD on MI250X); device counts are typical nodes. Simulated
-profiles carry a fixed torch version so the plan table does not depend on what is installed.
+profiles carry fixed torch, transformers and (NVIDIA) cuDNN versions so the plan table does not
+depend on what is installed here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from finetune.hardware.detect import (
     GIB,
@@ -20,6 +22,8 @@ from finetune.hardware.detect import (
 from finetune.hardware.profile import OPTIONAL_PACKAGES, DeviceProperties, HardwareProfile
 
 SIMULATED_TORCH_VERSION = "2.10.0"
+SIMULATED_TRANSFORMERS_VERSION = "5.0.0"
+SIMULATED_CUDNN_VERSION = "9.10.2"
 ASSUME_PACKAGES = ("none", "all")
 
 
@@ -32,7 +36,7 @@ def _nvidia(name: str, cc: tuple[int, int], sms: int, gib: float, *, count: int 
     )
     return lambda **kw: profile_from_device_properties(
         props, device_count=count, runtime_version="12.8", torch_version=SIMULATED_TORCH_VERSION,
-        **kw,
+        cudnn=SIMULATED_CUDNN_VERSION, **kw,
     )
 
 
@@ -111,4 +115,5 @@ def profile_by_name(name: str, assume_packages: str = "none") -> HardwareProfile
             f"assume_packages must be one of {', '.join(ASSUME_PACKAGES)}, got {assume_packages!r}"
         )
     packages = frozenset(OPTIONAL_PACKAGES) if assume_packages == "all" else frozenset()
-    return _BUILDERS[name](packages=packages, simulated=True, profile_name=name)
+    profile = _BUILDERS[name](packages=packages, simulated=True, profile_name=name)
+    return replace(profile, transformers=SIMULATED_TRANSFORMERS_VERSION)

@@ -1,12 +1,28 @@
 """Attention family: which `attn_implementation` transformers should load, and why.
 
-Candidates, best first: flash_attention_3 (Hopper only), flash_attention_2 (NVIDIA sm80+, AMD
-CK targets), sdpa (torch; the backend it takes is recorded), flex_attention (needs a backward,
-so never on CPU/MPS for training), eager. Each candidate also carries the forward the
-self-check runs: the same function transformers uses for that implementation.
-Sources: Dao-AILab/flash-attention README (FA2/FA3 hardware, ROCm CK targets), pytorch/pytorch
-aten/src/ATen/native/transformers/cuda/sdp_utils.cpp (SDPA backend order), unslothai/unsloth#8821
-(silent MATH fallback on experimental ROCm archs), intel/torch-xpu-ops#1749 (XPU SDPA backward).
+Candidates are ranked per architecture family and per packing mode (lower is preferred):
+
+| family | whole rows (packing off) | packed rows |
+|---|---|---|
+| sm_90 | FA3, sdpa_cudnn, FA4, FA2, sdpa, flex, eager | FA3, FA4, FA2, sdpa, flex, eager |
+| sm_100/103 | sdpa_cudnn, FA4, FA2, sdpa, flex, eager | FA4, FA2, sdpa, flex, eager |
+| sm_120/121, sm80 | FA2, sdpa, sdpa_cudnn, flex, eager | FA2, sdpa, flex, eager |
+| AMD | FA2 (CK, or Triton on RDNA), sdpa, flex, eager | same |
+| Intel XPU | sdpa, flex, eager | flex, sdpa, eager |
+
+Why: cuDNN SDPA is 1.7-2.3x faster than SDPA-flash for Hopper training shapes, slower on
+Ampere (0.82x A100) and sm_120 (0.88x), a wash on Ada (huggingface/transformers#48163); on
+sm_100 FA2 reaches only ~300-380 fwd TFLOP/s (Dao-AILab/flash-attention#1589, #2605) and cuDNN
+9.19 beat FA4 by 1.24-1.98x and FA2 varlen by ~2.9x (sgl-project/sglang#33655). Packed rows
+need a path that keeps documents apart (varlen flash, a block-diagonal mask, a flex BlockMask)
+and carry a mask on the sdpa path, which cuDNN must not take (pytorch/pytorch#196678), so
+`sdpa_cudnn` is refused with packing; on XPU masked SDPA falls to MATH
+(intel/torch-xpu-ops#2390), so flex leads there. Each candidate carries the forward its
+self-check runs: the function transformers uses for that implementation. Other sources:
+Dao-AILab/flash-attention README and setup.py (FA2/FA3/FA4 hardware, ROCm CK targets), v2.8.3
+flash_attn_interface.py (FLASH_ATTENTION_TRITON_AMD_ENABLE), unslothai/unsloth#8821 (silent
+MATH fallback on ROCm), axolotl's FA4 gate (head_dim <= 128), huggingface/transformers#42435
+(`flash_attention_4`).
 """
 
 from __future__ import annotations
@@ -19,16 +35,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from packaging.version import Version
 
 from finetune.hardware.arch import (
-    AMD_AOTRITON,
-    AMD_AOTRITON_EXPERIMENTAL,
     AMD_BF16_NATIVE,
     AMD_FLASH_ATTN_CK,
+    AMD_RDNA,
+    NVIDIA_SM100,
     is_amd,
     is_nvidia_sm80_plus,
     nvidia_family,
+    rank_family,
 )
 from finetune.hardware.profile import HardwareProfile
 from finetune.kernels.registry import (
@@ -39,18 +55,34 @@ from finetune.kernels.registry import (
     runtime_at_least,
     torch_at_least,
 )
+from finetune.kernels.sdpa import (
+    AOTRITON_EXPERIMENTAL_ENV,
+    FLASH_MAX_HEAD_DIM,
+    cudnn_head_dim_limit,
+    cudnn_policy,
+    cudnn_sdpa_forward,
+    cudnn_version,
+    repeat_kv,
+    sdpa_backend,
+    sdpa_forward,
+)
 
 # q (b, h, s, d), k and v (b, kv_h, s, d) -> causal attention output (b, h, s, d).
 AttentionForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
-FLASH_MAX_HEAD_DIM = 256
 FA2_NEEDS = (
     "needs NVIDIA sm80+ (Ampere or newer) or AMD gfx90a/gfx942/gfx950/gfx110x/gfx1151/gfx120x "
-    "(flash-attn CK backend)"
+    "(flash-attn CK or Triton backend)"
 )
-AOTRITON_EXPERIMENTAL_ENV = "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL"
-# F.scaled_dot_product_attention takes enable_gqa from torch 2.5 on.
-_TORCH_SDPA_GQA = Version(torch.__version__.split("+")[0]).release >= (2, 5)
+FLASH_ATTENTION_TRITON_AMD_ENV = "FLASH_ATTENTION_TRITON_AMD_ENABLE"
+FA4_MAX_HEAD_DIM = 128
+FA4_TRANSFORMERS = "5.0"  # the first transformers with attn_implementation="flash_attention_4"
+SDPA_CUDNN_TORCH = "2.6"  # sdpa_kernel(..., set_priority=True), pytorch/pytorch#140467
+PACKED_MASK_NAN = (
+    "packed rows carry a 4D mask and cuDNN's masked backward returns NaN grad_q when "
+    "seq % 128 == 64 (pytorch/pytorch#196678), so masked calls are kept off cuDNN: use sdpa "
+    "with packing"
+)
 
 
 @dataclass(frozen=True)
@@ -61,11 +93,25 @@ class AttentionCandidate(Candidate):
         forward: the causal GQA forward the self-check runs (None: cannot be self-checked).
         packing_isolation: how packed documents are kept apart with this implementation:
             "varlen" (cu_seqlens), "block_mask_4d" (block-diagonal 4D mask), "flex_block_mask"
-            (flex BlockMask); None when packing cannot be isolated.
+            (flex BlockMask); None when it is not used for packed rows.
+        attn_implementation: the value transformers takes for it; None means `name`.
     """
 
     forward: AttentionForward | None = None
     packing_isolation: str | None = None
+    attn_implementation: str | None = None
+
+    @property
+    def transformers_name(self) -> str:
+        """The `attn_implementation` to load the model with."""
+        return self.attn_implementation or self.name
+
+
+def _first_failure(*checks: Support) -> Support | None:
+    for ok, reason in checks:
+        if not ok:
+            return ok, reason
+    return None
 
 
 def _half_precision(facts: ModelFacts) -> Support:
@@ -80,97 +126,110 @@ def _head_dim(facts: ModelFacts, limit: int) -> Support:
     return True, ""
 
 
-def _first_failure(*checks: Support) -> Support | None:
-    for ok, reason in checks:
-        if not ok:
-            return ok, reason
-    return None
-
-
 def _fa3(profile: HardwareProfile, facts: ModelFacts) -> Support:
     if profile.vendor != "nvidia" or profile.compute_capability != (9, 0):
         return False, "needs NVIDIA Hopper (sm_90)"
     if not runtime_at_least(profile, "cuda", "12.3"):
         return False, f"needs CUDA 12.3+; this is {profile.runtime}"
-    if not profile.has_package("flash_attn_interface"):
-        return False, (
-            "needs the flash_attn_interface package (FlashAttention 3, built from "
-            "flash-attention/hopper)"
-        )
+    if not profile.has_package("flash-attn-3"):
+        return False, "needs the flash-attn-3 package (FlashAttention 3, flash-attention/hopper)"
     failed = _first_failure(_half_precision(facts), _head_dim(facts, FLASH_MAX_HEAD_DIM))
-    return failed or (True, "FlashAttention 3 on Hopper (sm_90)")
+    return failed or (True, "FlashAttention 3 on Hopper (sm_90), varlen packing")
+
+
+def _fa4(profile: HardwareProfile, facts: ModelFacts) -> Support:
+    if not (profile.arch == "sm_90" or profile.arch in NVIDIA_SM100):
+        return False, "needs NVIDIA Hopper or datacenter Blackwell (sm_90, sm_100, sm_103)"
+    if not profile.has_package("flash-attn-4"):
+        return False, "needs the flash-attn-4 package (FlashAttention 4, flash_attn.cute)"
+    if profile.transformers is None or not torch_at_least(
+        _as_torch(profile.transformers), FA4_TRANSFORMERS
+    ):
+        return False, (
+            f"needs transformers {FA4_TRANSFORMERS}+ for attn_implementation=flash_attention_4; "
+            f"this is {profile.transformers or 'unknown'}"
+        )
+    failed = _first_failure(_half_precision(facts), _head_dim(facts, FA4_MAX_HEAD_DIM))
+    return failed or (True, f"FlashAttention 4 (CuTeDSL) on {profile.arch}, varlen packing")
+
+
+def _as_torch(version: str) -> HardwareProfile:
+    # torch_at_least compares a profile's version; reuse it for the transformers version.
+    return HardwareProfile("cpu", "cpu", "", 1, None, False, None, "cpu", version)
+
+
+def flash_attn_triton(profile: HardwareProfile) -> bool:
+    """True when flash-attn runs its Triton backend here: on AMD RDNA always (no released
+    flash-attn has a CK backend for RDNA; flash-attention v2.8.3), and on AMD wherever the
+    installed build has no compiled extension."""
+    return profile.vendor == "amd" and (
+        profile.arch in AMD_RDNA or profile.flash_attn_build == "triton"
+    )
 
 
 def _fa2(profile: HardwareProfile, facts: ModelFacts) -> Support:
     if not (is_nvidia_sm80_plus(profile) or is_amd(profile, AMD_FLASH_ATTN_CK)):
         return False, FA2_NEEDS
-    if not profile.has_package("flash_attn"):
-        return False, "needs the flash_attn package (pip install flash-attn)"
+    if not profile.has_package("flash-attn"):
+        return False, "needs the flash-attn package (pip install flash-attn)"
     failed = _first_failure(_half_precision(facts), _head_dim(facts, FLASH_MAX_HEAD_DIM))
-    backend = "CK backend" if profile.vendor == "amd" else "CUDA"
-    return failed or (True, f"FlashAttention 2 ({backend}) on {profile.arch}, varlen packing")
-
-
-def sdpa_backend(profile: HardwareProfile, facts: ModelFacts, *, masked: bool) -> tuple[str, str]:
-    """The SDPA backend torch takes for a causal training call, and why.
-
-    `masked` is True when a 4D mask is passed (padding or packed documents): the flash and
-    cuDNN kernels take no arbitrary mask, so such calls go to `efficient` at best.
-    Returns (flash | cudnn | efficient | math, explanation).
-    """
-    dtype, head_dim = facts.dtype, facts.head_dim or 0
-    if profile.vendor == "cpu":
-        return "flash", "torch's CPU flash kernel, which also takes masks and fp32"
-    if profile.vendor == "apple":
-        return "math", "MPS has no flash/efficient SDPA kernel; attention memory grows with seq_len^2"
-    if profile.vendor == "intel":
-        return "math", (
-            "XPU's fused SDPA (oneDNN) has no backward in these torch versions, so training "
-            "runs the math path (intel/torch-xpu-ops#1749)"
+    if failed:
+        return failed
+    if flash_attn_triton(profile):
+        return True, (
+            f"FlashAttention 2 (Triton backend, {FLASH_ATTENTION_TRITON_AMD_ENV}=TRUE set by "
+            f"this plan) on {profile.arch}, varlen packing"
         )
     if profile.vendor == "amd":
-        if profile.arch not in AMD_AOTRITON:
-            return "math", f"AOTriton has no kernels for {profile.arch}; memory grows with seq_len^2"
-        limit = 256 if profile.arch.startswith("gfx11") else 512
-        if head_dim > limit:
-            return "math", f"AOTriton supports head_dim <= {limit} on {profile.arch}"
-        flag = (
-            f" (experimental arch: needs {AOTRITON_EXPERIMENTAL_ENV}=1, set by this plan)"
-            if profile.arch in AMD_AOTRITON_EXPERIMENTAL
-            else ""
-        )
-        if masked or dtype == "fp32":
-            return "efficient", f"AOTriton mem-efficient{flag}"
-        return "flash", f"AOTriton flash{flag}"
-    family = nvidia_family(profile)
-    if not is_nvidia_sm80_plus(profile):
-        if dtype == "bf16":
-            return "math", f"the efficient kernel needs sm80+ for bf16; this is {profile.arch}"
-        return "efficient", f"flash needs sm80+; {profile.arch} takes the mem-efficient kernel"
-    if masked or dtype == "fp32" or head_dim > FLASH_MAX_HEAD_DIM:
-        return "efficient", "flash takes no arbitrary mask, fp32 or head_dim > 256"
-    if profile.arch in ("sm_86", "sm_89", "sm_120", "sm_121") and 192 < head_dim <= 224:
-        return "efficient", f"flash rejects training with head_dim in (192, 224] on {profile.arch}"
-    if profile.arch in ("sm_90", "sm_100", "sm_103"):
-        return _nvidia_cudnn_or_flash(profile)
-    return "flash", f"SDPA flash on {family}"
-
-
-def _nvidia_cudnn_or_flash(profile: HardwareProfile) -> tuple[str, str]:
-    # torch puts cuDNN attention first on sm90/sm100/sm103 once cuDNN is newer than 9.15.
-    if profile.cudnn is not None:
-        major, minor = (int(x) for x in profile.cudnn.split(".")[:2])
-        if (major, minor) > (9, 15):
-            return "cudnn", f"cuDNN {profile.cudnn} > 9.15 is prioritised on {profile.arch}"
-        return "flash", f"cuDNN {profile.cudnn} <= 9.15, so SDPA flash leads on {profile.arch}"
-    return "flash", f"SDPA flash (torch prefers cuDNN on {profile.arch} when cuDNN > 9.15)"
+        return True, f"FlashAttention 2 (CK backend) on {profile.arch}, varlen packing"
+    slow = (
+        " (reaches only ~300-380 fwd TFLOP/s on sm_100: Dao-AILab/flash-attention#1589)"
+        if profile.arch in NVIDIA_SM100 else ""
+    )
+    return True, f"FlashAttention 2 (CUDA) on {profile.arch}, varlen packing{slow}"
 
 
 def _sdpa(profile: HardwareProfile, facts: ModelFacts) -> Support:
-    backend, why = sdpa_backend(profile, facts, masked=False)
+    backend, why = sdpa_backend(profile, facts, masked=False, cudnn=cudnn_policy(profile, "sdpa"))
     if backend == "math":
         return True, f"torch SDPA, backend MATH - no fused kernel: {why}"
     return True, f"torch SDPA, backend {backend}: {why}"
+
+
+_CUDNN_RANK_WHY = {
+    "nvidia_hopper": "1.7-2.3x faster than SDPA flash for Hopper training shapes "
+                     "(huggingface/transformers#48163)",
+    "nvidia_sm100": "ahead of FA2 (~300-380 fwd TFLOP/s on sm_100, Dao-AILab/flash-attention#1589)"
+                    " and FA4 (cuDNN 9.19 1.24-1.98x faster on B200, sgl-project/sglang#33655)",
+    "nvidia_sm120": "0.88x of SDPA flash on sm_120 (huggingface/transformers#48163), so ranked "
+                    "below sdpa",
+}
+_CUDNN_DEFAULT_WHY = ("0.82x of SDPA flash on A100 and a wash on Ada "
+                      "(huggingface/transformers#48163), so ranked below sdpa")
+
+
+def _sdpa_cudnn(profile: HardwareProfile, facts: ModelFacts) -> Support:
+    if not is_nvidia_sm80_plus(profile):
+        return False, "needs NVIDIA sm80+ (torch's cuDNN attention runs on sm80-sm121 only)"
+    if not torch_at_least(profile, SDPA_CUDNN_TORCH):
+        return False, f"needs torch {SDPA_CUDNN_TORCH}+ (SDPA backend priority); this is " \
+                      f"{profile.torch}"
+    version = cudnn_version(profile)
+    if version is None or version < (9, 0):
+        return False, f"needs cuDNN 9+ (torch's cuDNN attention); this is {profile.cudnn or 'unknown'}"
+    if facts.packing:
+        return False, PACKED_MASK_NAN
+    limit = cudnn_head_dim_limit(profile)
+    failed = _first_failure(_half_precision(facts), _head_dim(facts, limit))
+    if failed:
+        return failed
+    if facts.head_dim is not None and facts.head_dim % 8:
+        return False, f"needs head_dim divisible by 8; the model has {facts.head_dim}"
+    why = _CUDNN_RANK_WHY.get(rank_family(profile), _CUDNN_DEFAULT_WHY)
+    return True, (
+        f"torch SDPA with cuDNN attention first for calls without a mask (masked calls skip "
+        f"cuDNN, pytorch/pytorch#196678): {why}"
+    )
 
 
 def _flex(profile: HardwareProfile, facts: ModelFacts) -> Support:
@@ -186,19 +245,13 @@ def _flex(profile: HardwareProfile, facts: ModelFacts) -> Support:
         return False, f"needs AMD gfx90a or newer for Triton; this is {profile.arch}"
     if not profile.has_package("triton"):
         return False, "needs triton (flex_attention is compiled to a Triton kernel)"
-    return True, "FlexAttention compiled with Triton, BlockMask packing"
+    xpu_packed = (" (on XPU masked SDPA falls to MATH, intel/torch-xpu-ops#2390)"
+                  if profile.vendor == "intel" and facts.packing else "")
+    return True, f"FlexAttention compiled with Triton, BlockMask packing{xpu_packed}"
 
 
 def _eager(profile: HardwareProfile, facts: ModelFacts) -> Support:
     return True, "matmul + softmax reference path; memory grows with seq_len^2"
-
-
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(b, kv_h, s, d) -> (b, kv_h * groups, s, d), each kv head repeated for its q heads."""
-    if groups == 1:
-        return x
-    b, kv_h, s, d = x.shape
-    return x[:, :, None].expand(b, kv_h, groups, s, d).reshape(b, kv_h * groups, s, d)
 
 
 def eager_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -211,19 +264,6 @@ def eager_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
-
-
-def sdpa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """F.scaled_dot_product_attention as transformers calls it without a mask (GQA native on
-    torch 2.5+, repeated kv heads before)."""
-    if _TORCH_SDPA_GQA:
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=True
-        )
-    groups = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(
-        q, repeat_kv(k, groups), repeat_kv(v, groups), is_causal=True, scale=scale
-    )
 
 
 class _ProbeAttention(torch.nn.Module):
@@ -263,17 +303,23 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ATTENTION: Registry[AttentionCandidate] = Registry(
     "attention",
     [
-        AttentionCandidate("flash_attention_3", _fa3, default_rank=0,
+        AttentionCandidate("flash_attention_3", _fa3, default_rank=10,
                            forward=_transformers_flash_forward("flash_attention_3"),
                            packing_isolation="varlen"),
-        AttentionCandidate("flash_attention_2", _fa2, default_rank=1,
+        AttentionCandidate("sdpa_cudnn", _sdpa_cudnn, default_rank=50,
+                           ranks={"nvidia_hopper": 15, "nvidia_sm100": 5},
+                           forward=cudnn_sdpa_forward, attn_implementation="sdpa"),
+        AttentionCandidate("flash_attention_4", _fa4, default_rank=20,
+                           forward=_transformers_flash_forward("flash_attention_4"),
+                           packing_isolation="varlen"),
+        AttentionCandidate("flash_attention_2", _fa2, default_rank=30,
                            forward=_transformers_flash_forward("flash_attention_2"),
                            packing_isolation="varlen"),
-        AttentionCandidate("sdpa", _sdpa, default_rank=2, forward=sdpa_forward,
+        AttentionCandidate("sdpa", _sdpa, default_rank=40, forward=sdpa_forward,
                            packing_isolation="block_mask_4d"),
-        AttentionCandidate("flex_attention", _flex, default_rank=3, forward=flex_forward,
-                           packing_isolation="flex_block_mask"),
-        AttentionCandidate("eager", _eager, default_rank=4, forward=eager_forward,
+        AttentionCandidate("flex_attention", _flex, default_rank=60, packed_ranks={"intel": 35},
+                           forward=flex_forward, packing_isolation="flex_block_mask"),
+        AttentionCandidate("eager", _eager, default_rank=70, forward=eager_forward,
                            packing_isolation="block_mask_4d"),
     ],
 )
@@ -283,7 +329,7 @@ def packing_isolation(
     attention_name: str, registry: Registry[AttentionCandidate] | None = None
 ) -> str | None:
     """How packed documents are isolated with this attention: varlen | block_mask_4d |
-    flex_block_mask, or None when it cannot isolate them (packing must then be off)."""
+    flex_block_mask, or None when it is not used for packed rows (packing must then be off)."""
     registry = registry or ATTENTION
     if attention_name not in registry:
         return None
@@ -302,28 +348,61 @@ def attention_details(
 ) -> dict[str, Any]:
     """Fields recorded next to the attention choice (selfcheck is added by the planner)."""
     details: dict[str, Any] = {
-        "packing": candidate.packing_isolation is not None,
+        "attn_implementation": candidate.transformers_name,
+        "packing": facts.packing,
         "packing_isolation": candidate.packing_isolation,
     }
-    if candidate.name == "sdpa":
-        details["sdpa_backend"] = sdpa_backend(profile, facts, masked=False)[0]
-        details["sdpa_backend_masked"] = sdpa_backend(profile, facts, masked=True)[0]
+    if candidate.transformers_name == "sdpa":
+        cudnn = cudnn_policy(profile, candidate.name)
+        details["sdpa_backend"] = sdpa_backend(profile, facts, masked=False, cudnn=cudnn)[0]
+        details["sdpa_backend_masked"] = sdpa_backend(profile, facts, masked=True, cudnn=cudnn)[0]
+        details["cudnn_sdpa"] = cudnn
     return details
 
 
 def attention_env(profile: HardwareProfile) -> dict[str, tuple[str, str]]:
-    """Environment the attention path needs: name -> (value, reason)."""
-    if is_amd(profile, AMD_AOTRITON_EXPERIMENTAL):
-        return {
-            AOTRITON_EXPERIMENTAL_ENV: (
-                "1",
-                f"AOTriton is experimental on {profile.arch}; without it SDPA silently "
-                "falls back to MATH (quadratic memory)",
-            )
-        }
-    return {}
+    """Environment the attention paths need: name -> (value, reason).
+
+    Depends on the profile only, not on the choice, because it must be in place before the
+    self-checks try the candidates.
+    """
+    env: dict[str, tuple[str, str]] = {}
+    if profile.vendor == "amd":
+        env[AOTRITON_EXPERIMENTAL_ENV] = (
+            "1",
+            "torch reads it once, at the first SDPA call, and refuses AOTriton on archs its "
+            "AOTriton version calls experimental (the set differs between versions), falling "
+            "back to MATH silently (unslothai/unsloth#8821, pytorch/pytorch#134498)",
+        )
+    if flash_attn_triton(profile) and profile.has_package("flash-attn"):
+        env[FLASH_ATTENTION_TRITON_AMD_ENV] = (
+            "TRUE",
+            f"flash-attn runs its Triton backend on {profile.arch}, which it reads from this "
+            "variable when first imported (flash-attention v2.8.3 flash_attn_interface.py)",
+        )
+    return env
 
 
 def default_scale(head_dim: int) -> float:
     """The softmax scale every implementation uses: 1/sqrt(head_dim)."""
     return 1.0 / math.sqrt(head_dim)
+
+
+__all__ = [
+    "ATTENTION",
+    "AttentionCandidate",
+    "AttentionForward",
+    "F",
+    "attention_details",
+    "attention_env",
+    "default_scale",
+    "eager_forward",
+    "flash_attn_triton",
+    "flex_forward",
+    "nvidia_family",
+    "packing_isolation",
+    "repeat_kv",
+    "sdpa_backend",
+    "sdpa_forward",
+    "supports_packing",
+]

@@ -23,16 +23,18 @@ Support = tuple[bool, str]
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What the planner needs to know about the model.
+    """What the planner needs to know about the model and the batches it is trained on.
 
     Head fields may be None when the model is not known yet; shape checks are then skipped.
-    `dtype` (bf16 | fp16 | fp32) is filled in by the planner from the precision family.
+    `dtype` (bf16 | fp16 | fp32) is filled in by the planner from the precision family, and
+    `packing` (documents packed into rows, `data.packing`) from `plan(..., packing=)`.
     """
 
     num_heads: int | None = None
     num_kv_heads: int | None = None
     head_dim: int | None = None
     dtype: str | None = None
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
@@ -56,6 +58,8 @@ class Candidate:
             fits.
         ranks: rank per architecture family (see finetune.hardware.arch.RANK_FAMILIES);
             lower is preferred; families not listed get `default_rank`.
+        packed_ranks: ranks that replace `ranks` when the batches are packed (an attention
+            path that is fast on whole rows can be the wrong one for packed documents).
         auto: False for candidates only used when asked for by name (e.g. 8-bit optimizers).
         not_auto_reason: why such a candidate is never picked automatically.
     """
@@ -66,10 +70,14 @@ class Candidate:
     default_rank: int = 100
     auto: bool = True
     not_auto_reason: str = ""
+    packed_ranks: Mapping[str, int] = field(default_factory=dict)
 
-    def rank(self, profile: HardwareProfile) -> int:
-        """This candidate's rank on the profile's architecture family."""
-        return self.ranks.get(rank_family(profile), self.default_rank)
+    def rank(self, profile: HardwareProfile, packing: bool = False) -> int:
+        """This candidate's rank on the profile's architecture family (packed or not)."""
+        family = rank_family(profile)
+        if packing and family in self.packed_ranks:
+            return self.packed_ranks[family]
+        return self.ranks.get(family, self.default_rank)
 
 
 C = TypeVar("C", bound=Candidate)
@@ -103,10 +111,12 @@ class Registry(Generic[C]):
         """Candidate names in registration order."""
         return tuple(self._candidates)
 
-    def ranked(self, profile: HardwareProfile) -> list[C]:
-        """Candidates by rank on `profile` (registration order breaks ties)."""
+    def ranked(self, profile: HardwareProfile, packing: bool = False) -> list[C]:
+        """Candidates by rank on `profile`, for packed batches or not (registration order breaks
+        ties)."""
         order = {name: i for i, name in enumerate(self._candidates)}
-        return sorted(self._candidates.values(), key=lambda c: (c.rank(profile), order[c.name]))
+        return sorted(self._candidates.values(),
+                      key=lambda c: (c.rank(profile, packing), order[c.name]))
 
     def copy(self) -> Registry[C]:
         """An independent registry with the same candidates."""
@@ -135,7 +145,8 @@ class FamilyDecision:
     """The planner's choice for one op family.
 
     `details` holds family-specific fields written next to choice/reason in kernel_plan.json
-    (attention: selfcheck, sdpa_backend, packing_isolation; precision: base_dtype, autocast...).
+    (attention: selfcheck, attn_implementation, sdpa_backend, packing_isolation; precision:
+    base_dtype, autocast...).
     """
 
     family: str

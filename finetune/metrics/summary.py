@@ -74,6 +74,8 @@ def print_summary(out: Callable[[str], None], summary: dict[str, Any], final: Pa
         out(f"  eval loss: {summary['eval_loss']:.4f}")
     out(f"  steps: {summary['steps']}, trained tokens: {summary['tokens_seen']}, "
         f"time: {summary['elapsed_s']:.1f} s")
-    if summary["skipped_rows"]:
-        out(f"  skipped rows: {summary['skipped_rows']} (see summary.json)")
+    data = summary["data"]
+    out(f"  rows: {summary['truncated_rows']} truncated, {summary['dropped_rows']} dropped, "
+        f"{summary['skipped_rows']} skipped of {data.get('rows_read', 0)} read "
+        f"(max_seq_len {data.get('max_seq_len')}: {data.get('max_seq_len_from', '')})")
     out(f"  final model: {final}")

@@ -88,6 +88,12 @@ def model_facts(hf_config) -> ModelFacts:
     )
 
 
+def context_length(hf_config) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings), if it says."""
+    value = getattr(hf_config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def load_tokenizer(cfg: ModelConfig):
     """Load the model's tokenizer; give it a pad token (EOS) if it has none."""
     from transformers import AutoTokenizer

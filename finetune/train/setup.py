@@ -24,7 +24,13 @@ from finetune.data import build_data
 from finetune.errors import ConfigError
 from finetune.kernels import KernelPlan, apply_env, apply_fused_ops, build_optimizer, plan
 from finetune.metrics.writers import WandbLogger
-from finetune.models import load_model, load_model_config, load_tokenizer, model_facts
+from finetune.models import (
+    context_length,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    model_facts,
+)
 from finetune.train.recipe import Recipe
 from finetune.train.schedule import build_scheduler
 
@@ -123,7 +129,8 @@ def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, 
         data = build_data(cfg.data, tokenizer, attention=kernel_plan.attn_implementation,
                           seed=cfg.seed, micro_batch_size=cfg.trainer.micro_batch_size,
                           rank=accelerator.process_index, world_size=accelerator.num_processes,
-                          mask_dtype=kernel_plan.compute_dtype)
+                          mask_dtype=kernel_plan.compute_dtype,
+                          max_context=context_length(model.config))
     if recipe.data_formats:
         recipe.check_data_format(data.stats.format)
     steps = total_steps(cfg, data, accelerator.num_processes)

@@ -44,10 +44,12 @@ def alpaca_rows():
 
 @pytest.fixture
 def data_cfg(tmp_path: Path):
-    """A DataConfig factory with a private cache folder and no held-out split by default."""
+    """A DataConfig factory with a private cache folder, no held-out split and rows of at most
+    512 tokens by default (data.max_seq_len=auto has tests of its own)."""
 
     def make(**kwargs) -> DataConfig:
         kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
+        kwargs.setdefault("max_seq_len", 512)
         kwargs.setdefault("val_split", 0.0)
         return DataConfig(**kwargs)
 
