@@ -1,8 +1,9 @@
-"""Kernel choice per op family, in three steps: `plan(profile, cfg) -> KernelPlan` chooses
-(self-checked and explained), `apply_env` / `apply_fused_ops` carry the plan out on this process,
-and `format_plan_table` shows it."""
+"""Kernel choice per op family, in three steps: `plan(profile, cfg, packing=...) -> KernelPlan`
+chooses (its environment applied before its self-checks; each choice explained),
+`apply_env` / `apply_fused_ops` carry the plan out on this process, and `format_plan_table`
+shows it."""
 
-from finetune.kernels.apply import apply_env, apply_fused_ops
+from finetune.kernels.apply import apply_env, apply_env_vars, apply_fused_ops, route_sdpa
 from finetune.kernels.attention import (
     ATTENTION,
     AttentionCandidate,
@@ -38,6 +39,7 @@ __all__ = [
     "Registry",
     "Rejection",
     "apply_env",
+    "apply_env_vars",
     "apply_fused_ops",
     "build_optimizer",
     "check_choices",
@@ -45,5 +47,6 @@ __all__ = [
     "format_plan_table",
     "packing_isolation",
     "plan",
+    "route_sdpa",
     "supports_packing",
 ]

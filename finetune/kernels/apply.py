@@ -1,33 +1,42 @@
 """Carry out a kernel plan on this process: environment variables, torch globals, model patches.
 
-The planner only decides; everything here changes process state. `apply_env` must run before
-the first CUDA/HIP call or self-check; `apply_fused_ops` patches a loaded model before
-adapters are attached.
+The planner only decides; everything here changes process state. Order matters:
+
+1. `apply_env_vars(plan.env)` before the first SDPA call or flash-attn import of the process.
+   `plan()` does it itself before its self-checks (torch reads
+   TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL once, at the first SDPA call).
+2. `apply_env(plan)` once the plan is final: the variables again (a no-op when unchanged), TF32,
+   and the SDPA routing of cuDNN attention (`plan.cudnn_sdpa`), before the model is built.
+3. `apply_fused_ops(model, plan.fused_ops)` on the loaded model, before adapters are attached.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from finetune.hardware.arch import AMD_TF32_EMULATED, is_amd
 from finetune.kernels.fused_ops import LIGER_OPS
 from finetune.kernels.kernel_plan import KernelPlan
+from finetune.kernels.sdpa import CUDNN_FIRST, CUDNN_UNMASKED_ONLY
 
 logger = logging.getLogger(__name__)
 
 
-def apply_env(plan: KernelPlan) -> dict[str, str]:
-    """Put the plan's environment variables into os.environ and enable TF32 where planned.
+def apply_env_vars(env: Mapping[str, str]) -> dict[str, str]:
+    """Put `env` into os.environ; returns the variables this call set.
 
-    Call before the first CUDA/HIP call: ROCm and torch read several of these once at start.
     A variable the user already set to another value is kept (explicit beats automatic) and
-    logged. Returns the variables this call set.
+    logged.
     """
     applied: dict[str, str] = {}
-    for name, value in plan.env.items():
+    for name, value in env.items():
         current = os.environ.get(name)
         if current is not None and current != value:
             logger.warning(
@@ -37,9 +46,74 @@ def apply_env(plan: KernelPlan) -> dict[str, str]:
             continue
         os.environ[name] = value
         applied[name] = value
+    return applied
+
+
+def apply_env(plan: KernelPlan) -> dict[str, str]:
+    """Apply the plan's process state: its environment variables (`apply_env_vars`), TF32 for
+    fp32 matmuls, and the routing of cuDNN attention for SDPA (`route_sdpa`).
+
+    Call before the model is built and before any SDPA call of the run. On gfx950, where TF32
+    is emulated and has a wrong-result report, fp32 matmul precision is set back to "highest".
+    Returns the variables this call set.
+    """
+    applied = apply_env_vars(plan.env)
     if plan.tf32 and plan.hardware.vendor in ("nvidia", "amd"):
         torch.set_float32_matmul_precision("high")
+    elif is_amd(plan.hardware, AMD_TF32_EMULATED):
+        torch.set_float32_matmul_precision("highest")
+    route_sdpa(plan.cudnn_sdpa)
     return applied
+
+
+def _routed(original: Callable[..., Any], policy: str) -> Callable[..., Any]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    without_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    cudnn_first = [SDPBackend.CUDNN_ATTENTION, *without_cudnn]
+
+    @functools.wraps(original)
+    def sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, attention_mask: Any, *args: Any,
+                               **kwargs: Any) -> Any:
+        if attention_mask is not None:
+            # cuDNN's masked backward returns NaN grad_q at seq % 128 == 64
+            # (pytorch/pytorch#196678): any call with a mask goes to the other backends.
+            with sdpa_kernel(without_cudnn):
+                return original(module, query, key, value, attention_mask, *args, **kwargs)
+        if policy == CUDNN_FIRST:
+            with sdpa_kernel(cudnn_first, set_priority=True):
+                return original(module, query, key, value, attention_mask, *args, **kwargs)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    return sdpa_attention_forward
+
+
+def route_sdpa(policy: str | None) -> bool:
+    """Route transformers' "sdpa" attention per call: with a mask, never to cuDNN; without
+    one, cuDNN first (`"first"`) or torch's own order (`"unmasked_only"`). `None` puts back
+    transformers' own function if an earlier call routed it (and imports nothing otherwise).
+    Idempotent: the wrapper always wraps the original.
+
+    A per-call routing, because one process-wide priority cannot tell a masked call (padded or
+    packed rows, pytorch/pytorch#196678) from an unmasked one. Returns True when routed.
+    """
+    if policy not in (None, CUDNN_FIRST, CUDNN_UNMASKED_ONLY):
+        raise ValueError(f"unknown cuDNN SDPA routing {policy!r}")
+    if policy is None and "transformers.modeling_utils" not in sys.modules:
+        return False  # nothing can have been routed yet; keep CPU-only runs import-free
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    original = getattr(current, "__wrapped__", current)
+    if policy is None:
+        if original is not current:
+            AttentionInterface.register("sdpa", original)
+        return False
+    AttentionInterface.register("sdpa", _routed(original, policy))
+    logger.info("sdpa: cuDNN attention %s for calls without a mask; masked calls skip it",
+                "first" if policy == CUDNN_FIRST else "in torch's order")
+    return True
 
 
 def apply_fused_ops(model: torch.nn.Module, ops: Sequence[str]) -> list[str]:

@@ -34,7 +34,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from finetune.hardware.arch import (
     AMD_BF16_NATIVE,
@@ -43,7 +42,6 @@ from finetune.hardware.arch import (
     NVIDIA_SM100,
     is_amd,
     is_nvidia_sm80_plus,
-    nvidia_family,
     rank_family,
 )
 from finetune.hardware.profile import HardwareProfile
@@ -54,6 +52,7 @@ from finetune.kernels.registry import (
     Support,
     runtime_at_least,
     torch_at_least,
+    version_at_least,
 )
 from finetune.kernels.sdpa import (
     AOTRITON_EXPERIMENTAL_ENV,
@@ -142,20 +141,13 @@ def _fa4(profile: HardwareProfile, facts: ModelFacts) -> Support:
         return False, "needs NVIDIA Hopper or datacenter Blackwell (sm_90, sm_100, sm_103)"
     if not profile.has_package("flash-attn-4"):
         return False, "needs the flash-attn-4 package (FlashAttention 4, flash_attn.cute)"
-    if profile.transformers is None or not torch_at_least(
-        _as_torch(profile.transformers), FA4_TRANSFORMERS
-    ):
+    if not version_at_least(profile.transformers, FA4_TRANSFORMERS):
         return False, (
             f"needs transformers {FA4_TRANSFORMERS}+ for attn_implementation=flash_attention_4; "
             f"this is {profile.transformers or 'unknown'}"
         )
     failed = _first_failure(_half_precision(facts), _head_dim(facts, FA4_MAX_HEAD_DIM))
     return failed or (True, f"FlashAttention 4 (CuTeDSL) on {profile.arch}, varlen packing")
-
-
-def _as_torch(version: str) -> HardwareProfile:
-    # torch_at_least compares a profile's version; reuse it for the transformers version.
-    return HardwareProfile("cpu", "cpu", "", 1, None, False, None, "cpu", version)
 
 
 def flash_attn_triton(profile: HardwareProfile) -> bool:
@@ -190,10 +182,13 @@ def _fa2(profile: HardwareProfile, facts: ModelFacts) -> Support:
 
 
 def _sdpa(profile: HardwareProfile, facts: ModelFacts) -> Support:
-    backend, why = sdpa_backend(profile, facts, masked=False, cudnn=cudnn_policy(profile, "sdpa"))
+    # Packed rows reach SDPA with their block-diagonal mask, so the masked backend is what runs.
+    backend, why = sdpa_backend(profile, facts, masked=facts.packing,
+                                cudnn=cudnn_policy(profile, "sdpa"))
+    rows = ", packed rows with a block-diagonal mask" if facts.packing else ""
     if backend == "math":
-        return True, f"torch SDPA, backend MATH - no fused kernel: {why}"
-    return True, f"torch SDPA, backend {backend}: {why}"
+        return True, f"torch SDPA{rows}, backend MATH - no fused kernel: {why}"
+    return True, f"torch SDPA{rows}, backend {backend}: {why}"
 
 
 _CUDNN_RANK_WHY = {
@@ -212,11 +207,14 @@ def _sdpa_cudnn(profile: HardwareProfile, facts: ModelFacts) -> Support:
     if not is_nvidia_sm80_plus(profile):
         return False, "needs NVIDIA sm80+ (torch's cuDNN attention runs on sm80-sm121 only)"
     if not torch_at_least(profile, SDPA_CUDNN_TORCH):
-        return False, f"needs torch {SDPA_CUDNN_TORCH}+ (SDPA backend priority); this is " \
-                      f"{profile.torch}"
+        return False, (
+            f"needs torch {SDPA_CUDNN_TORCH}+ (SDPA backend priority); this is {profile.torch}"
+        )
     version = cudnn_version(profile)
     if version is None or version < (9, 0):
-        return False, f"needs cuDNN 9+ (torch's cuDNN attention); this is {profile.cudnn or 'unknown'}"
+        return False, (
+            f"needs cuDNN 9+ (torch's cuDNN attention); this is {profile.cudnn or 'unknown'}"
+        )
     if facts.packing:
         return False, PACKED_MASK_NAN
     limit = cudnn_head_dim_limit(profile)
@@ -387,22 +385,3 @@ def default_scale(head_dim: int) -> float:
     """The softmax scale every implementation uses: 1/sqrt(head_dim)."""
     return 1.0 / math.sqrt(head_dim)
 
-
-__all__ = [
-    "ATTENTION",
-    "AttentionCandidate",
-    "AttentionForward",
-    "F",
-    "attention_details",
-    "attention_env",
-    "default_scale",
-    "eager_forward",
-    "flash_attn_triton",
-    "flex_forward",
-    "nvidia_family",
-    "packing_isolation",
-    "repeat_kv",
-    "sdpa_backend",
-    "sdpa_forward",
-    "supports_packing",
-]

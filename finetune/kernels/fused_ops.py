@@ -29,7 +29,7 @@ def _liger(profile: HardwareProfile, facts: ModelFacts) -> Support:
             return False, f"needs AMD gfx90a or newer for Triton; this is {profile.arch}"
         if not torch_at_least(profile, "2.5"):
             return False, f"needs torch 2.5+ on ROCm; this is {profile.torch}"
-    missing = [p for p in ("liger_kernel", "triton") if not profile.has_package(p)]
+    missing = [p for p in ("liger-kernel", "triton") if not profile.has_package(p)]
     if missing:
         return False, f"needs {' and '.join(missing)} (pip install liger-kernel)"
     return True, f"Liger Triton kernels on {profile.arch}"

@@ -45,13 +45,26 @@ class KernelPlan:
 
     @property
     def attn_implementation(self) -> str:
-        """The value for transformers' `attn_implementation`."""
-        return self.choice("attention")
+        """The value for transformers' `attn_implementation` (sdpa_cudnn loads as "sdpa")."""
+        details = self.kernels["attention"].details
+        return str(details.get("attn_implementation", self.choice("attention")))
+
+    @property
+    def packing(self) -> bool:
+        """True when the plan was made for packed batches (`plan(..., packing=True)`)."""
+        return self.model_facts.packing
 
     @property
     def packing_isolation(self) -> str | None:
         """varlen | block_mask_4d | flex_block_mask; None when packing cannot be isolated."""
         return self.kernels["attention"].details.get("packing_isolation")
+
+    @property
+    def cudnn_sdpa(self) -> str | None:
+        """How cuDNN attention is routed for SDPA: "first" (before the other backends, for
+        calls without a mask), "unmasked_only" (torch's order without a mask), or None (torch's
+        defaults). Masked calls never take cuDNN unless None. See finetune.kernels.sdpa."""
+        return self.kernels["attention"].details.get("cudnn_sdpa")
 
     @property
     def precision(self) -> str:

@@ -1,23 +1,33 @@
 """`plan(profile, cfg) -> KernelPlan`: one decision per op family, each with its reason.
 
-Order of decisions: precision first (attention depends on the dtype), then attention,
-optimizer, fused ops, compile and collective. `auto` takes the best-ranked supported candidate
-that passes its self-check; any other value is honoured when supported and raises
-`KernelOverrideError` when not - never silently replaced. This module only chooses:
-`finetune.kernels.apply` carries a plan out and `finetune.kernels.table` shows it.
+Order of decisions: precision first (attention depends on the dtype), then the environment
+the plan needs, then attention, optimizer, fused ops, compile and collective. `auto` takes the
+best-ranked supported candidate that passes its self-check; any other value is honoured when
+supported and raises `KernelOverrideError` when not - never silently replaced. Attention is
+ranked per architecture family and per packing mode (`plan(..., packing=True)`).
+
+The environment is decided from the profile alone and, when self-checks will run in this
+process, put in place (`finetune.kernels.apply.apply_env_vars`, or the `prepare_env` given)
+BEFORE the first self-check: torch reads TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL once, at the
+first SDPA call (pytorch/pytorch#134498), and flash-attn reads FLASH_ATTENTION_TRITON_AMD_ENABLE
+when first imported, so a self-check run first would freeze the wrong setting while reporting
+"passed". A simulated profile is never self-checked, so planning for it touches nothing.
+Otherwise this module only chooses: `finetune.kernels.apply` carries a plan out (`apply_env`
+again, then TF32 and the SDPA routing) and `finetune.kernels.table` shows it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from finetune.config.kernels import KernelsConfig
 from finetune.hardware.arch import device_type, rank_family
 from finetune.hardware.profile import HardwareProfile
+from finetune.kernels.apply import apply_env_vars
 from finetune.kernels.attention import (
     ATTENTION,
     AttentionCandidate,
@@ -93,7 +103,7 @@ def _select(
     facts: ModelFacts,
     check: Callable[[Any], str | None] | None = None,
 ) -> _Selection:
-    ranked = registry.ranked(profile)
+    ranked = registry.ranked(profile, facts.packing)
     verdicts = {c.name: c.supports(profile, facts) for c in ranked}
     possible = [c.name for c in ranked if verdicts[c.name][0]]
     if requested != "auto":
@@ -142,7 +152,8 @@ def _select(
         elif ok and not candidate.auto:
             why = f"supported; {candidate.not_auto_reason}"
         elif ok:
-            why = f"supported; ranked below {chosen.name} on {rank_family(profile)}"
+            rows = " for packed rows" if facts.packing else ""
+            why = f"supported; ranked below {chosen.name} on {rank_family(profile)}{rows}: {why}"
         rejected.append(Rejection(candidate.name, why))
     own = verdicts[chosen.name][1]
     if requested != "auto":
@@ -199,6 +210,8 @@ def plan(
     run_selfcheck: bool | None = None,
     *,
     registries: KernelRegistries | None = None,
+    packing: bool = False,
+    prepare_env: Callable[[Mapping[str, str]], object] | None = None,
 ) -> KernelPlan:
     """Choose every op family's kernel for `profile`.
 
@@ -208,6 +221,10 @@ def plan(
         model_facts: head counts and head_dim of the model, when known.
         run_selfcheck: None follows `cfg.selfcheck`; True/False forces it (real profiles only).
         registries: candidates to choose from; `default_registries()` copies by default.
+        packing: the batches are packed rows of several documents (`data.packing`); attention
+            then takes only paths that keep documents apart, ranked for packed rows.
+        prepare_env: puts the plan's environment variables in place before the self-checks
+            (only called when they run); `apply_env_vars` by default.
 
     Raises:
         KernelOverrideError: an explicit choice is unknown, unsupported here, or fails its
@@ -216,10 +233,14 @@ def plan(
     regs = registries or _BUILTIN
     skip = _selfcheck_skip(profile, cfg, run_selfcheck)
     device = device_type(profile)
-    facts = model_facts or ModelFacts()
+    facts = replace(model_facts or ModelFacts(), packing=packing)
 
     precision = _select("precision", regs.precision, cfg.precision, profile, facts)
     facts = replace(facts, dtype=precision.candidate.name)
+    env_entries = {**attention_env(profile), **precision_env(profile)}
+    env = {k: v for k, (v, _) in env_entries.items()}
+    if skip is None:
+        (prepare_env or apply_env_vars)(env)
     shape_known = bool(facts.num_heads and facts.num_kv_heads and facts.head_dim)
     check_facts = facts if shape_known else replace(SELFCHECK_FACTS, dtype=facts.dtype)
 
@@ -265,11 +286,10 @@ def plan(
         ),
         "collective": _decision("collective", collective, {}),
     }
-    env_entries = {**attention_env(profile), **precision_env(profile)}
     result = KernelPlan(
         hardware=profile,
         kernels=kernels,
-        env={k: v for k, (v, _) in env_entries.items()},
+        env=env,
         env_reasons={k: why for k, (_, why) in env_entries.items()},
         model_facts=facts,
     )

@@ -2,6 +2,9 @@
 
 Trainable weights and optimizer state always stay fp32; `base_dtype` is the dtype of the
 frozen weights, `autocast` says whether the forward runs under autocast in the chosen dtype.
+TF32 for fp32 matmuls: on NVIDIA Ampere+ and MI300 (hipBLASLt); never on gfx950, which has no
+TF32 hardware (hipBLASLt emulates it with bf16 and has an open wrong-result report:
+ROCm/hipBLASLt#1806, ROCm/rocm-libraries#12226).
 """
 
 from __future__ import annotations
@@ -11,12 +14,17 @@ from typing import Any
 from finetune.hardware.arch import (
     AMD_BF16_NATIVE,
     AMD_HIPBLASLT_TF32,
+    AMD_TF32_EMULATED,
     is_amd,
     is_nvidia_sm80_plus,
 )
 from finetune.hardware.profile import HardwareProfile
 from finetune.kernels.registry import Candidate, ModelFacts, Registry, Support, torch_at_least
 
+EMULATED_TF32_WHY = (
+    "has no TF32 hardware; hipBLASLt emulates TF32 with bf16 and that path has an open "
+    "wrong-result report (ROCm/hipBLASLt#1806, ROCm/rocm-libraries#12226)"
+)
 MPS_BF16_MIN_MACOS = 14
 MPS_BF16_MIN_TORCH = "2.6"
 
@@ -79,8 +87,19 @@ PRECISION: Registry[Candidate] = Registry(
 
 
 def tf32_enabled(profile: HardwareProfile) -> bool:
-    """TF32 matmuls for fp32 work: NVIDIA Ampere+, and hipBLASLt on MI300 and newer."""
+    """TF32 matmuls for fp32 work: NVIDIA Ampere+, and hipBLASLt on MI300 (gfx94x)."""
     return is_nvidia_sm80_plus(profile) or is_amd(profile, AMD_HIPBLASLT_TF32)
+
+
+def tf32_reason(profile: HardwareProfile) -> str:
+    """Why TF32 is on or off for fp32 matmuls on this machine."""
+    if is_amd(profile, AMD_TF32_EMULATED):
+        return f"off: {profile.arch} {EMULATED_TF32_WHY}"
+    if is_nvidia_sm80_plus(profile):
+        return f"on: TF32 tensor cores on {profile.arch}"
+    if is_amd(profile, AMD_HIPBLASLT_TF32):
+        return f"on: hipBLASLt TF32 on {profile.arch} (HIPBLASLT_ALLOW_TF32=1)"
+    return f"off: no TF32 matmuls on {profile.arch}"
 
 
 def precision_details(profile: HardwareProfile, choice: str) -> dict[str, Any]:
@@ -91,16 +110,19 @@ def precision_details(profile: HardwareProfile, choice: str) -> dict[str, Any]:
         "autocast": choice in ("bf16", "fp16"),
         "grad_scaler": choice == "fp16",
         "tf32": tf32_enabled(profile),
+        "tf32_reason": tf32_reason(profile),
     }
 
 
 def precision_env(profile: HardwareProfile) -> dict[str, tuple[str, str]]:
     """Environment variables the precision choice needs: name -> (value, reason)."""
+    if is_amd(profile, AMD_TF32_EMULATED):
+        return {"HIPBLASLT_ALLOW_TF32": ("0", f"never TF32 on {profile.arch}: it {EMULATED_TF32_WHY}")}
     if is_amd(profile, AMD_HIPBLASLT_TF32):
         return {
             "HIPBLASLT_ALLOW_TF32": (
                 "1",
-                f"hipBLASLt TF32 for fp32 matmuls; honoured on MI300+ ({profile.arch})",
+                f"hipBLASLt TF32 for fp32 matmuls; honoured on MI300 ({profile.arch})",
             )
         }
     return {}

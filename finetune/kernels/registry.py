@@ -192,13 +192,20 @@ class KernelOverrideError(ConfigError):
         super().__init__(message)
 
 
-def torch_at_least(profile: HardwareProfile, minimum: str) -> bool:
-    """True when the profile's torch version is `minimum` or newer (dev builds count)."""
+def version_at_least(version: str | None, minimum: str) -> bool:
+    """True when `version` is `minimum` or newer (dev and rc builds count); False when unknown."""
+    if version is None:
+        return False
     try:
-        have = Version(profile.torch).release
+        have = Version(version).release
     except InvalidVersion:
         return False
     return have >= Version(minimum).release
+
+
+def torch_at_least(profile: HardwareProfile, minimum: str) -> bool:
+    """True when the profile's torch version is `minimum` or newer (dev builds count)."""
+    return version_at_least(profile.torch, minimum)
 
 
 def runtime_at_least(profile: HardwareProfile, runtime: str, minimum: str) -> bool:

@@ -58,11 +58,14 @@ def check_attention(
     device: str,
     *,
     backward: bool = True,
+    seq: int = SELFCHECK_SEQ,
+    batch: int = SELFCHECK_BATCH,
 ) -> str | None:
     """Run `candidate` once on `device` and compare it with the fp32 reference.
 
     `facts` must carry num_heads, num_kv_heads, head_dim and dtype. With `backward=False` only
-    the forward is checked (for implementations that have no backward on this device).
+    the forward is checked (for implementations that have no backward on this device). `seq`
+    and `batch` size the check (scripts/gpu_check.py runs it at training lengths).
     Returns None on success, else why it failed.
     """
     if candidate.forward is None:
@@ -71,7 +74,7 @@ def check_attention(
     dtype = TORCH_DTYPES[facts.dtype]
     tolerance = ATTENTION_TOLERANCE[facts.dtype]
     gen = torch.Generator().manual_seed(0)
-    b, s, d = SELFCHECK_BATCH, SELFCHECK_SEQ, facts.head_dim
+    b, s, d = batch, seq, facts.head_dim
     shapes = [(b, facts.num_heads, s, d), (b, facts.num_kv_heads, s, d), (b, facts.num_kv_heads, s, d)]
     inputs32 = [torch.randn(shape, generator=gen).to(device) for shape in shapes]
     grad_out32 = torch.randn(shapes[0], generator=gen).to(device)

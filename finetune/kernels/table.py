@@ -41,17 +41,23 @@ def format_plan_table(kernel_plan: KernelPlan) -> str:
         details = decision.details
         if "selfcheck" in details:
             notes.append(f"self-check {details['selfcheck']}")
+        if details.get("attn_implementation", decision.choice) != decision.choice:
+            notes.append(f"attn_implementation={details['attn_implementation']}")
         if "sdpa_backend" in details:
             notes.append(
                 f"SDPA backend {details['sdpa_backend']}, {details['sdpa_backend_masked']} "
                 "with a mask"
             )
+        if details.get("cudnn_sdpa"):
+            notes.append(f"cuDNN routing {details['cudnn_sdpa']}")
+        if family == "attention":
+            notes.append(f"packing {'on' if kernel_plan.packing else 'off'}")
         if family == "precision":
             notes.append(
                 f"base {details['base_dtype']}, trainable {details['trainable_dtype']}, "
                 f"autocast {'on' if details['autocast'] else 'off'}, "
                 f"grad scaler {'on' if details['grad_scaler'] else 'off'}, "
-                f"tf32 {'on' if details['tf32'] else 'off'}"
+                f"tf32 {details['tf32_reason']}"
             )
         if family == "fused_ops" and kernel_plan.fused_ops:
             notes.append("ops " + ", ".join(kernel_plan.fused_ops))
@@ -72,10 +78,11 @@ def _precision_cell(kernel_plan: KernelPlan) -> str:
 
 def _attention_cell(kernel_plan: KernelPlan) -> str:
     decision = kernel_plan.kernels["attention"]
-    if decision.choice != "sdpa":
+    if "sdpa_backend" not in decision.details:
         return decision.choice
-    backend = decision.details["sdpa_backend"]
-    return f"sdpa ({backend.upper() if backend == 'math' else backend})"
+    # Packed rows carry a mask on the SDPA path, so the masked backend is the one that runs.
+    backend = decision.details["sdpa_backend_masked" if kernel_plan.packing else "sdpa_backend"]
+    return f"{decision.choice} ({backend.upper() if backend == 'math' else backend})"
 
 
 def _fused_ops_cell(kernel_plan: KernelPlan) -> str:
@@ -86,16 +93,21 @@ def _fused_ops_cell(kernel_plan: KernelPlan) -> str:
 
 
 def markdown_kernel_table(assume_packages: str = "all") -> str:
-    """One row per named profile: vendor/arch -> attention, optimizer, fused ops, precision."""
+    """One row per named profile: vendor/arch -> attention (whole rows and packed rows),
+    optimizer, fused ops, precision, collective."""
     rows = [
-        "| profile | vendor | arch | attention | optimizer | fused ops | precision | collective |",
-        "|---|---|---|---|---|---|---|---|",
+        "| profile | vendor | arch | attention | attention, packed | optimizer | fused ops "
+        "| precision | collective |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in PROFILE_NAMES:
-        kernel_plan = plan(profile_by_name(name, assume_packages), KernelsConfig())
+        profile = profile_by_name(name, assume_packages)
+        kernel_plan = plan(profile, KernelsConfig())
+        packed = plan(profile, KernelsConfig(), packing=True)
         hw = kernel_plan.hardware
         rows.append(
             f"| {name} | {hw.vendor} | {hw.arch} | {_attention_cell(kernel_plan)} | "
+            f"{_attention_cell(packed)} | "
             f"{kernel_plan.optimizer} | {_fused_ops_cell(kernel_plan)} | "
             f"{_precision_cell(kernel_plan)} | {kernel_plan.collective} |"
         )

@@ -112,8 +112,11 @@ class Trainer:
         from accelerate.utils import set_seed
 
         load_trainable(self.parts.unwrapped, state.trainable, source)
+        configured = [group["initial_lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
+        if configured != list(self.scheduler.base_lrs):
+            self._use_learning_rates(configured)
         if state.scaler is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(state.scaler)
         self.data.train.load_state_dict(state.progress["data"])
@@ -127,6 +130,18 @@ class Trainer:
             logger.warning("checkpoint has no RNG state for rank %d (world size changed); "
                            "seeding it from seed+rank+step", self.acc.process_index)
             set_seed(self.cfg.seed + self.acc.process_index + self.state.step)
+
+    def _use_learning_rates(self, base_lrs: list[float]) -> None:
+        """optim.lr changed on resume: the loaded schedule keeps its position (step) but scales
+        the configured rates, not the checkpoint's."""
+        self.scheduler.base_lrs = list(base_lrs)
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        logger.info("learning rate from the config, not the checkpoint: %s", base_lrs)
 
     # ------------------------------------------------------------ helpers
 

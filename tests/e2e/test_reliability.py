@@ -30,8 +30,10 @@ def test_resume_from_an_earlier_step_sets_later_checkpoints_aside(tmp_path: Path
     old_step6 = (run_dir / "checkpoints/step_0000006/trainable.safetensors").read_bytes()
     (run_dir / "checkpoints/step_0000006/manifest.json").unlink()  # and one of them is corrupt
 
+    # Another learning rate from step 3 on, so the new trajectory's weights differ (a longer
+    # schedule alone does not change steps 3-6: they are warmup steps).
     second = _run(run_dir, "trainer.max_steps=12", "trainer.save_every_n_steps=2",
-                  f"resume={run_dir}/checkpoints/step_0000002")
+                  "optim.lr=1e-3", f"resume={run_dir}/checkpoints/step_0000002")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "abandoned trajectory" in second.stderr
     aside = list((run_dir / "checkpoints").glob("abandoned-*"))
@@ -49,7 +51,7 @@ def test_resume_from_an_earlier_step_sets_later_checkpoints_aside(tmp_path: Path
 
 def test_fresh_start_with_resume_auto_writes_each_step_once(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    assert _run(run_dir, "trainer.max_steps=5").returncode == 0
+    assert _run(run_dir, "trainer.max_steps=5", "trainer.save_every_n_steps=5").returncode == 0
     for folder in (run_dir / "checkpoints").iterdir():  # as if killed during the first save
         (folder / "manifest.json").unlink()
     again = _run(run_dir, "trainer.max_steps=8", "resume=auto")

@@ -55,7 +55,17 @@ def test_simulated_profile_assumes_no_packages_by_default(capsys) -> None:
     assert main(["--profile", "h100", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["hardware"]["packages"] == []
-    assert data["kernels"]["attention"]["choice"] == "sdpa"
+    attention = data["kernels"]["attention"]
+    # No flash-attn-3: cuDNN attention, which ships in torch, leads on Hopper.
+    assert (attention["choice"], attention["attn_implementation"]) == ("sdpa_cudnn", "sdpa")
+    rejected = {r["name"]: r["reason"] for r in attention["rejected"]}
+    assert rejected["flash_attention_3"].startswith("needs the flash-attn-3 package")
+
+
+def test_packages_are_named_by_distribution(capsys) -> None:
+    assert main(["--profile", "b200", "--assume-packages", "all", "--json"]) == 0
+    packages = json.loads(capsys.readouterr().out)["hardware"]["packages"]
+    assert {"flash-attn", "flash-attn-3", "flash-attn-4", "liger-kernel"} <= set(packages)
 
 
 def test_overrides_are_honoured(capsys) -> None:

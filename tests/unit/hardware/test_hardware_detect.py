@@ -100,6 +100,22 @@ def test_amd_apu_memory_falls_back_to_host_ram() -> None:
     assert profile.memory_gb == 128.0
 
 
+def test_mi300a_memory_is_per_device_not_the_whole_node() -> None:
+    """A 4 x MI300A node's OS sees every APU's HBM as one host RAM; each device has its own
+    128 GB (AMD Instinct MI300A data sheet), never the node's total."""
+    props = _props(
+        is_hip=True, name="AMD Instinct MI300A", gcn_arch_name="gfx942:sramecc+:xnack-",
+        major=9, minor=4, total_memory=16 * GIB, multi_processor_count=228, is_integrated=True,
+    )
+    profile = profile_from_device_properties(
+        props, device_count=4, runtime_version="6.4", torch_version="2.10.0",
+        host_memory_bytes=4 * 126 * GIB,
+    )
+    assert profile.unified_memory is True
+    assert profile.memory_gb == 126.0
+    assert profile.peak_bf16_tflops == 980.6
+
+
 @pytest.mark.parametrize(
     ("name", "machine", "unified"),
     [("NVIDIA GH200 480GB", "aarch64", True), ("NVIDIA GH200 480GB", "x86_64", False),
@@ -120,7 +136,10 @@ def test_integrated_flag_means_unified() -> None:
         ("NVIDIA H100 PCIe", (9, 0), 756.0),
         ("NVIDIA H100 NVL", (9, 0), 835.0),
         ("NVIDIA H100 80GB HBM3", (9, 0), 989.0),
-        ("NVIDIA GH200 480GB", (9, 0), None),  # "H200" must not match "GH200"
+        ("NVIDIA H200", (9, 0), 989.0),  # SXM
+        ("NVIDIA H200 NVL", (9, 0), 835.0),  # same 141 GB, lower clocks: told apart by "NVL"
+        ("NVIDIA GH200 480GB", (9, 0), 989.0),  # its own row: "H200" must not match "GH200"
+        ("NVIDIA GH200 144G HBM3e", (9, 0), 989.0),
         ("NVIDIA GB200", (10, 0), 2500.0),  # "B200" must not match "GB200"
         ("NVIDIA GeForce RTX 3060", (8, 6), None),  # unknown: never a guess
         ("Some Future GPU", (13, 0), None),
@@ -152,31 +171,88 @@ def test_missing_cpuinfo_means_no_flags(tmp_path: Path) -> None:
     assert read_cpu_flags(tmp_path / "absent") == frozenset()
 
 
-def test_installed_packages_are_what_find_spec_locates(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A package whose spec lookup raises (a broken install, a module with no __spec__) counts
-    as not installed instead of failing detection."""
+def _fake_distributions(monkeypatch: pytest.MonkeyPatch, installed: dict[str, list[str]]):
+    """Pretend exactly `installed` (distribution -> its files) is installed."""
+    import importlib.metadata as metadata
+    import types
+
+    def distribution(name: str):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return types.SimpleNamespace(files=installed[name])
+
+    def version(name: str) -> str:
+        distribution(name)
+        return "1.0"
+
+    monkeypatch.setattr(metadata, "distribution", distribution)
+    monkeypatch.setattr(metadata, "version", version)
+
+
+def test_packages_are_found_by_distribution_not_by_module(monkeypatch) -> None:
+    """flash-attn-4 alone makes `flash_attn` a namespace package, which a module lookup reads as
+    FA2 (huggingface/transformers#44559): only the distributions count."""
     import importlib.util
 
-    assert {"triton", "deepspeed", "flash_attn"} <= set(OPTIONAL_PACKAGES)
-    looked_up = []
+    _fake_distributions(monkeypatch, {"flash-attn-4": [], "pytorch-triton-rocm": []})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # every module "found"
+    assert installed_packages() == frozenset({"flash-attn-4", "triton"})
+    from finetune.kernels import KernelOverrideError
 
-    def find_spec(name: str):
-        looked_up.append(name)
+    b200 = replace(
+        _profile(_props(name="NVIDIA B200", gcn_arch_name="NVIDIA B200", major=10, minor=0),
+                 packages=installed_packages(), cudnn="9.10.2"),
+        transformers="5.0.0",
+    )
+    assert plan(b200, KernelsConfig(), packing=True).choice("attention") == "flash_attention_4"
+    with pytest.raises(KernelOverrideError, match="needs the flash-attn package"):
+        plan(b200, KernelsConfig(attention="flash_attention_2"))
+
+
+def test_broken_distribution_metadata_counts_as_absent(monkeypatch) -> None:
+    import importlib.metadata as metadata
+
+    def version(name: str) -> str:
         if name == "deepspeed":
-            raise ValueError("deepspeed.__spec__ is None")
-        if name == "flash_attn":
-            raise ImportError("broken install")
-        return object() if name == "triton" else None
+            raise ValueError("damaged METADATA")
+        raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    assert installed_packages() == frozenset({"triton"})
-    assert sorted(looked_up) == sorted(OPTIONAL_PACKAGES)
+    monkeypatch.setattr(metadata, "version", version)
+    assert installed_packages() == frozenset()
+
+
+@pytest.mark.parametrize(("files", "module_found", "build"), [
+    (["flash_attn/__init__.py", "flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so"], False,
+     "compiled"),
+    (["flash_attn/__init__.py", "flash_attn/flash_attn_triton_amd/interface_fa.py"], False,
+     "triton"),
+    (["flash_attn/__init__.py"], True, "compiled"),  # editable install: extension not listed
+])
+def test_flash_attn_build(monkeypatch, files: list[str], module_found: bool, build: str) -> None:
+    import importlib.util
+
+    from finetune.hardware.detect import flash_attn_build
+
+    _fake_distributions(monkeypatch, {"flash-attn": files})
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: object() if module_found else None)
+    assert flash_attn_build() == build
+
+
+def test_flash_attn_build_without_flash_attn(monkeypatch) -> None:
+    from finetune.hardware.detect import flash_attn_build
+
+    _fake_distributions(monkeypatch, {"flash-attn-4": []})
+    assert flash_attn_build() is None
 
 
 def test_detect_this_machine_is_real_and_serialisable() -> None:
+    import importlib.metadata
+
     profile = detect()
     assert profile.simulated is False
     assert profile.torch == torch.__version__.split("+")[0]
+    assert profile.transformers == importlib.metadata.version("transformers")
     data = json.loads(json.dumps(profile.to_dict()))
     for key in ("vendor", "arch", "name", "device_count", "memory_gb", "unified_memory",
                 "peak_bf16_tflops", "runtime", "torch"):

@@ -8,6 +8,7 @@ import pytest
 
 from finetune.hardware import OPTIONAL_PACKAGES, PROFILE_NAMES, profile_by_name
 from finetune.hardware.profile import VENDORS
+from finetune.hardware.simulated import SIMULATED_CUDNN_VERSION, SIMULATED_TRANSFORMERS_VERSION
 
 # name -> (vendor, arch, unified memory). Every shipped profile must be listed
 # (a new one states its facts here; a removed one fails its entry).
@@ -53,6 +54,8 @@ def test_profiles_are_simulated_and_consistent(name: str) -> None:
     assert profile.runtime.split()[0] == RUNTIME_OF_VENDOR[profile.vendor]
     assert profile.device_count >= 1 and profile.memory_gb > 0
     assert profile.peak_bf16_tflops is None or profile.peak_bf16_tflops > 0
+    assert profile.transformers == SIMULATED_TRANSFORMERS_VERSION  # fixed: tables are stable
+    assert profile.cudnn == (SIMULATED_CUDNN_VERSION if profile.vendor == "nvidia" else None)
     cc = profile.compute_capability
     if profile.vendor == "nvidia":  # the arch and the capability must tell the same story
         assert profile.arch == f"sm_{cc[0]}{cc[1]}"

@@ -18,11 +18,14 @@ FAMILY_MODULES = ("attention", "optimizer", "precision", "fused_ops", "collectiv
 # Module -> the finetune.kernels modules it may import.
 ALLOWED: dict[str, set[str]] = {
     "registry": set(),
+    "sdpa": {"registry"},  # SDPA backend facts, shared by attention and apply
     **{name: {"registry"} for name in FAMILY_MODULES},
+    "attention": {"registry", "sdpa"},
     "kernel_plan": {"registry"},
     "selfcheck": {"registry", "attention", "optimizer", "kernel_plan"},
-    "planner": {"registry", "kernel_plan", "selfcheck", *FAMILY_MODULES},
-    "apply": {"kernel_plan", "fused_ops"},
+    "apply": {"kernel_plan", "fused_ops", "sdpa"},
+    # The planner calls apply's environment step before its self-checks (see planner.py).
+    "planner": {"registry", "kernel_plan", "selfcheck", "apply", "sdpa", *FAMILY_MODULES},
     "table": {"kernel_plan", "planner"},
 }
 

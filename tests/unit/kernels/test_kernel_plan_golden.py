@@ -1,4 +1,5 @@
-"""Golden table: every named profile, with every optional package and with none."""
+"""Golden table: every named profile, with every optional package and with none, for whole rows
+and for packed rows."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ GOLDEN_ALL = {
     "h100": ("flash_attention_3", "adamw_fused", "liger", "bf16", "nccl"),
     "h200": ("flash_attention_3", "adamw_fused", "liger", "bf16", "nccl"),
     "gh200": ("flash_attention_3", "adamw_fused", "liger", "bf16", "nccl"),
-    "b200": ("flash_attention_2", "adamw_fused", "liger", "bf16", "nccl"),
+    "b200": ("sdpa_cudnn", "adamw_fused", "liger", "bf16", "nccl"),
     "rtx5090": ("flash_attention_2", "adamw_fused", "liger", "bf16", "nccl"),
     "mi250x": ("flash_attention_2", "adamw_fused", "liger", "bf16", "nccl"),
     "mi300x": ("flash_attention_2", "adamw_fused", "liger", "bf16", "nccl"),
@@ -33,28 +34,49 @@ GOLDEN_ALL = {
     "rx9070": ("flash_attention_2", "adamw_fused", "liger", "bf16", "nccl"),
 }
 
-# No optional package: attention falls back to SDPA and nothing is fused, everywhere.
-GOLDEN_NONE = {
-    name: ("sdpa", optimizer, "none", precision, collective)
-    for name, (_, optimizer, _, precision, collective) in GOLDEN_ALL.items()
+# Packed rows, every package: sdpa_cudnn is refused (packed rows carry a mask,
+# pytorch/pytorch#196678), so B200 takes FA4's varlen path; on XPU masked SDPA falls to MATH
+# (intel/torch-xpu-ops#2390), so flex leads. Everywhere else the whole-row choice stays.
+GOLDEN_ALL_PACKED = {
+    name: {"b200": "flash_attention_4", "xpu-max1550": "flex_attention"}.get(name, choices[0])
+    for name, choices in GOLDEN_ALL.items()
 }
 
-# profile -> the SDPA backend torch takes with no packages (causal call, no mask).
+# No optional package: nothing is fused and attention is torch's: sdpa, except on Hopper and
+# datacenter Blackwell, where cuDNN attention (in torch, no package) leads for whole rows.
+_CUDNN_FIRST = ("h100", "h200", "gh200", "b200")
+GOLDEN_NONE = {
+    name: ("sdpa_cudnn" if name in _CUDNN_FIRST else "sdpa", optimizer, "none", precision,
+           collective)
+    for name, (_, optimizer, _, precision, collective) in GOLDEN_ALL.items()
+}
+GOLDEN_NONE_PACKED = {name: "sdpa" for name in GOLDEN_ALL}
+
+# profile -> the SDPA backend torch takes with no packages, causal call without a mask.
 GOLDEN_SDPA_BACKEND = {
     "cpu": "flash", "cpu-amx": "flash", "mps": "math", "xpu-max1550": "math",
     "t4": "efficient", "v100": "efficient", "a100": "flash", "l40s": "flash",
-    "rtx4090": "flash", "h100": "flash", "h200": "flash", "gh200": "flash", "b200": "flash",
+    "rtx4090": "flash", "h100": "cudnn", "h200": "cudnn", "gh200": "cudnn", "b200": "cudnn",
     "rtx5090": "flash", "mi250x": "flash", "mi300x": "flash", "mi300a": "flash",
     "mi325x": "flash", "mi355x": "flash", "rx7900xtx": "flash", "rx9070": "flash",
 }
+# ... and with a 4D mask (padded or packed rows): never cuDNN, never flash on GPUs.
+GOLDEN_SDPA_BACKEND_MASKED = {
+    **{name: "efficient" for name in GOLDEN_SDPA_BACKEND},
+    "cpu": "flash", "cpu-amx": "flash", "mps": "math", "xpu-max1550": "math",
+}
 
-# profile -> environment variables the plan sets (the rest set none).
+# profile -> environment variables the plan sets with no packages (the rest set none). The
+# AOTriton flag on every AMD GPU: the experimental set differs between AOTriton versions.
+_AOTRITON = {"TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1"}
 GOLDEN_ENV = {
-    "mi300x": {"HIPBLASLT_ALLOW_TF32": "1"},
-    "mi300a": {"HIPBLASLT_ALLOW_TF32": "1"},
-    "mi325x": {"HIPBLASLT_ALLOW_TF32": "1"},
-    "mi355x": {"HIPBLASLT_ALLOW_TF32": "1", "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1"},
-    "rx9070": {"TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1"},
+    "mi250x": _AOTRITON,
+    "mi300x": {**_AOTRITON, "HIPBLASLT_ALLOW_TF32": "1"},
+    "mi300a": {**_AOTRITON, "HIPBLASLT_ALLOW_TF32": "1"},
+    "mi325x": {**_AOTRITON, "HIPBLASLT_ALLOW_TF32": "1"},
+    "mi355x": {**_AOTRITON, "HIPBLASLT_ALLOW_TF32": "0"},  # gfx950: TF32 only emulated
+    "rx7900xtx": _AOTRITON,
+    "rx9070": _AOTRITON,
 }
 
 
@@ -64,6 +86,14 @@ def _choices(name: str, packages: str) -> tuple[str, ...]:
         kernel_plan.choice(f)
         for f in ("attention", "optimizer", "fused_ops", "precision", "collective")
     )
+
+
+@pytest.mark.parametrize("name", PROFILE_NAMES)
+def test_golden_packed_attention(name: str) -> None:
+    for packages, golden in (("all", GOLDEN_ALL_PACKED), ("none", GOLDEN_NONE_PACKED)):
+        kernel_plan = plan(profile_by_name(name, packages), KernelsConfig(), packing=True)
+        assert kernel_plan.choice("attention") == golden[name], packages
+        assert kernel_plan.packing and kernel_plan.packing_isolation is not None
 
 
 def test_golden_covers_every_profile() -> None:
@@ -85,6 +115,8 @@ def test_golden_sdpa_backend_env_and_compile(name: str) -> None:
     kernel_plan = plan(profile_by_name(name), KernelsConfig())
     attention = kernel_plan.kernels["attention"]
     assert attention.details["sdpa_backend"] == GOLDEN_SDPA_BACKEND[name]
+    assert attention.details["sdpa_backend_masked"] == GOLDEN_SDPA_BACKEND_MASKED[name]
+    assert attention.details["attn_implementation"] == "sdpa"
     if attention.details["sdpa_backend"] == "math":
         assert "MATH" in attention.reason  # named loudly
     assert kernel_plan.env == GOLDEN_ENV.get(name, {})

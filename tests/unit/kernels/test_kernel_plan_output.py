@@ -61,8 +61,9 @@ def test_plan_dtype_properties(name: str, base, autocast, scaler: bool) -> None:
 @pytest.mark.parametrize(
     ("attention", "isolation"),
     [("flash_attention_2", "varlen"), ("flash_attention_3", "varlen"),
-     ("sdpa", "block_mask_4d"), ("eager", "block_mask_4d"),
-     ("flex_attention", "flex_block_mask"), ("not_an_attention", None)],
+     ("flash_attention_4", "varlen"), ("sdpa", "block_mask_4d"), ("eager", "block_mask_4d"),
+     ("flex_attention", "flex_block_mask"), ("not_an_attention", None),
+     ("sdpa_cudnn", None)],  # packed rows carry a mask, which cuDNN must not take
 )
 def test_packing_isolation(attention: str, isolation: str | None) -> None:
     assert packing_isolation(attention) == isolation
@@ -72,4 +73,17 @@ def test_packing_isolation(attention: str, isolation: str | None) -> None:
 def test_plan_records_packing_isolation() -> None:
     assert plan(profile_by_name("a100", "all"), KernelsConfig()).packing_isolation == "varlen"
     assert plan(profile_by_name("cpu"), KernelsConfig()).packing_isolation == "block_mask_4d"
+    packed = plan(profile_by_name("b200"), KernelsConfig(), packing=True)
+    assert packed.packing_isolation == "block_mask_4d" and packed.to_dict()["kernels"][
+        "attention"]["packing"] is True
+
+
+def test_format_plan_table_shows_routing_and_packing() -> None:
+    text = format_plan_table(plan(profile_by_name("h100"), KernelsConfig()))
+    line = next(x for x in text.splitlines() if x.startswith("attention: "))
+    assert line.startswith("attention: sdpa_cudnn (")
+    for part in ("attn_implementation=sdpa", "cuDNN routing first", "packing off"):
+        assert part in line
+    packed = format_plan_table(plan(profile_by_name("h100"), KernelsConfig(), packing=True))
+    assert "packing on" in packed and "cuDNN routing unmasked_only" in packed
 

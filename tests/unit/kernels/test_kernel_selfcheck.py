@@ -39,6 +39,29 @@ def test_cpu_attention_paths_match_reference(name: str, dtype: str) -> None:
     assert check_attention(ATTENTION.get(name), replace(FACTS, dtype=dtype), "cpu") is None
 
 
+def test_cudnn_sdpa_selfcheck_runs_cudnn_only() -> None:
+    """The sdpa_cudnn self-check may not pass through another SDPA backend: on CPU, where there
+    is no cuDNN attention, it must fail (a fallback to the CPU flash kernel would pass)."""
+    failure = check_attention(ATTENTION.get("sdpa_cudnn"), replace(FACTS, dtype="fp32"), "cpu")
+    assert failure is not None and failure.startswith("sdpa_cudnn raised RuntimeError")
+
+
+def test_selfcheck_at_other_lengths_catches_a_leak_past_the_default_length() -> None:
+    def causal_only_up_to_64(q, k, v, scale):
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1),
+                                             v.repeat_interleave(4, 1), is_causal=True,
+                                             scale=scale)
+        if q.shape[-2] > 64:  # a kernel whose tiling breaks past 64 tokens
+            out = out.clone()
+            out[..., 64:, :] = out[..., 64:, :].flip(-2)
+        return out
+
+    broken = AttentionCandidate("tiled", lambda p, f: (True, ""), forward=causal_only_up_to_64)
+    facts = replace(FACTS, dtype="fp32")
+    assert check_attention(broken, facts, "cpu") is None
+    assert "relative error" in (check_attention(broken, facts, "cpu", seq=130, batch=1) or "")
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_forward_matches_but_has_no_cpu_backward() -> None:
     flex = ATTENTION.get("flex_attention")

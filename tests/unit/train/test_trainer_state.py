@@ -107,3 +107,22 @@ def test_enospc_during_a_save_raises_disk_full_and_keeps_earlier_checkpoints(
     assert not list(root.glob(".tmp-*"))
     assert verify_manifest(first) is None
     assert [s for s, _ in store.list_checkpoints(tmp_path / "run")] == [2]
+
+
+def test_a_learning_rate_changed_on_resume_is_used(make_trainer, tmp_path: Path) -> None:
+    first = make_trainer(tmp_path / "run", "trainer.max_steps=8", "optim.lr=2e-3")
+    first.total_steps = 6  # past the 5 warmup steps
+    first.fit()
+    state = first.state_dict()
+    first.close()
+    same = make_trainer(tmp_path / "same", "trainer.max_steps=8", "optim.lr=2e-3")
+    same.load_state_dict(state, source=tmp_path / "run")
+    changed = make_trainer(tmp_path / "changed", "trainer.max_steps=8", "optim.lr=1e-3")
+    changed.load_state_dict(state, source=tmp_path / "run")
+    lr_same = same.optimizer.param_groups[0]["lr"]
+    lr_changed = changed.optimizer.param_groups[0]["lr"]
+    assert lr_same == first.optimizer.param_groups[0]["lr"] > 0
+    assert lr_changed == pytest.approx(lr_same / 2)
+    assert changed.scheduler.get_last_lr()[0] == pytest.approx(lr_same / 2)
+    same.close()
+    changed.close()
