@@ -123,3 +123,59 @@ def test_full_disk_stops_with_one_paragraph_and_keeps_earlier_checkpoints(
     complete = sorted((run_dir / "checkpoints").glob("step_*"))
     assert complete and all(verify_manifest(c) is None for c in complete)
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("nproc", ["0", "-2"])
+def test_nproc_below_one_exits_2(nproc: str, tmp_path: Path) -> None:
+    result = run_cli("run", "lora_sft", "--nproc", nproc, f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "--nproc" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_weights_name_the_file(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = _run(tmp_path / "run", f"model.name_or_path={model}")
+    assert result.returncode == 2
+    assert "model.safetensors is damaged or incomplete" in result.stderr
+    assert "download the model again" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.weight_decay=inf"])
+def test_non_finite_numbers_exit_2(override: str, tmp_path: Path) -> None:
+    result = _run(tmp_path / "run", override)
+    assert result.returncode == 2
+    assert "not a finite number" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
+    recipe = tmp_path / "my_run.yaml"
+    recipe.write_text("defaults:\n  - run_schema\nrecipe: lora_sft\n  bad: [1,\n")
+    result = run_cli("run", str(recipe))
+    assert result.returncode == 2
+    assert f"{recipe}, line 4, column 6" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_before_the_loop_exits_130_in_one_line(tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    from tests._cli import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", "run", "lora_sft",
+                             f"output_dir={tmp_path / 'run'}"], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the plan is printed; the model and data are loaded next
+        if line.startswith("finetune lora_sft: output_dir="):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted (Ctrl-C)" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # a fresh run leaves nothing behind

@@ -168,3 +168,29 @@ def test_a_data_error_is_a_user_error_with_exit_code_2(tokenizer, data_cfg, tmp_
         _build(data_cfg(path=str(tmp_path / "missing.jsonl")), tokenizer)
     assert isinstance(caught.value, DataError) and isinstance(caught.value, ValueError)
     assert caught.value.exit_code == 2
+
+
+def test_messages_point_to_the_right_fix(tokenizer, data_cfg, jsonl, tmp_path, caplog):
+    """A model folder as data, a missing val_path, numbers where text belongs, and a skipped
+    row's warning: each message names the right key and fix."""
+    import logging
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    with pytest.raises(DataError, match="is a model folder") as info:
+        _build(data_cfg(path=str(model)), tokenizer, micro_batch_size=2)
+    assert "json_key" not in str(info.value)
+
+    good = str(jsonl([{"instruction": "a", "output": "b"}] * 4))
+    with pytest.raises(DataError, match=r"data.val_path='/no/val.jsonl'.*set data.val_path"):
+        _build(data_cfg(path=good, val_path="/no/val.jsonl"), tokenizer, micro_batch_size=2)
+
+    numbers = str(jsonl([{"instruction": 5, "output": "b"}, {"instruction": "a", "output": "b"}],
+                        name="n.jsonl"))
+    with pytest.raises(DataError, match=r'n.jsonl:1: .*got int \(5\).*"instruction": "5"'):
+        _build(data_cfg(path=numbers), tokenizer, micro_batch_size=1)
+    with caplog.at_level(logging.WARNING):
+        _build(data_cfg(path=numbers, on_bad_row="skip"), tokenizer, micro_batch_size=1)
+    assert "skipping" in caplog.text and "on_bad_row" not in caplog.text

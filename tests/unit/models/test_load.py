@@ -135,10 +135,12 @@ def test_tokenizer_keeps_its_pad_token(tiny_tokenizer) -> None:
     assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
 
 
-def test_tokenizer_without_pad_gets_eos(model_cfg, tiny_copy) -> None:
+def test_tokenizer_without_pad_gets_eos_and_says_so(model_cfg, tiny_copy, caplog) -> None:
     folder = tiny_copy("no-pad", tokenizer_config={"pad_token": None})
-    tokenizer = load_tokenizer(model_cfg(folder))
+    with caplog.at_level("INFO", logger="finetune.models.load"):
+        tokenizer = load_tokenizer(model_cfg(folder))
     assert tokenizer.pad_token == tokenizer.eos_token == "<|end|>"
+    assert "no pad token" in caplog.text and "<|end|>" in caplog.text
 
 
 # ---------------------------------------------------------------- load_model
