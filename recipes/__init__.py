@@ -9,7 +9,9 @@ A recipe is a module `finetune.recipes.NAME` beside a primary config `NAME.yaml`
         data_formats=(),    # data formats it can train on; () means any
         metrics=(),         # names of extra per-step metrics its loss reports (LossOutput.metrics)
         extra_models=None,  # (cfg, policy) -> {name: module}: models the loss needs besides
-    )                       # the policy (e.g. DPO's frozen reference); passed to it by name
+                            # the policy (e.g. DPO's frozen reference); passed to it by name
+        num_items=trained_tokens,  # what the loss is normalised by, per micro-batch (DPO: pairs)
+    )
 
 `Recipe` lives in `finetune.train.recipe`. Everything else is shared and lives in `finetune/`:
 `finetune.train.setup` builds the components (accelerator, model with adapter, tokenizer, data,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from finetune.errors import ConfigError
-from finetune.train.loss import LossFn
+from finetune.train.loss import LossFn, trained_tokens
 
 if TYPE_CHECKING:
     from finetune.config.schema import RunConfig
@@ -40,6 +40,9 @@ class Recipe:
         metrics: names of the extra per-step metrics its loss reports, in log order.
         extra_models: builds models the loss needs besides the policy (e.g. a frozen
             reference); they reach the loss as keyword arguments of the same names.
+        num_items: what the loss is normalised by, counted on one micro-batch (default: its
+            trained tokens; a preference recipe counts pairs). The loop sums it over the whole
+            accumulation window and every rank and hands that sum to the loss.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Recipe:
     data_formats: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     extra_models: ExtraModels | None = field(default=None)
+    num_items: Callable[[dict], int] = trained_tokens
 
     def check(self, cfg: RunConfig) -> None:
         """Refuse a config this recipe cannot run (ConfigError naming the fix)."""

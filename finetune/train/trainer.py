@@ -20,7 +20,7 @@ from finetune.config.schema import RunConfig
 from finetune.errors import TrainingError
 from finetune.kernels import KernelPlan
 from finetune.metrics.writers import ConsoleProgress, MetricsFile
-from finetune.train.loss import LossFn, LossOutput, accumulate_gradients, trained_tokens
+from finetune.train.loss import LossFn, LossOutput, accumulate_gradients
 from finetune.train.recipe import Recipe
 from finetune.train.setup import Components
 from finetune.train.signals import PreemptionHandler
@@ -72,6 +72,7 @@ class Trainer:
         self.loss_fn: LossFn = (functools.partial(recipe.loss, **parts.extra_models)
                                 if parts.extra_models else recipe.loss)
         self.recipe_metrics = recipe.metrics
+        self.num_items = recipe.num_items
         self.run_dir = run_dir
         self.total_steps = parts.total_steps
         self.state = LoopState()
@@ -173,7 +174,7 @@ class Trainer:
         model = self.acc.unwrap_model(self.model)
         model.eval()
         for batch in self._val_batches:
-            n = trained_tokens(batch)
+            n = self.num_items(batch)
             if n == 0:
                 continue
             out = self.loss_fn(model, _to_device(batch, self.acc.device), torch.tensor(float(n)))
@@ -270,7 +271,7 @@ class Trainer:
             while self.state.step < self.total_steps:
                 t0 = time.perf_counter()
                 micro = [next(batches) for _ in range(accum)]
-                local_tokens = sum(trained_tokens(b) for b in micro)
+                local_tokens = sum(self.num_items(b) for b in micro)
                 window_tokens = int(self._reduce_sum(local_tokens))
                 input_tokens = int(self._reduce_sum(sum(_input_tokens(b) for b in micro)))
                 on_device = [_to_device(b, self.acc.device) for b in micro]
