@@ -108,6 +108,7 @@ class TrainerConfig:
     keep_last_n: int = 0  # 0: keep all
     keep_best_by: KeepBestBy | None = None
     log_every_n_steps: int = 1
+    prefetch: int = 2  # micro-batches built ahead on a background thread; 0: built in the step
     on_nan: OnNan = OnNan.stop
 
 

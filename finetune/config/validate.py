@@ -17,7 +17,7 @@ POSITIVE = ("trainer.micro_batch_size", "trainer.grad_accum_steps", "trainer.epo
             "peft.r", "trainer.log_every_n_steps")
 NON_NEGATIVE = ("trainer.save_every_n_steps", "trainer.keep_last_n", "trainer.eval_every_n_steps",
                 "trainer.save_every_minutes", "optim.warmup_steps", "optim.weight_decay",
-                "trainer.max_grad_norm", "trainer.eval_max_batches")
+                "trainer.max_grad_norm", "trainer.eval_max_batches", "trainer.prefetch")
 
 
 def _get(run: RunConfig, key: str):

@@ -32,10 +32,17 @@ LossFn = Callable[..., "torch.Tensor | LossOutput"]
 
 @dataclass
 class WindowLoss:
-    """One accumulation window on this rank: the summed token loss and the summed metrics."""
+    """One accumulation window on this rank: the summed token loss and the summed metrics, as
+    0-d tensors on the model's device, so reading them is one host sync for the whole step."""
 
-    loss_sum: float
-    metrics: dict[str, float] = field(default_factory=dict)
+    loss_sum: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the window sums (the same figure a host-side Python float gives), float32
+    where the device has no float64 (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def trained_tokens(batch: dict) -> int:
@@ -66,7 +73,8 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], 
     micro-batch.
     """
     denominator = torch.tensor(float(max(window_tokens, 1)))
-    window = WindowLoss(0.0)
+    total: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         context = no_sync() if (no_sync is not None and not last) else nullcontext()
@@ -74,9 +82,13 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], 
             out = loss_fn(model, batch, denominator)
             loss = out.loss if isinstance(out, LossOutput) else out
             backward(loss * grad_scale)
-        window.loss_sum += float(loss.detach()) * float(denominator)
+        dtype = accumulation_dtype(loss.device)
+        term = loss.detach().to(dtype) * float(denominator)
+        total = term if total is None else total + term
         if isinstance(out, LossOutput):
             for name, value in out.metrics.items():
-                window.metrics[name] = window.metrics.get(name, 0.0) + float(value.detach())
-    return window
+                value = torch.as_tensor(value).detach().to(device=loss.device, dtype=dtype)
+                metrics[name] = value if name not in metrics else metrics[name] + value
+    assert total is not None, "a window has at least one micro-batch"
+    return WindowLoss(total, metrics)
 

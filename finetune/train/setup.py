@@ -67,7 +67,7 @@ def plan_kernels(cfg: RunConfig) -> KernelPlan:
     from finetune.hardware import detect
 
     facts = model_facts(load_model_config(cfg.model))
-    kernel_plan = plan(detect(), cfg.kernels, facts)
+    kernel_plan = plan(detect(), cfg.kernels, facts, packing=cfg.data.packing)
     apply_env(kernel_plan)
     return kernel_plan
 

@@ -20,7 +20,14 @@ from finetune.config.schema import RunConfig
 from finetune.errors import TrainingError
 from finetune.kernels import KernelPlan
 from finetune.metrics.writers import ConsoleProgress, MetricsFile
-from finetune.train.loss import LossFn, LossOutput, accumulate_gradients
+from finetune.train.feed import BatchFeed, to_device
+from finetune.train.loss import (
+    LossFn,
+    LossOutput,
+    WindowLoss,
+    accumulate_gradients,
+    accumulation_dtype,
+)
 from finetune.train.recipe import Recipe
 from finetune.train.setup import Components
 from finetune.train.signals import PreemptionHandler
@@ -33,11 +40,6 @@ logger = logging.getLogger(__name__)
 class LoopResult:
     state: LoopState
     stopped_by: str  # "max_steps" | "preempted"
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    # Tensors and flex-attention BlockMasks both move with .to(device).
-    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
 def _input_tokens(batch: dict) -> int:
@@ -90,7 +92,8 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._val_batches: list[dict] | None = None
         self._last_save_time = time.monotonic()
-        self._saved_step: int | None = None  # the step whose checkpoint this run wrote last
+        self._saved_step: int | None = None
+        self._data_state: dict | None = None  # data position after the last consumed batch  # the step whose checkpoint this run wrote last
         self._logger_run_id: str | None = next((lg.run_id for lg in parts.loggers), None)
 
     # ------------------------------------------------------------ state
@@ -98,7 +101,7 @@ class Trainer:
     def state_dict(self) -> store.TrainerState:
         """Everything a resume needs: weights that train, optimizer, schedule, scaler, loop
         progress, the data position (batches consumed) and this rank's RNG."""
-        progress = {**self.state.to_dict(), "data": self.data.train.state_dict(),
+        progress = {**self.state.to_dict(), "data": self._data_position(),
                     "world_size": self.acc.num_processes, "wandb_run_id": self._logger_run_id}
         scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
         return store.TrainerState(
@@ -106,6 +109,10 @@ class Trainer:
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=scaler, progress=progress,
             rng={self.acc.process_index: store.capture_rng()})
+
+    def _data_position(self) -> dict:
+        """The data position after the last batch the loop consumed (not the ones prefetched)."""
+        return self._data_state if self._data_state is not None else self.data.train.state_dict()
 
     def load_state_dict(self, state: store.TrainerState, *, source: Path) -> None:
         """Continue from `state` (loaded from checkpoint `source`); CheckpointError when it
@@ -121,6 +128,7 @@ class Trainer:
         if state.scaler is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(state.scaler)
         self.data.train.load_state_dict(state.progress["data"])
+        self._data_state = None
         self.state = LoopState.from_dict(state.progress)
         self._saved_step = self.state.step
         self._logger_run_id = self._logger_run_id or state.progress.get("wandb_run_id")
@@ -146,15 +154,6 @@ class Trainer:
 
     # ------------------------------------------------------------ helpers
 
-    def _reduce_sum(self, value: float) -> float:
-        if self.acc.num_processes == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
-        return float(self.acc.reduce(tensor, reduction="sum").item())
-
-    def _any_rank(self, flag: bool) -> bool:
-        return self._reduce_sum(1.0 if flag else 0.0) > 0
-
     def _clip_grad_norm(self) -> float:
         max_norm = self.cfg.trainer.max_grad_norm
         if max_norm > 0:
@@ -177,14 +176,14 @@ class Trainer:
             n = self.num_items(batch)
             if n == 0:
                 continue
-            out = self.loss_fn(model, _to_device(batch, self.acc.device), torch.tensor(float(n)))
+            out = self.loss_fn(model, to_device(batch, self.acc.device), torch.tensor(float(n)))
             loss_sum += float(out.loss if isinstance(out, LossOutput) else out) * n
             tokens += n
         model.train()
-        total_tokens = self._reduce_sum(tokens)
+        loss_sum, total_tokens = self._reduce([loss_sum, tokens])
         if total_tokens == 0:
             return None
-        return self._reduce_sum(loss_sum) / total_tokens
+        return loss_sum / total_tokens
 
     # ------------------------------------------------------------ checkpoint
 
@@ -234,16 +233,6 @@ class Trainer:
         self._last_save_time = time.monotonic()
         return path
 
-    def _save_due(self) -> bool:
-        every = self.cfg.trainer.save_every_n_steps
-        if every and self.state.step % every == 0:
-            return True
-        minutes = self.cfg.trainer.save_every_minutes
-        if minutes > 0:
-            due = time.monotonic() - self._last_save_time >= minutes * 60
-            return self._any_rank(due)
-        return False
-
     # ------------------------------------------------------------ the loop
 
     def _handle_non_finite(self, loss: float, grad_norm: float) -> bool:
@@ -262,51 +251,97 @@ class Trainer:
         return True
 
     def fit(self) -> LoopResult:
+        """Train until total_steps or a preemption signal (then a checkpoint is saved).
+
+        Host syncs per optimizer step: the loss and the recipe's metrics are read once, after
+        the window's backward passes, in the same read (and, with several processes, the same
+        collective) as the preemption and save-time flags; the token counts of the window are
+        summed before its forward passes (one collective, host-side counts); the gradient norm
+        is read for clipping, the non-finite check and the log. See docs/architecture.md.
+        """
         accum = self.cfg.trainer.grad_accum_steps
         world = self.acc.num_processes
-        batches = iter(self.data.train)
+        feed = BatchFeed(self.data.train, depth=self.cfg.trainer.prefetch,
+                         pin=self.acc.device.type == "cuda")
         session_steps = 0
         self.model.train()
-        with PreemptionHandler() as preemption:
-            while self.state.step < self.total_steps:
-                t0 = time.perf_counter()
-                micro = [next(batches) for _ in range(accum)]
-                local_tokens = sum(self.num_items(b) for b in micro)
-                window_tokens = int(self._reduce_sum(local_tokens))
-                input_tokens = int(self._reduce_sum(sum(_input_tokens(b) for b in micro)))
-                on_device = [_to_device(b, self.acc.device) for b in micro]
+        try:
+            with PreemptionHandler() as preemption:
+                while self.state.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    micro = []
+                    for _ in range(accum):
+                        batch, self._data_state = feed.next()
+                        micro.append(batch)
+                    counts = self._reduce([sum(self.num_items(b) for b in micro),
+                                           sum(_input_tokens(b) for b in micro)])
+                    window_tokens, input_tokens = int(counts[0]), int(counts[1])
+                    on_device = [to_device(b, self.acc.device) for b in micro]
+                    # accelerate's prepare() already wraps the model's forward in autocast.
+                    window = accumulate_gradients(
+                        self.model, on_device, self.loss_fn, window_tokens=window_tokens,
+                        backward=self.acc.backward, grad_scale=float(world),
+                        no_sync=(lambda: self.acc.no_sync(self.model)) if world > 1 else None)
+                    loss, extra, stop, time_due = self._read_window(
+                        window, window_tokens, preemption.requested is not None)
+                    grad_norm = self._clip_grad_norm()
+                    skip = self._handle_non_finite(loss, grad_norm)
+                    if not skip:
+                        self.optimizer.step()
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    dt = time.perf_counter() - t0
+                    self.state.step += 1
+                    self.state.tokens_seen += window_tokens
+                    self.state.elapsed_s += dt
+                    session_steps += 1
+                    self._log_step(loss, lr, grad_norm, window_tokens, input_tokens, dt, skip,
+                                   session_steps, extra, feed.take_wait())
+                    self._maybe_eval()
+                    every = self.cfg.trainer.save_every_n_steps
+                    if stop or time_due or (every and self.state.step % every == 0):
+                        self.save_checkpoint()
+                    if stop:
+                        return LoopResult(self.state, "preempted")
+            return LoopResult(self.state, "max_steps")
+        finally:
+            feed.close()
+            if feed.depth and self._data_state is not None:
+                self.data.train.load_state_dict(self._data_state)  # back to what was consumed
 
-                def backward(loss: torch.Tensor) -> None:
-                    self.acc.backward(loss)
+    def _reduce(self, values: list[float]) -> list[float]:
+        """`values` summed over every rank in one collective (as they are with one process)."""
+        if self.acc.num_processes == 1:
+            return values
+        dtype = accumulation_dtype(self.acc.device)
+        tensor = torch.tensor(values, dtype=dtype, device=self.acc.device)
+        return self.acc.reduce(tensor, reduction="sum").tolist()
 
-                # accelerate's prepare() already wraps the model's forward in autocast.
-                window = accumulate_gradients(
-                    self.model, on_device, self.loss_fn, window_tokens=window_tokens,
-                    backward=backward, grad_scale=float(world),
-                    no_sync=(lambda: self.acc.no_sync(self.model)) if world > 1 else None)
-                loss = self._reduce_sum(window.loss_sum) / max(window_tokens, 1)
-                extra = self._recipe_metrics(window.metrics)
-                grad_norm = self._clip_grad_norm()
-                skip = self._handle_non_finite(loss, grad_norm)
-                if not skip:
-                    self.optimizer.step()
-                lr = self.scheduler.get_last_lr()[0]
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                dt = time.perf_counter() - t0
-                self.state.step += 1
-                self.state.tokens_seen += window_tokens
-                self.state.elapsed_s += dt
-                session_steps += 1
-                self._log_step(loss, lr, grad_norm, window_tokens, input_tokens, dt, skip,
-                               session_steps, extra)
-                self._maybe_eval()
-                stop = self._any_rank(preemption.requested is not None)
-                if stop or self._save_due():
-                    self.save_checkpoint()
-                if stop:
-                    return LoopResult(self.state, "preempted")
-        return LoopResult(self.state, "max_steps")
+    def _read_window(self, window: WindowLoss, window_tokens: int,
+                     preempt: bool) -> tuple[float, dict[str, float], bool, bool]:
+        """The step's one read of device values: (loss, recipe metrics, stop, save-time due),
+        summed over ranks in one collective. A signal on any rank stops every rank."""
+        undeclared = sorted(set(window.metrics) - set(self.recipe_metrics))
+        if undeclared:
+            raise TypeError(f"the recipe's loss reported {undeclared}, which its Recipe does not "
+                            "declare in `metrics`")
+        minutes = self.cfg.trainer.save_every_minutes
+        time_due = minutes > 0 and time.monotonic() - self._last_save_time >= minutes * 60
+        sums = window.loss_sum.reshape(1)
+        if self.recipe_metrics:
+            zero = torch.zeros_like(window.loss_sum)
+            sums = torch.stack([window.loss_sum, *(window.metrics.get(n, zero)
+                                                   for n in self.recipe_metrics)])
+        if self.acc.num_processes > 1:
+            flags = torch.tensor([float(preempt), float(time_due)], dtype=sums.dtype,
+                                 device=sums.device)
+            values = self.acc.reduce(torch.cat([sums, flags]), reduction="sum").tolist()
+            values, preempt, time_due = values[:-2], values[-2] > 0, values[-1] > 0
+        else:
+            values = sums.tolist()
+        loss = values[0] / max(window_tokens, 1)
+        return loss, dict(zip(self.recipe_metrics, values[1:], strict=True)), preempt, time_due
 
     def _maybe_eval(self) -> None:
         every = self.cfg.trainer.eval_every_n_steps
@@ -328,18 +363,9 @@ class Trainer:
             for tracker in self.parts.loggers:
                 tracker.log(record)
 
-    def _recipe_metrics(self, local: dict[str, float]) -> dict[str, float]:
-        """The recipe's declared metrics for this step, summed over ranks (each rank's values
-        are already normalised by the whole window)."""
-        undeclared = sorted(set(local) - set(self.recipe_metrics))
-        if undeclared:
-            raise TypeError(f"the recipe's loss reported {undeclared}, which its Recipe does not "
-                            "declare in `metrics`")
-        return {name: self._reduce_sum(local.get(name, 0.0)) for name in self.recipe_metrics}
-
     def _log_step(self, loss: float, lr: float, grad_norm: float, trained: int,
                   input_tokens: int, dt: float, skipped: bool, session_steps: int,
-                  extra: dict[str, float]) -> None:
+                  extra: dict[str, float], data_wait_s: float) -> None:
         if not self.is_main:
             return
         tokens_per_s = input_tokens / dt if dt > 0 else 0.0
@@ -349,7 +375,8 @@ class Trainer:
         record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "trained_tokens": trained, "tokens": input_tokens,
                   "tokens_per_s": tokens_per_s, "step_time_s": dt,
-                  "epoch": self.data.train.epoch, "mfu": mfu, **extra}
+                  "epoch": self._data_position()["epoch"], "mfu": mfu,
+                  "data_wait_s": data_wait_s, **extra}
         if skipped:
             record["skipped_non_finite"] = True
         self.metrics.write(record)

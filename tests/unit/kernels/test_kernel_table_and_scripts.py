@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +18,7 @@ def _load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -54,10 +56,12 @@ def test_gpu_check_sections_report_failures_instead_of_raising() -> None:
     report: dict = {}
     budget = gpu_check.Budget(60)
 
-    def broken() -> dict:
+    def broken(out: dict) -> None:
+        out["measured"] = 1.5
         raise RuntimeError("no kernel image is available")
 
     gpu_check.run_section(report, "attention", budget, 1, broken)
     assert report["attention"]["status"].startswith("failed: RuntimeError: no kernel image")
+    assert report["attention"]["measured"] == 1.5  # partial results are kept
     gpu_check.run_section(report, "lora", gpu_check.Budget(0), 30, broken)
     assert report["lora"]["status"].startswith("skipped")

@@ -81,7 +81,7 @@ def test_window_loss_is_token_mean() -> None:
     micro = [_collate(rows[i:i + 2]) for i in range(0, 8, 2)]
     window = sum(trained_tokens(b) for b in micro)
     loss_sum = accumulate_gradients(model, micro, causal_lm_loss, window_tokens=window,
-                                    backward=lambda loss: loss.backward()).loss_sum
+                                    backward=lambda loss: loss.backward()).loss_sum.item()
     full = _collate(rows)
     with torch.no_grad():
         expected = float(model(**{k: v for k, v in full.items() if k != "labels"},
@@ -102,5 +102,5 @@ def test_loss_output_metrics_sum_to_the_window_mean() -> None:
 
     out = accumulate_gradients(model, micro, loss_with_metric, window_tokens=window,
                                backward=lambda loss: loss.backward())
-    assert out.metrics == {"trained_share": pytest.approx(1.0)}
-    assert out.loss_sum > 0
+    assert {k: v.item() for k, v in out.metrics.items()} == {"trained_share": pytest.approx(1.0)}
+    assert out.loss_sum.item() > 0
