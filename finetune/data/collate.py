@@ -8,8 +8,10 @@ attention_mask. Packed rows follow `packing_isolation` (see finetune.data.packin
 - `block_mask_4d`: attention_mask is [B, 1, T, T] in `mask_dtype`, 0 inside a document's causal
   triangle and the dtype's minimum elsewhere; the padding tail is its own block, so no query row
   is fully masked (which would give NaN).
-- `flex_block_mask`: attention_mask is a flex-attention BlockMask with the same pattern (on CPU; move
-  it with `.to(device)`).
+- `flex_block_mask`: attention_mask is a flex-attention BlockMask with the same pattern.
+
+With a non-CPU `device`, both masks are built there from the per-token document ids: only the
+[B, T] ids cross to the device, never a [B, 1, T, T] mask (256 MiB at B=4, T=4096 in float32).
 - `varlen`: the batch is flattened to one row [1, N] without padding and without attention_mask;
   position_ids restart at 0 for each document.
 """
@@ -29,8 +31,10 @@ class Collator:
     """Builds the batch dict the model is called with."""
 
     def __init__(self, *, pad_id: int, isolation: str | None,
-                 mask_dtype: torch.dtype = torch.float32) -> None:
+                 mask_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
         self.pad_id, self.isolation, self.mask_dtype = pad_id, isolation, mask_dtype
+        self.device = torch.device(device)
 
     def __call__(self, rows: list[list[Document]]) -> dict[str, Any]:
         if self.isolation == "varlen":
@@ -67,10 +71,13 @@ class Collator:
             lengths = np.array([sum(len(ids) for ids, _ in row) for row in rows])
             out["attention_mask"] = torch.from_numpy(
                 (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64))
+        elif self.isolation == "block_mask_4d" and self.device.type != "cpu":
+            out["attention_mask"] = document_mask(torch.from_numpy(doc_index).to(self.device),
+                                                  self.mask_dtype)
         elif self.isolation == "block_mask_4d":
             out["attention_mask"] = block_diagonal_mask(spans, width, self.mask_dtype)
         elif self.isolation == "flex_block_mask":
-            out["attention_mask"] = flex_block_mask(torch.from_numpy(doc_index))
+            out["attention_mask"] = flex_block_mask(torch.from_numpy(doc_index).to(self.device))
         return out
 
 
@@ -91,6 +98,25 @@ def block_diagonal_mask(spans: list[list[tuple[int, int]]], width: int,
     return out if dtype == torch.float32 else out.to(dtype)
 
 
+def document_mask(doc_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [B, 1, T, T] mask of `block_diagonal_mask`, built where `doc_index` (the [B, T]
+    document number of each token) lives: the same values, from two comparisons."""
+    width = doc_index.shape[1]
+    positions = torch.arange(width, device=doc_index.device)
+    allowed = ((doc_index[:, :, None] == doc_index[:, None, :])
+               & (positions[:, None] >= positions[None, :]))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=doc_index.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def mask_bytes(isolation: str | None, micro_batch_size: int, width: int,
+               dtype: torch.dtype) -> int:
+    """Bytes of one micro-batch's dense 4D mask (block_mask_4d), 0 for the other isolations."""
+    if isolation != "block_mask_4d":
+        return 0
+    return micro_batch_size * width * width * torch.finfo(dtype).bits // 8
+
+
 def flex_block_mask(doc_index: torch.Tensor) -> Any:
     """A flex-attention BlockMask for documents packed in rows (same pattern as above)."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -100,4 +126,5 @@ def flex_block_mask(doc_index: torch.Tensor) -> Any:
     def same_document_causal(b, h, q, kv):
         return (doc_index[b, q] == doc_index[b, kv]) & (q >= kv)
 
-    return create_block_mask(same_document_causal, batch, None, width, width, device="cpu")
+    return create_block_mask(same_document_causal, batch, None, width, width,
+                             device=str(doc_index.device))
