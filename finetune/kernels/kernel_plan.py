@@ -88,6 +88,13 @@ class KernelPlan:
         return TORCH_DTYPES[details.get("base_dtype", self.precision)]
 
     @property
+    def trainable_dtype(self) -> torch.dtype:
+        """dtype for the weights that train (fp32 master weights; autocast computes in
+        `compute_dtype`)."""
+        details = self.kernels["precision"].details
+        return TORCH_DTYPES[details.get("trainable_dtype", "fp32")]
+
+    @property
     def autocast_dtype(self) -> torch.dtype | None:
         """dtype to autocast the forward to; None for no autocast."""
         return self.compute_dtype if self.kernels["precision"].details["autocast"] else None

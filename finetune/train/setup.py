@@ -100,8 +100,12 @@ def total_steps(cfg: RunConfig, data: TrainData, world_size: int) -> int:
 
 
 def _build_model(cfg: RunConfig, kernel_plan: KernelPlan) -> tuple[torch.nn.Module, int]:
+    # Frozen weights load in the plan's base dtype; a full fine-tune trains every weight, which
+    # then stay in the trainable dtype (fp32): bf16 weights would lose updates smaller than
+    # their rounding step.
+    full = str(cfg.peft.method) == "none"
     model = load_model(cfg.model, attn_implementation=kernel_plan.attn_implementation,
-                       dtype=kernel_plan.base_dtype)
+                       dtype=kernel_plan.trainable_dtype if full else kernel_plan.base_dtype)
     apply_fused_ops(model, kernel_plan.fused_ops)
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

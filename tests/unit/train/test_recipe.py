@@ -49,3 +49,26 @@ def test_data_formats_are_checked_on_the_config_and_on_the_detected_data() -> No
 def test_unknown_recipe_module_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="finetune ls"):
         load_recipe("no_such_recipe")
+
+
+@pytest.mark.parametrize(("recipe", "trained_dtype"), [("full_sft", "float32"),
+                                                       ("lora_sft", "float32")])
+def test_weights_that_train_stay_fp32_on_a_bf16_plan(recipe: str, trained_dtype: str,
+                                                     tiny_model_dir) -> None:
+    """A full fine-tune on a bf16 plan keeps fp32 weights (bf16 would lose small updates);
+    an adapter run keeps its frozen base in bf16 and its adapter in fp32."""
+    import torch
+
+    from finetune.config.kernels import KernelsConfig
+    from finetune.hardware import profile_by_name
+    from finetune.kernels import plan
+    from finetune.train.setup import _build_model
+
+    kernel_plan = plan(profile_by_name("a100"), KernelsConfig(attention="sdpa"))
+    assert kernel_plan.base_dtype == torch.bfloat16
+    model, _ = _build_model(compose_run_config(recipe, []), kernel_plan)
+    trained = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
+    frozen = {str(p.dtype).removeprefix("torch.") for p in model.parameters()
+              if not p.requires_grad}
+    assert trained == {trained_dtype}
+    assert frozen == (set() if recipe == "full_sft" else {"bfloat16"})
