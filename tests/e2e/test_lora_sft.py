@@ -1,8 +1,11 @@
-"""The default recipe end to end on the tiny model, as a user runs it."""
+"""The supervised fine-tuning recipes (lora_sft, the default, and full_sft) end to end on the
+tiny model, as a user runs them."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,24 +77,22 @@ def test_adapter_reloads_in_peft_with_identical_logits(default_run: Path) -> Non
         assert not torch.allclose(base_only(**ids).logits, got)  # the adapter really matters
 
 
-def test_merge_and_generate(default_run: Path, tmp_path: Path) -> None:
+def test_merge_gives_the_runs_logits(default_run: Path, tmp_path: Path) -> None:
+    """`finetune merge` writes a plain HF folder computing what the run's adapter computes."""
     from transformers import AutoModelForCausalLM
+
+    from finetune.adapters.export import load_trained_model
 
     merged_dir = tmp_path / "merged"
     result = run_cli("merge", str(default_run), str(merged_dir))
     assert result.returncode == 0, result.stderr[-2000:]
+    assert not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    from finetune.adapters.export import load_trained_model
-
     peft_model, tokenizer = load_trained_model(default_run)
     ids = tokenizer("What is 3 + 4?", return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**ids).logits, peft_model.eval()(**ids).logits,
                                    rtol=1e-4, atol=1e-4)
-    generated = run_cli("generate", str(default_run), "--prompt", "Write the number in words.",
-                        "--max-new-tokens", "5")
-    assert generated.returncode == 0, generated.stderr[-2000:]
-    assert generated.stdout.strip()
 
 
 def test_seeded_runs_are_identical(tmp_path: Path) -> None:
@@ -109,11 +110,29 @@ def test_seeded_runs_are_identical(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_full_sft_recipe(tmp_path: Path) -> None:
-    result = run_cli("run", "full_sft", *QUICK, f"output_dir={tmp_path / 'full'}")
+def test_full_sft_trains_every_weight_into_a_plain_model(tiny_model_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """The full_sft recipe end to end: no adapter, every weight of the base moves, the loss
+    falls, and final/ is a model folder plain transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "full"
+    result = run_cli("run", "full_sft", *QUICK, f"output_dir={run_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "full/final/model.safetensors").is_file()
-    assert (tmp_path / "full/final/config.json").is_file()
+    final = run_dir / "final"
+    assert not (final / "adapter_config.json").exists()
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    trained = load_file(str(final / "model.safetensors"))
+    assert set(trained) == set(base)
+    precision = json.loads((run_dir / "kernel_plan.json").read_text())["kernels"]["precision"]
+    unchanged = [name for name in base if torch.equal(base[name].float(), trained[name].float())]
+    assert unchanged == [], (f"weights left at the base values with precision "
+                             f"{precision['choice']} (trainable_dtype "
+                             f"{precision['trainable_dtype']}): {unchanged}")
+    losses = [r["loss"] for r in read_step_metrics(run_dir)]
+    assert len(losses) == 6 and sum(losses[3:]) / 3 < losses[0] - 0.3, losses
+    loaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).state_dict()
+    assert all(torch.equal(loaded[name], trained[name].float()) for name in trained)
 
 
 def test_multirun_sweep(tmp_path: Path) -> None:
@@ -148,13 +167,36 @@ def test_local_model_folder_and_plan_overrides(tiny_model_dir: Path, tmp_path: P
     assert adapter["base_model_name_or_path"] == str(folder)
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:
-    losses = []
+# Runs the CLI with torch.utils.checkpoint.checkpoint counting its calls into a file, so a test
+# can see whether activations were recomputed. Patched before transformers imports it.
+_COUNTING_CHECKPOINT = """
+import sys
+import torch.utils.checkpoint as checkpointing
+real = checkpointing.checkpoint
+def counting(*args, **kwargs):
+    with open(sys.argv[1], "a") as calls:
+        calls.write("1")
+    return real(*args, **kwargs)
+checkpointing.checkpoint = counting
+from finetune.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_losses(tmp_path: Path) -> None:
+    losses, recomputed = [], []
     for name, flag in (("plain", "false"), ("ckpt", "true")):
-        result = run_cli("run", "lora_sft", *QUICK, "trainer.max_steps=3",
-                         f"trainer.gradient_checkpointing={flag}", f"output_dir={tmp_path / name}")
+        calls = tmp_path / f"{name}.calls"
+        calls.write_text("")
+        result = subprocess.run(
+            [sys.executable, "-c", _COUNTING_CHECKPOINT, str(calls), "run", "lora_sft", *QUICK,
+             "trainer.max_steps=3", f"trainer.gradient_checkpointing={flag}",
+             f"output_dir={tmp_path / name}"],
+            cwd=REPO, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
         losses.append([r["loss"] for r in read_step_metrics(tmp_path / name)])
+        recomputed.append(len(calls.read_text()))
+    assert recomputed[0] == 0 and recomputed[1] > 0, recomputed
     for a, b in zip(*losses, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
 

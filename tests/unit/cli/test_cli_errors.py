@@ -8,15 +8,16 @@ from typing import Any
 
 import pytest
 
+from finetune.config.compose import recipe_names, shipped_config_dir
+
 Cli = Callable[..., Any]  # conftest.cli: (*args) -> (code, out, err)
 
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["run", "lora_sft", "optim.lrr=1"], "Did you mean 'optim.lr'"),
     (["run", "lora_sft", "trainer.max_steps=abc"], "trainer.max_steps"),
-    (["run", "lora_sftt"], "Recipes: full_sft, lora_sft"),
-    (["run", "lora_sft", "peft.method=lorra"], "Use one of: lora, dora, rslora, none."),
-    (["run", "lora_sft", "optim.scheduler=cosin"], "Use one of: cosine, linear, constant."),
+    (["run", "lora_sftt"], "unknown recipe 'lora_sftt'. Did you mean 'lora_sft'?"),
+    (["run", "lora_sft", "peft.method=lorra"], "peft.method=lorra is not valid. Use one of: "),
     (["run", "lora_sft", "model.name_or_path=/no/such/model"], "no such model folder"),
     (["run", "lora_sft", "kernels.attention=flash_attention_2"], "flash_attention_2"),
     (["run", "lora_sft", "--nproc", "0"], "argument --nproc: 0: give a whole number"),
@@ -31,7 +32,7 @@ Cli = Callable[..., Any]  # conftest.cli: (*args) -> (code, out, err)
     (["validate"], "required: RECIPE"),
     (["cp", "lora_sft"], "required: DEST"),
     (["merge", "runs/a"], "required: OUT_DIR"),
-    (["generate", "tiny"], "required: --prompt"),
+    (["generate", "tiny"], "--prompt --prompts --interactive is required"),
 ])
 def test_bad_input_exits_2(cli: Cli, args: list[str], expected: str, tmp_path: Path) -> None:
     if args[0] == "run" and len(args) > 1:
@@ -82,9 +83,20 @@ def test_help(cli: Cli) -> None:
     assert run_help.code == 0 and "--nproc N" in run_help.out and "-m, --multirun" in run_help.out
 
 
-def test_ls_cp_validate(cli: Cli, tmp_path: Path) -> None:
+def test_ls_lists_every_recipe_and_every_group_option(cli: Cli) -> None:
     listing = cli("ls")
-    assert listing.code == 0 and "lora_sft" in listing.out and "peft/" in listing.out
+    assert listing.code == 0, listing.err
+    lines = listing.out.splitlines()
+    recipes = lines[1:lines.index("")]
+    assert [line.split()[0] for line in recipes] == recipe_names()
+    assert all(len(line.split()) > 1 for line in recipes)  # each with its description
+    groups = {line.split()[0]: line.split(None, 1)[1] for line in lines[lines.index("") + 2:]}
+    shipped = {f"{d.name}/": ", ".join(sorted(p.stem for p in d.glob("*.yaml")))
+               for d in shipped_config_dir().iterdir() if d.is_dir() and any(d.glob("*.yaml"))}
+    assert groups == shipped
+
+
+def test_cp_then_validate_a_copied_config(cli: Cli, tmp_path: Path) -> None:
     copied = cli("cp", "lora_sft", str(tmp_path / "mine.yaml"))
     assert copied.code == 0, copied.err
     text = (tmp_path / "mine.yaml").read_text()

@@ -70,14 +70,6 @@ def test_profile_facts(name: str) -> None:
     assert (profile.vendor, profile.arch, profile.unified_memory) == EXPECTED[name]
 
 
-def test_only_the_amx_cpu_profile_has_native_bf16() -> None:
-    assert [n for n in PROFILE_NAMES if profile_by_name(n).cpu_bf16] == ["cpu-amx"]
-
-
-def test_assume_packages_all() -> None:
-    assert profile_by_name("a100", "all").packages == frozenset(OPTIONAL_PACKAGES)
-
-
 def test_unknown_profile_lists_valid_names() -> None:
     with pytest.raises(ValueError, match="valid profiles: .*h100.*mi300x"):
         profile_by_name("h1000")

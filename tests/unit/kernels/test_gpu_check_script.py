@@ -128,6 +128,21 @@ def test_a_section_past_its_budget_keeps_partial_results(gpu_check) -> None:
     assert report["memory"]["first_half"] == 1.0 and "second_half" not in report["memory"]
 
 
+def test_a_failing_section_is_reported_not_raised(gpu_check) -> None:
+    report: dict = {}
+    budget = gpu_check.Budget(60)
+
+    def broken(out: dict) -> None:
+        out["measured"] = 1.5
+        raise RuntimeError("no kernel image is available")
+
+    gpu_check.run_section(report, "attention", budget, 1, broken)
+    assert report["attention"]["status"].startswith("failed: RuntimeError: no kernel image")
+    assert report["attention"]["measured"] == 1.5  # partial results are kept
+    gpu_check.run_section(report, "lora", gpu_check.Budget(0), 30, broken)
+    assert report["lora"]["status"].startswith("skipped")
+
+
 def test_skip_is_reported_as_skipped(gpu_check) -> None:
     report: dict = {}
 

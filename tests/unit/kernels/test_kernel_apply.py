@@ -184,11 +184,6 @@ def test_apply_fused_ops_with_no_ops_is_a_no_op(fake_liger) -> None:
     assert fake_liger == []
 
 
-def test_cpu_plan_patches_nothing() -> None:
-    kernel_plan = plan(profile_by_name("cpu", "all"), KernelsConfig())
-    assert apply_fused_ops(torch.nn.Linear(2, 2), kernel_plan.fused_ops) == []
-
-
 @pytest.mark.parametrize(("profile", "flce"), [("h100", True), ("mi355x", False)])
 def test_apply_fused_ops_patches_the_planned_ops(fake_liger, profile: str, flce: bool) -> None:
     model = _model("llama")

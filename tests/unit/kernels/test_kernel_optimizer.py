@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -30,18 +31,26 @@ def test_build_optimizer_flags(choice: str, fused: bool, foreach: bool) -> None:
     assert optimizer.defaults["weight_decay"] == 0.1
 
 
-def test_planned_optimizer_on_this_machine_is_built_and_steps() -> None:
+def test_planned_optimizer_on_this_machine_steps_like_torch_adamw() -> None:
+    """What setup builds from the plan, with the run's hyper-parameters, takes the same steps
+    as torch's reference AdamW (per-parameter loop) given them."""
     choice = plan(detect(), KernelsConfig(selfcheck=False)).choice("optimizer")
-    params = _params()
-    optimizer = build_optimizer(choice, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
-                                weight_decay=0.0)
-    if choice == "adamw_fused":
-        assert optimizer.defaults["fused"] is True
-    before = params[0].detach().clone()
-    params[0].grad = torch.ones_like(params[0])
-    params[1].grad = torch.ones_like(params[1])
-    optimizer.step()
-    assert not torch.equal(before, params[0].detach())
+    hparams = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1}
+    torch.manual_seed(0)
+    ours = _params()
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    built = build_optimizer(choice, ours, lr=hparams["lr"], betas=list(hparams["betas"]),
+                            eps=hparams["eps"], weight_decay=hparams["weight_decay"])
+    torch_adamw = torch.optim.AdamW(reference, foreach=False, fused=False, **hparams)
+    for step in range(3):
+        grads = [torch.randn_like(p) * (step + 1) for p in ours]
+        for params in (ours, reference):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+        built.step()
+        torch_adamw.step()
+    for got, want in zip(ours, reference, strict=True):
+        torch.testing.assert_close(got.detach(), want.detach())
 
 
 def test_unknown_optimizer_name() -> None:
@@ -49,9 +58,20 @@ def test_unknown_optimizer_name() -> None:
         build_optimizer("sgd", _params(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None,
-                    reason="bitsandbytes is installed")
-def test_eight_bit_without_bitsandbytes_is_an_import_error() -> None:
+def test_eight_bit_without_bitsandbytes_is_an_import_error(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     with pytest.raises(ImportError):
         build_optimizer("adamw_8bit", _params(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="bitsandbytes is not installed")
+@pytest.mark.parametrize(("choice", "cls"), [("adamw_8bit", "AdamW8bit"),
+                                             ("paged_adamw_8bit", "PagedAdamW8bit")])
+def test_eight_bit_choices_build_their_bitsandbytes_class(choice: str, cls: str) -> None:
+    optimizer = build_optimizer(choice, _params(), lr=1e-3, betas=[0.9, 0.95], eps=1e-7,
+                                weight_decay=0.1)
+    assert type(optimizer).__name__ == cls
+    assert {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")} == {
+        "lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-7, "weight_decay": 0.1}

@@ -1,4 +1,4 @@
-"""The docs table is the generated one; the scripts import and show --help on CPU."""
+"""The kernel table in the docs is the generated one, and its script catches a stale copy."""
 
 from __future__ import annotations
 
@@ -40,28 +40,3 @@ def test_kernel_table_check_detects_a_stale_doc(tmp_path: Path) -> None:
     assert kernel_table.main(["--write", "--doc", str(doc)]) == 0
     assert kernel_table.main(["--check", "--doc", str(doc)]) == 0
     assert doc.read_text().startswith("intro\n<!-- kernel-table:start -->\n| profile |")
-
-
-@pytest.mark.parametrize("script", ["gpu_check", "kernel_table"])
-def test_scripts_import_and_show_help(script: str, capsys) -> None:
-    module = _load(script)
-    with pytest.raises(SystemExit) as info:
-        module.main(["--help"])
-    assert info.value.code == 0
-    assert "usage:" in capsys.readouterr().out
-
-
-def test_gpu_check_sections_report_failures_instead_of_raising() -> None:
-    gpu_check = _load("gpu_check")
-    report: dict = {}
-    budget = gpu_check.Budget(60)
-
-    def broken(out: dict) -> None:
-        out["measured"] = 1.5
-        raise RuntimeError("no kernel image is available")
-
-    gpu_check.run_section(report, "attention", budget, 1, broken)
-    assert report["attention"]["status"].startswith("failed: RuntimeError: no kernel image")
-    assert report["attention"]["measured"] == 1.5  # partial results are kept
-    gpu_check.run_section(report, "lora", gpu_check.Budget(0), 30, broken)
-    assert report["lora"]["status"].startswith("skipped")
