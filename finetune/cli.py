@@ -108,6 +108,8 @@ def _setup_logging() -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # bitsandbytes warns at import about an optional package of its own; not the user's concern.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # peft calls a transformers method that transformers 5 renamed; the warning is not the user's.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                             category=FutureWarning)

@@ -1,8 +1,11 @@
-"""Regenerate the bundled instruction dataset and the tiny model's tokenizer.
+"""Regenerate the bundled datasets and the tiny model's tokenizer.
 
-Writes finetune/data/bundled/instructions.jsonl (alpaca format: instruction / input / output)
-and finetune/models/tiny_tokenizer.json. Every row is generated here from templates with a fixed
-seed, so the data is license-clean and the output is byte-identical on every run:
+Writes finetune/data/bundled/instructions.jsonl (alpaca format: instruction / input / output),
+finetune/data/bundled/preferences.jsonl (preference format, conversational: prompt / chosen /
+rejected, for the dpo recipe) and finetune/models/tiny_tokenizer.json. Every row is generated
+here from templates with a fixed seed, so the data is license-clean and the output is
+byte-identical on every run. The tokenizer is trained on the instruction rows only, so adding
+the preference data changed neither it nor the tiny model:
 
     python scripts/make_bundled_data.py
 """
@@ -16,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_FILE = ROOT / "finetune" / "data" / "bundled" / "instructions.jsonl"
+PREFERENCE_FILE = ROOT / "finetune" / "data" / "bundled" / "preferences.jsonl"
 TOKENIZER_FILE = ROOT / "finetune" / "models" / "tiny_tokenizer.json"
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "grey", "pink"]
@@ -118,6 +122,47 @@ def generate_rows(n_rows: int, seed: int = 0) -> list[dict]:
     return [TASKS[i % len(TASKS)](rng) for i in range(n_rows)]
 
 
+# The preference pairs teach a visible taste: the concise answer is chosen over the same answer
+# wrapped in filler, so a DPO run's reward margin and accuracy rise within a short run.
+RAMBLE_OPENERS = [
+    "Well, that is a very interesting question, and I am glad you asked it.",
+    "Let me think about this carefully for a moment before I answer.",
+    "Great question! There are many ways to look at this, so let me explain.",
+    "Sure, I can help with that. First, some background on the question.",
+    "Hmm, this one takes a little thought, but I believe I know the answer.",
+]
+RAMBLE_CLOSERS = [
+    "I hope this helps, and let me know if you have any other questions!",
+    "Of course, there is always more that could be said about this topic.",
+    "Please double check it yourself, as it is always good to be careful.",
+    "That is my answer, although other people might explain it differently.",
+    "Thank you for asking, it was a pleasure to think about this with you.",
+]
+
+
+def generate_preference_rows(n_rows: int, seed: int = 1) -> list[dict]:
+    """Return `n_rows` conversational preference rows (prompt / chosen / rejected): the
+    instruction tasks' exact answer is chosen, the same answer padded with filler rejected."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_rows):
+        task = TASKS[i % len(TASKS)](rng)
+        question = task["instruction"] + (f"\n\n{task['input']}" if task["input"] else "")
+        rambling = (f"{rng.choice(RAMBLE_OPENERS)} {task['output']} "
+                    f"{rng.choice(RAMBLE_CLOSERS)}")
+        rows.append({"prompt": [{"role": "user", "content": question}],
+                     "chosen": [{"role": "assistant", "content": task["output"]}],
+                     "rejected": [{"role": "assistant", "content": rambling}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 SPECIAL_TOKENS = ["<|pad|>", "<|begin|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
@@ -156,14 +201,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preference-rows", type=int, default=1000)
     args = parser.parse_args()
     rows = generate_rows(args.rows, args.seed)
-    DATA_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with DATA_FILE.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(DATA_FILE, rows)
     TOKENIZER_FILE.write_text(train_tokenizer(rows), encoding="utf-8")
+    preferences = generate_preference_rows(args.preference_rows, args.seed + 1)
+    write_jsonl(PREFERENCE_FILE, preferences)
     print(f"wrote {len(rows)} rows to {DATA_FILE.relative_to(ROOT)}")
+    print(f"wrote {len(preferences)} rows to {PREFERENCE_FILE.relative_to(ROOT)}")
     print(f"wrote tokenizer to {TOKENIZER_FILE.relative_to(ROOT)}")
 
 

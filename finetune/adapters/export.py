@@ -1,6 +1,7 @@
 """What a run leaves behind as a plain Hugging Face model: write `final/` at the end of a run;
-load a run's adapter, or a checkpoint's trainable weights, onto its base model; merge LoRA into
-the base weights."""
+say what a RUN_OR_MODEL argument names (`describe_source`); load a run's adapter, or a
+checkpoint's trainable weights, onto its base model; merge LoRA (and QLoRA) into the base
+weights."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -51,12 +53,80 @@ def _read_run_config(path: Path) -> dict:
     return OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
 
 
+@dataclass(frozen=True)
+class TrainedSource:
+    """What a RUN_OR_MODEL argument names.
+
+    `kind`: run (its final/), checkpoint, adapter (a peft folder), model (a model folder, a
+    hub id or `tiny`). `path`: the folder to load (a run's final/), or the name. `run_dir`: the
+    folder holding the run's config.yaml and kernel_plan.json (a run, or a checkpoint; for an
+    adapter folder its parent when that is the run), else None. `adapter`: what is loaded is
+    an adapter on a base model (a LoRA run's final/, a checkpoint of one, an adapter folder).
+    """
+
+    kind: str
+    path: Path | str
+    run_dir: Path | None = None
+    adapter: bool = False
+
+    def run_config(self) -> dict | None:
+        """The resolved config the run trained with (config.yaml), if this came from a run."""
+        if self.run_dir is None:
+            return None
+        return OmegaConf.to_container(OmegaConf.load(self.run_dir / "config.yaml"), resolve=True)
+
+    @property
+    def peft_method(self) -> str | None:
+        config = self.run_config()
+        return str(config.get("peft", {}).get("method")) if config else None
+
+    def precision(self) -> str | None:
+        """The precision the run computed in (bf16 | fp16 | fp32), from its kernel_plan.json."""
+        if self.run_dir is None or not (self.run_dir / "kernel_plan.json").is_file():
+            return None
+        plan = json.loads((self.run_dir / "kernel_plan.json").read_text(encoding="utf-8"))
+        return plan.get("kernels", {}).get("precision", {}).get("choice")
+
+
+def describe_source(source: Path | str) -> TrainedSource:
+    """Say what `source` is (see TrainedSource). ConfigError (exit code 2) for a folder or path
+    that holds no model; CheckpointError for a run directory that has no final/ yet."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "final").is_dir():
+            final = path / "final"
+            return TrainedSource("run", final, path, (final / "adapter_config.json").is_file())
+        if (path / "adapter_config.json").is_file():
+            parent = path.parent if (path.parent / "config.yaml").is_file() else None
+            return TrainedSource("adapter", path, parent, adapter=True)
+        if (path / "trainable.safetensors").is_file():
+            method = str(_read_run_config(path).get("peft", {}).get("method"))
+            return TrainedSource("checkpoint", path, path, adapter=method != "none")
+        if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} looks like a run directory without final/ (the run "
+                                  "did not finish?). Pass one of its checkpoints/step_NNNNNNN "
+                                  "directories.")
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"{path} is not a model: it has no config.json (a model folder), "
+                "adapter_config.json (an adapter), final/ (a run) or trainable.safetensors (a "
+                "checkpoint). Pass a run directory, one of its checkpoints/step_NNNNNNN, a "
+                "merged or downloaded model folder, a hub id, or tiny.")
+        return TrainedSource("model", path)
+    text = str(source)
+    if path.exists() or text.startswith((".", "/", "~")):
+        raise ConfigError(f"{source} is not a folder: pass a run directory, a checkpoint, an "
+                          "adapter or model folder, a hub id, or tiny.")
+    return TrainedSource("model", text)
+
+
 def load_trained_model(source: Path | str, *, dtype=None):
     """Return (model, tokenizer) for a run dir, a checkpoint dir, an adapter folder or a model.
 
     A run dir uses its `final/`; a checkpoint dir rebuilds the adapter and loads its trainable
-    weights; a folder with adapter_config.json loads through peft; anything else is loaded as a
-    plain causal LM (`tiny`, a model folder or a hub id).
+    weights; a folder with adapter_config.json loads through peft (a QLoRA adapter onto the
+    base in full precision); anything else is loaded as a plain causal LM (`tiny`, a model
+    folder or a hub id). Errors as `describe_source`.
     """
     import torch
     from peft import PeftModel
@@ -68,10 +138,9 @@ def load_trained_model(source: Path | str, *, dtype=None):
     from finetune.models import load_model, load_tokenizer
 
     dtype = dtype or torch.float32
-    path = Path(source)
-    if path.is_dir() and (path / "final").is_dir():
-        path = path / "final"
-    if path.is_dir() and (path / "adapter_config.json").is_file():
+    found = describe_source(source)
+    path = found.path
+    if found.adapter and found.kind != "checkpoint":
         adapter_cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         base_cfg = ModelConfig(name_or_path=adapter_cfg["base_model_name_or_path"])
         base = load_model(base_cfg, attn_implementation="sdpa", dtype=dtype)
@@ -79,7 +148,7 @@ def load_trained_model(source: Path | str, *, dtype=None):
         from transformers import AutoTokenizer
 
         return model, AutoTokenizer.from_pretrained(str(path))  # saved beside the adapter
-    if path.is_dir() and (path / "trainable.safetensors").is_file():
+    if found.kind == "checkpoint":
         problem = verify_manifest(path)
         if problem is not None:
             raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
@@ -89,22 +158,50 @@ def load_trained_model(source: Path | str, *, dtype=None):
                               PeftConfig(**run["peft"]))
         load_trainable(model, load_file(str(path / "trainable.safetensors")), path)
         return model, load_tokenizer(model_cfg)
-    if path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} looks like a run directory without final/ (the run did not "
-                              "finish?). Pass one of its checkpoints/step_NNNNNNN directories.")
-    model_cfg = ModelConfig(name_or_path=str(source))
+    model_cfg = ModelConfig(name_or_path=str(path))  # a model, or a full fine-tune's final/
     return load_model(model_cfg, attn_implementation="sdpa", dtype=dtype), \
         load_tokenizer(model_cfg)
 
 
+def _merge_dtype(found: TrainedSource):
+    """The dtype a run's adapter is merged in: fp32, except for QLoRA runs (see merge_to_folder)."""
+    import torch
+
+    from finetune.adapters.qlora import QLORA
+
+    if found.peft_method != QLORA:
+        return torch.float32
+    return torch.float16 if found.precision() == "fp16" else torch.bfloat16
+
+
 def merge_to_folder(source: Path | str, out_dir: Path | str) -> Path:
-    """Merge a LoRA run/checkpoint into its base and write a full HF model folder (safetensors)."""
+    """Merge a LoRA run/checkpoint into its base and write a full HF model folder (safetensors).
+
+    A QLoRA run trained against 4-bit base weights; its adapter is merged into the base loaded
+    in the run's 16-bit compute dtype (bf16, or fp16 for an fp16 run), which is logged, since
+    merging into the 4-bit weights would round the adapter's update away. ConfigError (exit
+    code 2) when `source` has no adapter to merge (a full fine-tune's final/ is already a
+    complete model) or OUT_DIR is not empty.
+    """
+    import torch
     from peft import PeftModel
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"OUT_DIR {out} is not empty; not overwriting it. Choose a new folder.")
-    model, tokenizer = load_trained_model(source)
+    found = describe_source(source)
+    if not found.adapter:
+        raise ConfigError(f"{source} has no adapter to merge: it is a complete model already "
+                          "(a full fine-tune's final/, a merged folder or a base model). Load it "
+                          "directly with AutoModelForCausalLM.from_pretrained, or pass a LoRA "
+                          "run, one of its checkpoints or an adapter folder.")
+    dtype = _merge_dtype(found)
+    if dtype != torch.float32:
+        logger.warning("%s is a QLoRA run: its adapter is merged into the base loaded in %s "
+                       "(not into the 4-bit NF4 weights it trained against); the merged model "
+                       "is saved in %s", source, str(dtype).removeprefix("torch."),
+                       str(dtype).removeprefix("torch."))
+    model, tokenizer = load_trained_model(source, dtype=dtype)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)

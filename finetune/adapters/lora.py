@@ -13,13 +13,20 @@ def apply_adapter(model, cfg: PeftConfig):
     """Wrap `model` with the configured adapter and return the model to train.
 
     `method: none` returns the model unchanged with every weight trainable (full fine-tune).
-    Adapter weights stay fp32 even when the frozen base is bf16/fp16.
+    Adapter weights stay fp32 even when the frozen base is bf16/fp16. `method: qlora` is LoRA;
+    on a 4-bit base (finetune.adapters.qlora) the base is first prepared for training, and on
+    a full-precision base (a QLoRA run loaded for evaluation or merging) it is plain LoRA.
     """
     if cfg.method == "none":
         for param in model.parameters():
             param.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
+
+    from finetune.adapters.qlora import QLORA, is_quantized, prepare_quantized
+
+    if cfg.method == QLORA and is_quantized(model):
+        model = prepare_quantized(model)
 
     targets = cfg.target_modules
     if not isinstance(targets, str):

@@ -38,6 +38,12 @@ COMMANDS: dict[str, Command] = {
                             "dataset statistics after templating and packing", own_parser=True),
     "merge": Command("merge", "RUN_OR_CHECKPOINT OUT_DIR",
                      "merge a LoRA run into a full HF model folder"),
-    "generate": Command("generate", "MODEL_OR_RUN --prompt TEXT",
-                        "sample from a model or a fine-tuned run"),
+    "generate": Command("generate", "MODEL_OR_RUN (--prompt TEXT | --prompts FILE.jsonl | "
+                        "--interactive)", "sample from a model or a fine-tuned run (streamed; "
+                        "--temperature, --top-p, --seed, --max-new-tokens)"),
+    "eval": Command("eval", "RUN_OR_MODEL [data.KEY=VALUE...] [--json]",
+                    "loss, perplexity and token counts on a dataset (a run's held-out rows by "
+                    "default), templated and masked as in training"),
+    "report": Command("report", "RUN_DIR [RUN_DIR...] [--plot OUT.png] [--json]",
+                      "compare runs: config differences, loss, throughput, MFU, memory"),
 }

@@ -43,12 +43,13 @@ def mark_trained(tokenizer: Any, ids: np.ndarray, trained: np.ndarray) -> str:
 
 def inspect_data(cfg: DataConfig, tokenizer: Any, *, attention: str = "auto", seed: int = 0,
                  micro_batch_size: int = 1,
-                 max_context: int | None = None) -> tuple[dict[str, Any], str]:
+                 max_context: int | None = None,
+                 pairs: bool = False) -> tuple[dict[str, Any], str]:
     """Build the data and describe it: (report dict, human-readable text). `max_context` is
     the model's context length (the bound of data.max_seq_len=auto)."""
     attention = "sdpa" if attention == "auto" else attention
     data = build_data(cfg, tokenizer, attention=attention, seed=seed,
-                      micro_batch_size=micro_batch_size, max_context=max_context)
+                      micro_batch_size=micro_batch_size, max_context=max_context, pairs=pairs)
     stats = data.stats.to_dict()
     report = {key: stats[key] for key in JSON_KEYS + EXTRA_KEYS}
     preview = data.preview(1)
@@ -104,13 +105,15 @@ def main(argv: list[str]) -> int:
         return int(exc.code or 0)
     from finetune.config.compose import compose_run_config
     from finetune.models import context_length, load_model_config, load_tokenizer
+    from finetune.train.recipe import load_recipe
 
     try:
         run = compose_run_config(args.recipe, args.overrides)
         tokenizer = load_tokenizer(run.model)
         report, text = inspect_data(run.data, tokenizer, attention=run.kernels.attention,
                                     seed=run.seed, micro_batch_size=run.trainer.micro_batch_size,
-                                    max_context=context_length(load_model_config(run.model)))
+                                    max_context=context_length(load_model_config(run.model)),
+                                    pairs=load_recipe(run.recipe).pairs)
     except FinetuneError as exc:  # DataError and ConfigError among them
         print(f"finetune data inspect: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -13,6 +13,8 @@ from hydra.core.config_store import ConfigStore
 
 from finetune.config.choice import Choice
 from finetune.config.data import DataConfig
+from finetune.config.dpo import DpoConfig
+from finetune.config.eval import EvalConfig
 from finetune.config.kernels import KernelsConfig
 
 
@@ -22,6 +24,7 @@ class PeftMethod(Choice):
     lora = "lora"
     dora = "dora"
     rslora = "rslora"
+    qlora = "qlora"
     none = "none"
 
 
@@ -55,18 +58,31 @@ class KeepBestBy(Choice):
 
 
 class LoggerName(Choice):
-    """Where metrics go besides metrics.jsonl and the console."""
+    """The trackers metrics can go to besides metrics.jsonl and the console (each one a switch
+    of `LoggerConfig`, turned on by the `logger` group option of the same name)."""
 
-    console = "console"
     wandb = "wandb"
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
 
 
 class LoggerMode(Choice):
-    """W&B's mode."""
+    """W&B's mode. `online` falls back to `offline` (with a line saying how to sync later) when
+    there is no API key or the W&B host cannot be reached."""
 
     online = "online"
     offline = "offline"
     disabled = "disabled"
+
+
+class DisplayMode(Choice):
+    """The console display: `live` redraws one status block in place, `plain` prints a line
+    every `trainer.log_every_n_steps` steps, `auto` is live on a terminal and plain elsewhere
+    (CI, SLURM logs, a pipe)."""
+
+    auto = "auto"
+    live = "live"
+    plain = "plain"
 
 
 @dataclass
@@ -128,14 +144,26 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
-    """Where metrics go besides metrics.jsonl and the console."""
+    """Where metrics go besides metrics.jsonl and the console display.
 
-    name: LoggerName = LoggerName.console
-    project: str = "finetune"
-    entity: Any = None
-    run_name: Any = None
-    mode: LoggerMode = LoggerMode.online  # wandb only
-    tags: list[str] = field(default_factory=list)
+    One switch per tracker, so Hydra's list of group options composes: `logger=wandb` turns on
+    W&B, `logger=[wandb,tensorboard]` both (the same as `logger.wandb=true
+    logger.tensorboard=true`), `logger=console` none.
+    """
+
+    wandb: bool = False
+    tensorboard: bool = False  # event files in OUTPUT_DIR/tb/
+    mlflow: bool = False  # MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlruns
+    display: DisplayMode = DisplayMode.auto
+    project: str = "finetune"  # W&B project, MLflow experiment
+    entity: Any = None  # W&B team or user
+    run_name: Any = None  # W&B and MLflow run name; None: the output directory's name
+    mode: LoggerMode = LoggerMode.online  # W&B
+    tags: list[str] = field(default_factory=list)  # W&B and MLflow
+
+    def trackers(self) -> list[LoggerName]:
+        """The trackers switched on, in a fixed order."""
+        return [name for name in LoggerName if getattr(self, name.value)]
 
 
 @dataclass
@@ -154,6 +182,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 GROUP_SCHEMAS: dict[str, type] = {
@@ -164,6 +194,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "optim": OptimConfig,
     "kernels": KernelsConfig,
     "logger": LoggerConfig,
+    "dpo": DpoConfig,
 }
 
 

@@ -14,10 +14,11 @@ from finetune.config.schema import RunConfig
 from finetune.errors import ConfigError
 
 POSITIVE = ("trainer.micro_batch_size", "trainer.grad_accum_steps", "trainer.epochs",
-            "peft.r", "trainer.log_every_n_steps")
+            "peft.r", "trainer.log_every_n_steps", "eval.max_new_tokens")
 NON_NEGATIVE = ("trainer.save_every_n_steps", "trainer.keep_last_n", "trainer.eval_every_n_steps",
                 "trainer.save_every_minutes", "optim.warmup_steps", "optim.weight_decay",
-                "trainer.max_grad_norm", "trainer.eval_max_batches", "trainer.prefetch")
+                "trainer.max_grad_norm", "trainer.eval_max_batches", "trainer.prefetch",
+                "eval.generate_every_n_steps")
 
 
 def _get(run: RunConfig, key: str):

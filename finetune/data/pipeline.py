@@ -4,7 +4,8 @@ The trainer calls `build_data(cfg.data, tokenizer, attention=plan's attention, s
 micro_batch_size=..., rank=..., world_size=...)` and gets a `TrainData`
 (finetune.data.train_data): `train` (resumable micro-batches), `val_batches(max_batches)`,
 `preview(n)` and `stats`. Here the settings are checked and the shared parts made (the encoder,
-the collator, the sources); `InMemoryData` or, with data.streaming, `StreamingData` does the rest.
+the collator, the sources); `InMemoryData` or, with data.streaming, `StreamingData` does the rest,
+and `PreferenceData` (finetune.data.preference) when a recipe trains on preference pairs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from finetune.config.data import DataConfig
+from finetune.config.data import DataConfig, TrainOn
 from finetune.data.collate import Collator
 from finetune.data.encode import FastEncoder, TokenCache, default_cache_dir
 from finetune.data.errors import DataError
@@ -22,6 +23,8 @@ from finetune.data.in_memory import InMemoryData, build_in_memory
 from finetune.data.ingest import tokenizer_fingerprint
 from finetune.data.length import AUTO, UNKNOWN_CONTEXT
 from finetune.data.packing import packing_isolation
+from finetune.data.pairs import check_pair_settings
+from finetune.data.preference import PreferenceData, build_preference_data
 from finetune.data.settings import check_settings, mixture_weights
 from finetune.data.sources import path_list, resolve_source
 from finetune.data.streaming import StreamingData
@@ -32,12 +35,16 @@ from finetune.data.train_data import TrainData
 def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
                micro_batch_size: int, rank: int = 0, world_size: int = 1,
                mask_dtype: torch.dtype = torch.float32,
-               max_context: int | None = None) -> TrainData:
+               max_context: int | None = None, pairs: bool = False) -> TrainData:
     """Build the data for one rank. `attention` is the resolved attention implementation (it
     decides how packed documents are isolated); `mask_dtype` is the dtype of a 4D packed mask
     (the model's compute dtype); `max_context` the model's context length, the upper bound of
-    data.max_seq_len=auto. Raises DataError for bad data or settings."""
+    data.max_seq_len=auto. With `pairs`, the data is preference pairs whose batches hold both
+    answers of each pair (finetune.data.preference). Raises DataError for bad data or
+    settings."""
     check_settings(cfg)
+    if pairs:
+        check_pair_settings(cfg)
     auto_cap = None
     if cfg.max_seq_len == AUTO:
         if cfg.streaming:
@@ -48,7 +55,9 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
         cfg = replace(cfg, max_seq_len=auto_cap)
     isolation = packing_isolation(attention) if cfg.packing else None
     template, template_from = resolve_template(tokenizer, cfg.chat_template)
-    encoder = FastEncoder(tokenizer, template, train_on=cfg.train_on, max_seq_len=cfg.max_seq_len,
+    # A pair's completion is its last assistant turn; the turns before it are its prompt.
+    train_on = TrainOn.last_turn if pairs else cfg.train_on
+    encoder = FastEncoder(tokenizer, template, train_on=train_on, max_seq_len=cfg.max_seq_len,
                           truncation=cfg.truncation, on_bad_row=cfg.on_bad_row,
                           cache=None if cfg.streaming else TokenCache(
                               default_cache_dir(cfg.cache_dir)))
@@ -62,8 +71,14 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
     val_sources = ([resolve_source(spec, **options, key="data.val_path")
                     for spec in path_list(cfg.val_path, "data.val_path")]
                    if cfg.val_path is not None else [])
-    data: StreamingData | InMemoryData
-    if cfg.streaming:
+    data: StreamingData | InMemoryData | PreferenceData
+    if pairs:
+        data = build_preference_data(
+            cfg, sources, val_sources, encoder, collator,
+            tokenizer_hash=tokenizer_fingerprint(tokenizer, template), seed=seed,
+            micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+            template_from=template_from, auto_cap=auto_cap)
+    elif cfg.streaming:
         data = StreamingData(cfg, sources, weights, val_sources, encoder, collator, seed=seed,
                              micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                              isolation=isolation, template_from=template_from)

@@ -1,21 +1,14 @@
-"""The end-of-run summary: summary.json's figures and the lines printed when a run ends."""
+"""The end-of-run summary: summary.json's figures (the lines printed from them are in
+finetune.metrics.banner)."""
 
 from __future__ import annotations
 
-import resource
 import sys
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak device memory allocated on CUDA/ROCm; peak resident memory of the process elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+from finetune.metrics.memory import peak_memory_gb
 
 
 def tenth_mean(values: list[float], last: bool) -> float | None:
@@ -27,55 +20,67 @@ def tenth_mean(values: list[float], last: bool) -> float | None:
     return sum(part) / len(part)
 
 
+def step_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Throughput, MFU, peak memory and best eval loss over metrics.jsonl's records.
+
+    Means are weighted by step time (total tokens over total time; MFU the same way) and leave
+    out the first step, which pays one-time warm-up (allocator, kernel selection, compile).
+    """
+    steps = [r for r in records if "loss" in r and r.get("step_time_s")]
+    timed = steps[1:] if len(steps) > 1 else steps
+    seconds = sum(r["step_time_s"] for r in timed)
+    with_mfu = [r for r in timed if r.get("mfu") is not None]
+    mfu_seconds = sum(r["step_time_s"] for r in with_mfu)
+    evals = [r for r in records if r.get("eval_loss") is not None]
+    best = min(evals, key=lambda r: r["eval_loss"]) if evals else None
+    peaks = [r["peak_mem_gb"] for r in steps if r.get("peak_mem_gb") is not None]
+    return {
+        "mean_tokens_per_s": sum(r["tokens"] for r in timed) / seconds if seconds else None,
+        "mean_mfu": (sum(r["mfu"] * r["step_time_s"] for r in with_mfu) / mfu_seconds
+                     if mfu_seconds else None),
+        "best_eval_step": best["step"] if best else None,
+        "recorded_peak_memory_gb": max(peaks) if peaks else None,
+    }
+
+
 def run_summary(progress: dict[str, Any], losses: list[float], data_stats: dict[str, Any], *,
                 total_steps: int, world_size: int, device: torch.device,
                 resume_changes: list[str], forced_changes: list[str],
-                history_complete: bool = True) -> dict[str, Any]:
+                history_complete: bool = True,
+                records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """summary.json: `progress` is the loop state (step, tokens_seen, elapsed_s, ...), `losses`
     every step's loss metrics.jsonl holds for the run (across resumes); `history_complete` is
-    False when it lost steps from before a resume, so first_loss covers only what it holds."""
+    False when it lost steps from before a resume, so first_loss covers only what it holds.
+    `records` (metrics.jsonl's rows, `writers.read_records`) adds the mean tokens/s and MFU
+    and the best eval step; the peak memory is the larger of this process's and the records'
+    (an earlier session of a resumed run may have peaked higher)."""
     elapsed = progress["elapsed_s"]
+    figures = step_figures(records or [])
+    recorded_peak = figures.pop("recorded_peak_memory_gb")
+    peak = max(peak_memory_gb(device), recorded_peak or 0.0)
     return {
         "steps": progress["step"],
         "total_steps": total_steps,
         "tokens_seen": progress["tokens_seen"],
         "elapsed_s": round(elapsed, 3),
         "trained_tokens_per_s": progress["tokens_seen"] / elapsed if elapsed else None,
+        "mean_tokens_per_s": figures["mean_tokens_per_s"],
+        "mean_mfu": figures["mean_mfu"],
         "first_loss": tenth_mean(losses, last=False),
         "loss_history": "complete" if history_complete else "partial",
         "last_loss": tenth_mean(losses, last=True),
         "eval_loss": progress["last_eval_loss"],
         "best_eval_loss": progress["best_eval_loss"],
+        "best_eval_step": figures["best_eval_step"],
         "nan_skipped_steps": progress["nan_skipped"],
         "skipped_rows": data_stats.get("skipped_rows", 0),
         "truncated_rows": data_stats.get("truncated_rows", 0),
         "dropped_rows": data_stats.get("dropped_rows", 0),
         "data": data_stats,
-        "peak_memory_gb": round(peak_memory_gb(device), 3),
+        "peak_memory_gb": round(peak, 3),
         "world_size": world_size,
         "resume_changes": resume_changes,
         "resume_forced_changes": forced_changes,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
     }
-
-
-def print_summary(out: Callable[[str], None], summary: dict[str, Any], final: Path) -> None:
-    """The closing lines of a run: loss change, eval loss, steps, tokens, time, outputs."""
-    first, last = summary["first_loss"], summary["last_loss"]
-    drop = f" ({(1 - last / first):.0%} lower)" if first and last else ""
-    out("")
-    out("done.")
-    if first is not None:
-        partial = "" if summary["loss_history"] == "complete" else (
-            " [partial history: metrics.jsonl lost steps from before a resume]")
-        out(f"  loss: {first:.4f} (first tenth) -> {last:.4f} (last tenth){drop}{partial}")
-    if summary["eval_loss"] is not None:
-        out(f"  eval loss: {summary['eval_loss']:.4f}")
-    out(f"  steps: {summary['steps']}, trained tokens: {summary['tokens_seen']}, "
-        f"time: {summary['elapsed_s']:.1f} s")
-    data = summary["data"]
-    out(f"  rows: {summary['truncated_rows']} truncated, {summary['dropped_rows']} dropped, "
-        f"{summary['skipped_rows']} skipped of {data.get('rows_read', 0)} read "
-        f"(max_seq_len {data.get('max_seq_len')}: {data.get('max_seq_len_from', '')})")
-    out(f"  final model: {final}")

@@ -1,16 +1,13 @@
-"""Where step metrics go: metrics.jsonl (always), the console, and optionally W&B."""
+"""metrics.jsonl (write, read back, cut back on resume) and the plain console line of a step."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
 from pathlib import Path
-
-from finetune.config.schema import LoggerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -19,30 +16,51 @@ class MetricsFile:
     """Appends one JSON object per optimizer step and flushes it, so it can be followed live.
 
     The file is opened on the first write, so a resume may still cut it back before then.
+    Each record is flushed to the OS at once (a crash of the process loses nothing); it is
+    forced to disk at most every `sync_every_s` seconds and at close, because an fsync per step
+    costs milliseconds on network filesystems.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sync_every_s: float = 10.0) -> None:
         self.path = path
+        self.sync_every_s = sync_every_s
         self._file = None
+        self._synced = time.monotonic()
 
     def write(self, record: dict) -> None:
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if time.monotonic() - self._synced >= self.sync_every_s:
+            os.fsync(self._file.fileno())
+            self._synced = time.monotonic()
 
     def close(self) -> None:
         if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
+            self._file = None
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every record of a metrics.jsonl (step and eval rows, in order); a torn last line (a crash
+    mid-write) is left out. An absent file has none."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def step_losses(path: Path) -> list[float]:
     """The training loss of every step recorded in metrics.jsonl, in order (whole run)."""
-    if not path.is_file():
-        return []
-    records = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
-    return [r["loss"] for r in records if "loss" in r]
+    return [r["loss"] for r in read_records(path) if "loss" in r]
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:
@@ -62,13 +80,15 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _fmt_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """H:MM:SS of a number of seconds (negative counts as 0)."""
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class ConsoleProgress:
-    """One line per logged step: step, loss, lr, tokens/s and time left."""
+    """One line per logged step: step, loss, lr, grad norm, tokens/s, MFU and memory when known,
+    and time left. The display where output is not a terminal (CI, SLURM logs)."""
 
     def __init__(self, total_steps: int, stream=None) -> None:
         self.total_steps = total_steps
@@ -84,36 +104,10 @@ class ConsoleProgress:
                  f"{record['tokens_per_s']:.0f} tok/s"]
         if record.get("mfu") is not None:
             parts.append(f"mfu {record['mfu']:.1%}")
-        parts.append(f"eta {_fmt_duration(eta)}")
+        if record.get("peak_mem_gb") is not None:
+            parts.append(f"mem {record['peak_mem_gb']:.2f} GiB")
+        parts.append(f"eta {format_duration(eta)}")
         print(" | ".join(parts), file=self.stream, flush=True)
 
     def line(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
-
-
-class WandbLogger:
-    """Mirrors metrics to Weights & Biases. The API key comes from `wandb login` or the
-    environment and is never written anywhere by finetune."""
-
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict,
-                 resume_id: str | None) -> None:
-        import wandb
-
-        self._wandb = wandb
-        self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, name=cfg.run_name, mode=cfg.mode,
-            tags=list(cfg.tags), dir=str(run_dir), config=config,
-            id=resume_id, resume="allow" if resume_id else None,
-        )
-        self.run_id = self.run.id
-
-    def log(self, record: dict) -> None:
-        clean = {k: v for k, v in record.items()
-                 if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v))}
-        self._wandb.log(clean, step=record["step"])
-
-    def finish(self, summary: dict) -> None:
-        for key, value in summary.items():
-            if isinstance(value, int | float | str):
-                self.run.summary[key] = value
-        self._wandb.finish()

@@ -125,17 +125,23 @@ def _damaged_weights(source: str) -> list[str]:
     return damaged
 
 
-def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype):
-    """Load the causal LM with the plan's attention implementation and weight dtype."""
+def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype, quantization=None):
+    """Load the causal LM with the plan's attention implementation and weight dtype.
+
+    `quantization` is a transformers quantization config (QLoRA's 4-bit NF4:
+    finetune.adapters.qlora.quantization_config); the quantized layers are then placed on the
+    current accelerator (or the CPU) as they load, the other weights kept in `dtype`.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     source = resolve_model_path(cfg)
+    extra = {"quantization_config": quantization} if quantization is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=attn_implementation, dtype=dtype)
+            attn_implementation=attn_implementation, dtype=dtype, **extra)
     except (OSError, ValueError) as exc:
         raise _hub_error(cfg.name_or_path, exc, source) from None
     except Exception as exc:
@@ -146,6 +152,7 @@ def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype):
             f"model.name_or_path={cfg.name_or_path}: weight file {', '.join(damaged)} is damaged "
             f"or incomplete ({type(exc).__name__}: {str(exc).splitlines()[0]}). An interrupted "
             "download leaves such files: download the model again.") from None
-    logger.info("loaded %s (%s, %s, attention=%s)", cfg.name_or_path, type(model).__name__,
-                dtype, model.config._attn_implementation)
+    logger.info("loaded %s (%s, %s%s, attention=%s)", cfg.name_or_path, type(model).__name__,
+                dtype, ", 4-bit NF4 linear layers" if quantization is not None else "",
+                model.config._attn_implementation)
     return model

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 RECIPE_PACKAGE = "finetune.recipes"
 
-# (cfg, policy model before wrapping) -> extra models by name, handed to the loss as keywords.
-ExtraModels = Callable[["RunConfig", torch.nn.Module], Mapping[str, torch.nn.Module]]
+# (cfg, policy model before wrapping, *, data, plan, device) -> extra models by name, handed to
+# the loss as keywords.
+ExtraModels = Callable[..., Mapping[str, torch.nn.Module]]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Recipe:
     metrics: tuple[str, ...] = ()
     extra_models: ExtraModels | None = field(default=None)
     num_items: Callable[[dict], int] = trained_tokens
+    pairs: bool = False  # the data comes as chosen/rejected pairs (finetune.data.preference)
 
     def check(self, cfg: RunConfig) -> None:
         """Refuse a config this recipe cannot run (ConfigError naming the fix)."""
@@ -59,7 +61,8 @@ class Recipe:
         if self.trains == "adapter" and method == "none":
             raise ConfigError(
                 f"recipe {self.name} trains an adapter, but peft.method=none. Choose an adapter "
-                "(peft=lora, peft=dora or peft=rslora), or run full_sft to train every weight.")
+                "(peft=lora, peft=dora, peft=rslora or peft=qlora), or run full_sft to train "
+                "every weight.")
         if self.trains == "all" and method != "none":
             raise ConfigError(
                 f"recipe {self.name} trains every weight, but peft.method={method}. Use "

@@ -8,20 +8,21 @@ Each step lives in its own module: the kernel plan in `finetune.kernels` (throug
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from finetune.adapters import count_parameters
 from finetune.adapters.export import export_final
 from finetune.checkpoint import store
 from finetune.checkpoint.files import write_json
 from finetune.config import config_dict, config_yaml
 from finetune.config.schema import RunConfig
 from finetune.data.settings import check_settings as check_data_settings
-from finetune.kernels import check_choices, format_plan_table
-from finetune.metrics.summary import print_summary, run_summary
-from finetune.metrics.writers import step_losses
+from finetune.kernels import check_choices
+from finetune.metrics.monitor import RunMonitor
+from finetune.metrics.progress import task
+from finetune.metrics.summary import run_summary
+from finetune.metrics.trackers import build_trackers
+from finetune.metrics.writers import read_records
 from finetune.train.recipe import Recipe, load_recipe
 from finetune.train.run_dir import (
     FreshRunDir,
@@ -56,23 +57,23 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.recipe)
     fresh_dir = FreshRunDir(run_dir, cfg.resume)
     check_output_dir(run_dir, cfg.resume)
+    # Built before any work, so a missing tracker package stops the run at once; accelerate
+    # takes the trackers with the Accelerator, and monitor.start starts them.
+    trackers = build_trackers(cfg.logger, run_dir)
     kernel_plan = plan_kernels(cfg)
-    acc = build_accelerator(kernel_plan)
+    acc = build_accelerator(kernel_plan, trackers=trackers, run_dir=run_dir)
+    monitor = RunMonitor(cfg, run_dir, acc, kernel_plan)
     acc.wait_for_everyone()  # every rank checked output_dir before rank 0 writes into it
     resume = open_resume(run_dir, cfg.resume, config_dict(cfg), force=cfg.resume_force)
-    out = print if acc.is_main_process else (lambda *a, **k: None)
-    out(f"finetune {cfg.recipe}: output_dir={run_dir}")
-    out(format_plan_table(kernel_plan))
+    monitor.print_plan()
     try:
         if acc.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             store.remove_stale_tmp(run_dir)
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        saved_run_id = resume.checkpoint.state.progress.get("wandb_run_id") if resume else None
-        parts = setup(cfg, kernel_plan, recipe, acc, run_dir=run_dir, config=config_dict(cfg),
-                      logger_run_id=saved_run_id)
+        parts = setup(cfg, kernel_plan, recipe, acc, run_dir=run_dir)
         trainer = Trainer(cfg, parts, recipe, run_dir=run_dir, kernel_plan=kernel_plan,
-                          config_yaml=config_yaml(cfg))
+                          config_yaml=config_yaml(cfg), monitor=monitor)
         if resume is not None:
             trainer.load_state_dict(resume.checkpoint.state, source=resume.checkpoint.path)
         # Only now, with the resume accepted, does the run directory change.
@@ -83,57 +84,50 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
                                                kernel_plan=kernel_plan.to_dict())
         acc.wait_for_everyone()
     except BaseException:
+        monitor.close()
         if acc.is_main_process:
             fresh_dir.restore()
         raise
     if resume is not None:
-        out(f"resumed from {resume.checkpoint.path} at step {trainer.state.step}")
+        monitor.line(f"resumed from {resume.checkpoint.path} at step {trainer.state.step}")
         for change in resume.allowed_changes:
-            out(f"  changed on resume: {change}")
+            monitor.line(f"  changed on resume: {change}")
         for change in resume.forced_changes:
-            out(f"  FORCED on resume (resume_force=true): {change}")
-    _print_start(out, cfg, parts, trainer.state.step)
+            monitor.line(f"  FORCED on resume (resume_force=true): {change}")
 
     try:
+        monitor.start(parts.unwrapped, total_steps=parts.total_steps,
+                      start_step=trainer.state.step, data_stats=parts.data.stats.to_dict(),
+                      config=config_dict(cfg),
+                      resumed=resume.checkpoint.state.progress if resume else None)
         result = trainer.fit()
         if result.stopped_by == "preempted":
             if acc.is_main_process:
                 (run_dir / PREEMPTED_MARKER).write_text(f"step {trainer.state.step}\n")
-            out(f"preempted at step {trainer.state.step}: checkpoint saved; rerun with "
-                f"resume=auto to continue (exit code {PREEMPTED_EXIT_CODE})")
+            monitor.line(f"preempted at step {trainer.state.step}: checkpoint saved; rerun "
+                         f"with resume=auto to continue (exit code {PREEMPTED_EXIT_CODE})")
             return PREEMPTED_EXIT_CODE
         if cfg.trainer.save_every_n_steps or cfg.trainer.save_every_minutes:
             trainer.save_checkpoint()
         if acc.is_main_process:
-            final = export_final(parts.unwrapped, parts.tokenizer, run_dir,
-                                 chat_template=parts.data.chat_template)
+            with task("writing the final model"):
+                final = export_final(parts.unwrapped, parts.tokenizer, run_dir,
+                                     chat_template=parts.data.chat_template)
+            records = read_records(run_dir / "metrics.jsonl")
             summary = run_summary(
-                trainer.state.to_dict(), step_losses(run_dir / "metrics.jsonl"),
+                trainer.state.to_dict(), [r["loss"] for r in records if "loss" in r],
                 parts.data.stats.to_dict(), total_steps=parts.total_steps,
                 world_size=acc.num_processes, device=acc.device,
                 resume_changes=resume.allowed_changes if resume else [],
                 forced_changes=resume.forced_changes if resume else [],
-                history_complete=history_complete)
+                history_complete=history_complete, records=records)
             write_json(run_dir / "summary.json", summary)
-            for tracker in parts.loggers:
-                tracker.finish(summary)
-            print_summary(out, summary, final)
+            monitor.finish(summary, final)
         acc.wait_for_everyone()
         return 0
     finally:
         trainer.close()
         acc.end_training()
-
-
-def _print_start(out, cfg: RunConfig, parts, start_step: int) -> None:
-    trainable, total = count_parameters(parts.unwrapped)
-    world = parts.accelerator.num_processes
-    out(f"model {cfg.model.name_or_path}: {total / 1e6:.1f}M parameters, "
-        f"{trainable / 1e6:.2f}M trainable ({cfg.peft.method}); {world} process(es)")
-    out(f"data: {json.dumps(parts.data.stats.to_dict(), sort_keys=True)}")
-    out(f"steps: {start_step} -> {parts.total_steps}; micro_batch {cfg.trainer.micro_batch_size} "
-        f"x accum {cfg.trainer.grad_accum_steps} x {world} process(es); "
-        f"lr {cfg.optim.lr} {cfg.optim.scheduler}")
 
 
 __all__ = ["check_before_work", "run_recipe", "run_training"]

@@ -95,6 +95,7 @@ def start_run_files(output_dir: Path, step: int, *, config_yaml: str, kernel_pla
     store.abandon_after(output_dir, step)
     metrics = output_dir / "metrics.jsonl"
     truncate_metrics(metrics, step)
+    truncate_metrics(output_dir / "samples.jsonl", step)  # completions sampled during training
     have = _logged_steps(metrics)
     complete = have >= step
     if not complete:

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune.adapters import apply_adapter
+from finetune.adapters.qlora import check_qlora, quantization_config
 from finetune.config.schema import RunConfig
 from finetune.data import build_data
 from finetune.errors import ConfigError
 from finetune.kernels import KernelPlan, apply_env, apply_fused_ops, build_optimizer, plan
-from finetune.metrics.writers import WandbLogger
 from finetune.models import (
     context_length,
     load_model,
@@ -53,7 +53,6 @@ class Components:
     scheduler: Any
     total_steps: int
     base_parameters: int  # of the model before any adapter (for FLOPs per token)
-    loggers: list[WandbLogger] = field(default_factory=list)
     extra_models: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     @property
@@ -68,12 +67,16 @@ def plan_kernels(cfg: RunConfig) -> KernelPlan:
 
     facts = model_facts(load_model_config(cfg.model))
     kernel_plan = plan(detect(), cfg.kernels, facts, packing=cfg.data.packing)
+    if str(cfg.peft.method) == "qlora":
+        check_qlora(kernel_plan.hardware)
     apply_env(kernel_plan)
     return kernel_plan
 
 
-def build_accelerator(kernel_plan: KernelPlan):
-    """An accelerate.Accelerator with the plan's mixed precision and collective backend."""
+def build_accelerator(kernel_plan: KernelPlan, *, trackers: list | None = None,
+                      run_dir: Path | None = None):
+    """An accelerate.Accelerator with the plan's mixed precision and collective backend, and
+    the experiment trackers (finetune.metrics.trackers.build_trackers) it logs to."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -81,6 +84,8 @@ def build_accelerator(kernel_plan: KernelPlan):
     return Accelerator(
         mixed_precision=kernel_plan.mixed_precision,
         cpu=kernel_plan.hardware.vendor == "cpu",
+        log_with=trackers or None,
+        project_dir=str(run_dir) if run_dir is not None else None,
         # The collective backend only means something with several processes.
         kwargs_handlers=([InitProcessGroupKwargs(backend=kernel_plan.collective)]
                          if distributed else None),
@@ -104,8 +109,11 @@ def _build_model(cfg: RunConfig, kernel_plan: KernelPlan) -> tuple[torch.nn.Modu
     # then stay in the trainable dtype (fp32): bf16 weights would lose updates smaller than
     # their rounding step.
     full = str(cfg.peft.method) == "none"
+    quantization = (quantization_config(kernel_plan.compute_dtype)
+                    if str(cfg.peft.method) == "qlora" else None)
     model = load_model(cfg.model, attn_implementation=kernel_plan.attn_implementation,
-                       dtype=kernel_plan.trainable_dtype if full else kernel_plan.base_dtype)
+                       dtype=kernel_plan.trainable_dtype if full else kernel_plan.base_dtype,
+                       quantization=quantization)
     apply_fused_ops(model, kernel_plan.fused_ops)
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -118,12 +126,8 @@ def _build_model(cfg: RunConfig, kernel_plan: KernelPlan) -> tuple[torch.nn.Modu
 
 
 def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, *,
-          run_dir: Path, config: dict, logger_run_id: str | None = None) -> Components:
-    """Build the run's components on `accelerator` (see the module docstring for the order).
-
-    `config` is the resolved config as plain values (logged to W&B); `logger_run_id` continues
-    a resumed run's W&B run.
-    """
+          run_dir: Path) -> Components:
+    """Build the run's components on `accelerator` (see the module docstring for the order)."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
@@ -134,7 +138,7 @@ def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, 
                           seed=cfg.seed, micro_batch_size=cfg.trainer.micro_batch_size,
                           rank=accelerator.process_index, world_size=accelerator.num_processes,
                           mask_dtype=kernel_plan.compute_dtype,
-                          max_context=context_length(model.config))
+                          max_context=context_length(model.config), pairs=recipe.pairs)
     if recipe.data_formats:
         recipe.check_data_format(data.stats.format)
     steps = total_steps(cfg, data, accelerator.num_processes)
@@ -143,11 +147,10 @@ def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, 
         lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
-    extra = dict(recipe.extra_models(cfg, model)) if recipe.extra_models else {}
+    extra = (dict(recipe.extra_models(cfg, model, data=data, plan=kernel_plan,
+                                      device=accelerator.device))
+             if recipe.extra_models else {})
     model, optimizer = accelerator.prepare(model, optimizer)
-    loggers = []
-    if cfg.logger.name == "wandb" and accelerator.is_main_process:
-        loggers.append(WandbLogger(cfg.logger, run_dir, config, logger_run_id))
     return Components(accelerator=accelerator, model=model, tokenizer=tokenizer, data=data,
                       optimizer=optimizer, scheduler=scheduler, total_steps=steps,
-                      base_parameters=base_parameters, loggers=loggers, extra_models=extra)
+                      base_parameters=base_parameters, extra_models=extra)

@@ -18,8 +18,9 @@ from finetune.checkpoint import store
 from finetune.checkpoint.trainable import load_trainable, trainable_state
 from finetune.config.schema import RunConfig
 from finetune.errors import TrainingError
+from finetune.evaluate.sampling import SampleWriter, Sampling
 from finetune.kernels import KernelPlan
-from finetune.metrics.writers import ConsoleProgress, MetricsFile
+from finetune.metrics.monitor import RunMonitor
 from finetune.train.feed import BatchFeed, to_device
 from finetune.train.loss import (
     LossFn,
@@ -63,7 +64,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, parts: Components, recipe: Recipe, *, run_dir: Path,
-                 kernel_plan: KernelPlan, config_yaml: str) -> None:
+                 kernel_plan: KernelPlan, config_yaml: str, monitor: RunMonitor) -> None:
         self.cfg = cfg
         self.parts = parts
         self.acc = parts.accelerator
@@ -80,21 +81,18 @@ class Trainer:
         self.state = LoopState()
         self.kernel_plan = kernel_plan
         self.config_yaml = config_yaml
-        # Training FLOPs per token: forward 2N, backward 4N; frozen weights (an adapter run)
-        # skip the weight-gradient half of the backward.
-        full = str(cfg.peft.method) == "none"
-        self.flops_per_token = (6 if full else 4) * parts.base_parameters
-        peak = kernel_plan.hardware.peak_bf16_tflops
-        self.peak_flops = peak * 1e12 if (peak and kernel_plan.precision == "bf16") else None
+        self.monitor = monitor
         self.is_main = self.acc.is_main_process
-        self.metrics = MetricsFile(run_dir / "metrics.jsonl") if self.is_main else None
-        self.progress = ConsoleProgress(self.total_steps) if self.is_main else None
+        every = cfg.eval.generate_every_n_steps
+        self.samples = SampleWriter(
+            run_dir / "samples.jsonl", cfg.eval.prompts, every_n_steps=every,
+            sampling=Sampling(max_new_tokens=cfg.eval.max_new_tokens),
+            template=parts.data.chat_template, write=self.is_main) if every else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._val_batches: list[dict] | None = None
         self._last_save_time = time.monotonic()
         self._saved_step: int | None = None
         self._data_state: dict | None = None  # data position after the last consumed batch  # the step whose checkpoint this run wrote last
-        self._logger_run_id: str | None = next((lg.run_id for lg in parts.loggers), None)
 
     # ------------------------------------------------------------ state
 
@@ -102,7 +100,7 @@ class Trainer:
         """Everything a resume needs: weights that train, optimizer, schedule, scaler, loop
         progress, the data position (batches consumed) and this rank's RNG."""
         progress = {**self.state.to_dict(), "data": self._data_position(),
-                    "world_size": self.acc.num_processes, "wandb_run_id": self._logger_run_id}
+                    "world_size": self.acc.num_processes, **self.monitor.state_dict()}
         scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
         return store.TrainerState(
             trainable=trainable_state(self.parts.unwrapped),
@@ -131,7 +129,6 @@ class Trainer:
         self._data_state = None
         self.state = LoopState.from_dict(state.progress)
         self._saved_step = self.state.step
-        self._logger_run_id = self._logger_run_id or state.progress.get("wandb_run_id")
         rng = state.rng.get(self.acc.process_index)
         if rng is not None:
             store.restore_rng(*rng)
@@ -263,7 +260,6 @@ class Trainer:
         world = self.acc.num_processes
         feed = BatchFeed(self.data.train, depth=self.cfg.trainer.prefetch,
                          pin=self.acc.device.type == "cuda")
-        session_steps = 0
         self.model.train()
         try:
             with PreemptionHandler() as preemption:
@@ -276,6 +272,7 @@ class Trainer:
                     counts = self._reduce([sum(self.num_items(b) for b in micro),
                                            sum(_input_tokens(b) for b in micro)])
                     window_tokens, input_tokens = int(counts[0]), int(counts[1])
+                    flops = self.monitor.step_flops(micro)  # from the CPU batches: no sync
                     on_device = [to_device(b, self.acc.device) for b in micro]
                     # accelerate's prepare() already wraps the model's forward in autocast.
                     window = accumulate_gradients(
@@ -295,10 +292,12 @@ class Trainer:
                     self.state.step += 1
                     self.state.tokens_seen += window_tokens
                     self.state.elapsed_s += dt
-                    session_steps += 1
                     self._log_step(loss, lr, grad_norm, window_tokens, input_tokens, dt, skip,
-                                   session_steps, extra, feed.take_wait())
+                                   extra, feed.take_wait(), flops)
                     self._maybe_eval()
+                    if self.samples is not None:  # every rank: FSDP shards the forward
+                        self.samples.maybe_write(self.state.step, self.parts.unwrapped,
+                                                 self.parts.tokenizer)
                     every = self.cfg.trainer.save_every_n_steps
                     if stop or time_due or (every and self.state.step % every == 0):
                         self.save_checkpoint()
@@ -356,36 +355,20 @@ class Trainer:
             self.state.best_eval_loss = eval_loss
             if self.cfg.trainer.keep_best_by == "eval_loss":
                 self.state.best_step = self.state.step
-        record = {"step": self.state.step, "eval_loss": eval_loss}
-        if self.is_main:
-            self.metrics.write(record)
-            self.progress.line(f"eval at step {self.state.step}: loss {eval_loss:.4f}")
-            for tracker in self.parts.loggers:
-                tracker.log(record)
+        self.monitor.eval({"step": self.state.step, "eval_loss": eval_loss})
 
     def _log_step(self, loss: float, lr: float, grad_norm: float, trained: int,
-                  input_tokens: int, dt: float, skipped: bool, session_steps: int,
-                  extra: dict[str, float], data_wait_s: float) -> None:
+                  input_tokens: int, dt: float, skipped: bool, extra: dict[str, float],
+                  data_wait_s: float, flops: float | None) -> None:
         if not self.is_main:
             return
-        tokens_per_s = input_tokens / dt if dt > 0 else 0.0
-        mfu = None
-        if self.flops_per_token and self.peak_flops:
-            mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.acc.num_processes)
+        # The monitor adds tokens_per_s, mfu and peak_mem_gb.
         record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "trained_tokens": trained, "tokens": input_tokens,
-                  "tokens_per_s": tokens_per_s, "step_time_s": dt,
-                  "epoch": self._data_position()["epoch"], "mfu": mfu,
-                  "data_wait_s": data_wait_s, **extra}
+                  "trained_tokens": trained, "tokens": input_tokens, "step_time_s": dt,
+                  "epoch": self._data_position()["epoch"], "data_wait_s": data_wait_s, **extra}
         if skipped:
             record["skipped_non_finite"] = True
-        self.metrics.write(record)
-        for tracker in self.parts.loggers:
-            tracker.log(record)
-        every = self.cfg.trainer.log_every_n_steps
-        if self.state.step % every == 0 or self.state.step == self.total_steps:
-            self.progress.step(record, session_steps)
+        self.monitor.step(record, flops=flops)
 
     def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
+        self.monitor.close()

@@ -1,11 +1,10 @@
-"""metrics.jsonl (write, read back, truncate on resume), the console line, and W&B."""
+"""metrics.jsonl (write, read back, truncate on resume), the plain console line, and the
+hand-written W&B logger that setup.py still uses until it builds trackers."""
 
 from __future__ import annotations
 
 import io
 import json
-import math
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ from finetune.metrics import writers
 from finetune.metrics.writers import (
     ConsoleProgress,
     MetricsFile,
-    WandbLogger,
+    read_records,
     step_losses,
     truncate_metrics,
 )
@@ -61,6 +60,32 @@ def test_metrics_file_appends_to_an_existing_run(tmp_path: Path) -> None:
     metrics.close()
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == [*ROWS[:2], ROWS[3]]
+
+
+def test_records_are_forced_to_disk_at_most_every_interval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each record is flushed at once; fsync (milliseconds on network filesystems) runs only
+    when the interval has passed, and at close."""
+    clock = _Clock(0.0)
+    monkeypatch.setattr(writers, "time", SimpleNamespace(monotonic=clock.monotonic))
+    synced: list[float] = []
+    monkeypatch.setattr(writers.os, "fsync", lambda fd: synced.append(clock.now))
+    metrics = MetricsFile(tmp_path / "metrics.jsonl", sync_every_s=10.0)
+    for now in (1.0, 5.0, 11.0, 12.0):
+        clock.now = now
+        metrics.write({"step": int(now), "loss": 1.0})
+        assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 1
+    clock.now = 13.0
+    metrics.close()
+    metrics.close()
+    assert synced == [11.0, 13.0]
+
+
+def test_read_records_keeps_every_row_and_skips_a_torn_tail(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    _write_rows(path, ROWS[:3], tail='{"step": 3, "lo')
+    assert read_records(path) == ROWS[:3]
+    assert read_records(tmp_path / "absent.jsonl") == []
 
 
 def test_step_losses_skip_eval_rows(tmp_path: Path) -> None:
@@ -118,78 +143,14 @@ def test_console_line_has_every_field_and_eta_from_this_sessions_pace(
     progress = ConsoleProgress(total_steps=100, stream=stream)
     clock.now = 1060.0
     progress.step(RECORD, steps_this_session=2)
-    progress.step({**RECORD, "mfu": 0.41234}, steps_this_session=2)
+    progress.step({**RECORD, "mfu": 0.41234, "peak_mem_gb": 12.3456}, steps_this_session=2)
     assert stream.getvalue().splitlines() == [
         "step 12/100 | loss 1.2346 | lr 2.00e-04 | grad_norm 0.988 | 12346 tok/s | eta 0:44:00",
         "step 12/100 | loss 1.2346 | lr 2.00e-04 | grad_norm 0.988 | 12346 tok/s | mfu 41.2% "
-        "| eta 0:44:00",
+        "| mem 12.35 GiB | eta 0:44:00",
     ]
 
 
 def test_console_defaults_to_stdout(capsys: pytest.CaptureFixture) -> None:
     ConsoleProgress(total_steps=1).line("eval at step 1: loss 2.0000")
     assert capsys.readouterr().out == "eval at step 1: loss 2.0000\n"
-
-
-# ---------------------------------------------------------------- W&B
-
-
-def test_wandb_run_is_resumed_by_id(fake_wandb, logger_cfg, tmp_path: Path) -> None:
-    cfg = logger_cfg(name="wandb", project="proj", entity="team", run_name="r1",
-                     mode="offline", tags=["a", "b"])
-    resumed = WandbLogger(cfg, tmp_path, {"seed": 1}, resume_id="abc123")
-    assert resumed.run_id == "abc123"
-    assert fake_wandb.init_kwargs == {
-        "project": "proj", "entity": "team", "name": "r1", "mode": "offline",
-        "tags": ["a", "b"], "dir": str(tmp_path), "config": {"seed": 1},
-        "id": "abc123", "resume": "allow"}
-    fresh = WandbLogger(cfg, tmp_path, {}, resume_id=None)
-    assert fresh.run_id == "fresh-run-id"
-    assert (fake_wandb.init_kwargs["id"], fake_wandb.init_kwargs["resume"]) == (None, None)
-
-
-def test_wandb_gets_only_finite_numbers_at_the_records_step(fake_wandb, logger_cfg,
-                                                           tmp_path: Path) -> None:
-    logger = WandbLogger(logger_cfg(name="wandb", mode="offline"), tmp_path, {}, None)
-    logger.log({"step": 7, "loss": 1.5, "lr": math.nan, "grad_norm": 3, "mfu": None,
-                "note": "text"})
-    assert fake_wandb.logged == [({"step": 7, "loss": 1.5, "grad_norm": 3}, 7)]
-    logger.finish({"last_loss": 1.5, "status": "done", "changes": ["x"], "eval_loss": None})
-    assert fake_wandb.run.summary == {"last_loss": 1.5, "status": "done"}
-    assert fake_wandb.finished == 1
-
-
-@pytest.mark.parametrize("mode", ["offline", "disabled"])
-def test_wandb_without_network_never_writes_the_api_key(
-        mode: str, logger_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real wandb package in offline/disabled mode: everything it writes (run dir, config,
-    cache and data dirs, HOME) is searched for the key. Python-side connections to anything but
-    loopback are recorded; wandb's own service process is kept off the network by the mode."""
-    sentinel = "ftsentinel" + "5" * 30  # wandb expects a 40-character key
-    monkeypatch.setenv("WANDB_API_KEY", sentinel)
-    monkeypatch.delenv("WANDB_MODE", raising=False)  # the mode must come from the config
-    for var in ("HOME", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / var.lower()))
-    remote: list[object] = []
-    real_connect = socket.socket.connect
-
-    def guarded_connect(sock: socket.socket, address) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and \
-                address[0] not in ("127.0.0.1", "::1", "localhost"):
-            remote.append(address)
-            raise OSError("network access in a unit test")
-        real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    logger = WandbLogger(logger_cfg(name="wandb", mode=mode, project="p"), run_dir,
-                         {"optim": {"lr": 1e-4}}, None)
-    logger.log({"step": 1, "loss": 2.0})
-    logger.finish({"last_loss": 2.0})
-    assert logger.run.settings.mode == mode
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    if mode == "offline":  # the run really was recorded, under the run directory
-        assert any(p.suffix == ".wandb" for p in run_dir.rglob("*"))
-    assert [p for p in written if sentinel.encode() in p.read_bytes()] == []
-    assert remote == []

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config.compose import compose_run_config
+from finetune.metrics.monitor import RunMonitor
 from finetune.train.recipe import Recipe, load_recipe
 from finetune.train.setup import build_accelerator, plan_kernels, setup
 from finetune.train.trainer import Trainer
@@ -26,8 +27,9 @@ def make_trainer(tiny_model_dir: Path) -> Callable[..., Trainer]:
         kernel_plan = plan_kernels(cfg)
         acc = build_accelerator(kernel_plan)
         run_dir.mkdir(parents=True, exist_ok=True)
-        parts = setup(cfg, kernel_plan, recipe, acc, run_dir=run_dir, config={})
+        parts = setup(cfg, kernel_plan, recipe, acc, run_dir=run_dir)
         return Trainer(cfg, parts, recipe, run_dir=run_dir, kernel_plan=kernel_plan,
-                       config_yaml="recipe: lora_sft\n")
+                       config_yaml="recipe: lora_sft\n",
+                       monitor=RunMonitor(cfg, run_dir, acc, kernel_plan))
 
     return make

@@ -1,0 +1,134 @@
+"""Sampling completions: the prompt as the model saw prompts in training, and generation settings.
+
+A prompt is a user message rendered with the chat template (the run's, when there is one) and
+the assistant header after it, or raw text for a model without a chat template. Generation is
+greedy at temperature 0; otherwise nucleus sampling at `temperature` and `top_p`, seeded before
+each prompt, so a prompt gives the same completion under the same seed whatever came before it.
+
+`SampleWriter` is the training-time use: every `eval.generate_every_n_steps` steps it writes the
+completions of fixed prompts to samples.jsonl, one JSON object a prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[dict[str, str]]  # a user message, or a whole conversation so far
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Generation settings: at most `max_new_tokens`; greedy at temperature 0, else sampled at
+    `temperature` from the smallest token set of probability >= `top_p`; `seed` (None: not
+    reseeded) is set before each prompt."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = 0
+
+    def check(self) -> None:
+        """ConfigError naming the option for a value that cannot work."""
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens={self.max_new_tokens} must be at least 1.")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature={self.temperature} must be 0 (greedy) or more.")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p={self.top_p} must be in (0, 1].")
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt, *, chat: bool = True,
+               template: str | None = None) -> torch.Tensor:
+    """[1, T] input ids of `prompt`: with `chat` and a chat template (`template`, else the
+    tokenizer's), the conversation and the assistant header; else the raw text."""
+    template = template or tokenizer.chat_template
+    if chat and template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return tokenizer.apply_chat_template(messages, chat_template=template,
+                                             add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)["input_ids"]
+    if not isinstance(prompt, str):
+        raise ConfigError("a conversation needs a chat template: this tokenizer has none; give "
+                          "the prompt as text")
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def generate_text(model: Any, tokenizer: Any, prompt: Prompt, sampling: Sampling, *,
+                  chat: bool = True, template: str | None = None, streamer: Any = None) -> str:
+    """The completion of `prompt` (decoded, special tokens removed). `streamer` (e.g.
+    transformers.TextStreamer) receives the tokens as they are generated."""
+    device = next(model.parameters()).device
+    ids = prompt_ids(tokenizer, prompt, chat=chat, template=template).to(device)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    sample = sampling.temperature > 0
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None) or tokenizer.eos_token_id
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         max_new_tokens=sampling.max_new_tokens, do_sample=sample,
+                         temperature=sampling.temperature if sample else None,
+                         top_p=sampling.top_p if sample else None, top_k=None,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                         streamer=streamer)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _rng_kept(device: torch.device):
+    """A context that restores the CPU and `device`'s random state on exit."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
+class SampleWriter:
+    """Completions of fixed prompts during training, appended to `path` (samples.jsonl) as
+    {"step", "prompt", "completion"} every `every_n_steps` steps.
+
+    Call `maybe_write(step, model, tokenizer)` after each optimizer step on every rank (under
+    FSDP every rank takes part in the forward passes); only a writer made with `write=True`
+    (rank 0) writes. The model is put in eval mode for the generation and restored after, and
+    the random number generators are left as they were, so sampling changes nothing in the
+    training that follows (resume stays exact).
+    """
+
+    def __init__(self, path: Path, prompts: Sequence[str], *, every_n_steps: int,
+                 sampling: Sampling, template: str | None = None, write: bool = True) -> None:
+        self.path, self.prompts, self.every = path, list(prompts), every_n_steps
+        self.sampling, self.template, self.write = sampling, template, write
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and bool(self.prompts) and step % self.every == 0
+
+    def maybe_write(self, step: int, model: Any, tokenizer: Any) -> list[dict] | None:
+        """The records of `step` when it is due (written on the writing rank), else None."""
+        if not self.due(step):
+            return None
+        was_training = model.training
+        model.eval()
+        try:
+            with _rng_kept(next(model.parameters()).device):
+                records = [{"step": step, "prompt": p,
+                            "completion": generate_text(model, tokenizer, p, self.sampling,
+                                                        template=self.template)}
+                           for p in self.prompts]
+        finally:
+            model.train(was_training)
+        if self.write:
+            with self.path.open("a", encoding="utf-8") as f:
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            logger.info("step %d: %d sampled completions written to %s", step, len(records),
+                        self.path.name)
+        return records
