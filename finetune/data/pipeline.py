@@ -35,7 +35,8 @@ from finetune.data.train_data import TrainData
 def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
                micro_batch_size: int, rank: int = 0, world_size: int = 1,
                mask_dtype: torch.dtype = torch.float32,
-               max_context: int | None = None, pairs: bool = False) -> TrainData:
+               max_context: int | None = None, pairs: bool = False,
+               device: torch.device | str = "cpu") -> TrainData:
     """Build the data for one rank. `attention` is the resolved attention implementation (it
     decides how packed documents are isolated); `mask_dtype` is the dtype of a 4D packed mask
     (the model's compute dtype); `max_context` the model's context length, the upper bound of
@@ -64,7 +65,8 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    collator = Collator(pad_id=pad_id, isolation=isolation, mask_dtype=mask_dtype)
+    # Packed-row masks are built on `device` (the model's) from the tokens' document ids.
+    collator = Collator(pad_id=pad_id, isolation=isolation, mask_dtype=mask_dtype, device=device)
     options = {"split": cfg.split, "json_key": cfg.json_key, "text_unit": cfg.text_unit}
     sources = [resolve_source(spec, **options) for spec in path_list(cfg.path)]
     weights = mixture_weights(cfg.weights, len(sources))

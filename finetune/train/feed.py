@@ -32,7 +32,8 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {k: (v.pin_memory() if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v)
+            for k, v in batch.items()}
 
 
 class BatchFeed:

@@ -22,6 +22,7 @@ from finetune.adapters import apply_adapter
 from finetune.adapters.qlora import check_qlora, quantization_config
 from finetune.config.schema import RunConfig
 from finetune.data import build_data
+from finetune.data.collate import mask_bytes
 from finetune.errors import ConfigError
 from finetune.kernels import KernelPlan, apply_env, apply_fused_ops, build_optimizer, plan
 from finetune.models import (
@@ -138,7 +139,14 @@ def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, 
                           seed=cfg.seed, micro_batch_size=cfg.trainer.micro_batch_size,
                           rank=accelerator.process_index, world_size=accelerator.num_processes,
                           mask_dtype=kernel_plan.compute_dtype,
-                          max_context=context_length(model.config), pairs=recipe.pairs)
+                          max_context=context_length(model.config), pairs=recipe.pairs,
+                          device=accelerator.device)
+    mask = mask_bytes(data.stats.isolation, cfg.trainer.micro_batch_size, data.stats.max_seq_len,
+                      kernel_plan.compute_dtype)
+    if mask:
+        logger.info("packed rows are isolated by a dense [B, 1, T, T] mask: up to %.1f MiB per "
+                    "micro-batch, built on %s from the tokens' document ids", mask / 2**20,
+                    accelerator.device)
     if recipe.data_formats:
         recipe.check_data_format(data.stats.format)
     steps = total_steps(cfg, data, accelerator.num_processes)
