@@ -3,8 +3,10 @@ checkpoint a run resumes from."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -39,7 +41,8 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
         raise OutputDirError(
             f"output_dir={output_dir} already holds files (a previous run?). Nothing was "
             "changed. Continue that run with resume=auto, or choose a new output_dir.")
-    _check_writable(output_dir)
+    if os.environ.get("RANK", "0") == "0":  # one probe per run: ranks would race on it
+        _check_writable(output_dir)
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -55,7 +58,7 @@ def _check_writable(output_dir: Path) -> None:
             "changed. Choose a directory you can write to, e.g. output_dir=runs/my-run.") from None
     finally:
         for path in missing:  # innermost first
-            if path.is_dir():
+            with contextlib.suppress(OSError):
                 path.rmdir()
 
 

@@ -167,9 +167,12 @@ def test_ctrl_c_before_the_loop_exits_130_in_one_line(tmp_path: Path) -> None:
 
     from tests._cli import REPO
 
+    # Ctrl-C as from a terminal: a shell starting a job in the background ignores SIGINT for
+    # it, so the child restores the default.
     proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", "run", "lora_sft",
                              f"output_dir={tmp_path / 'run'}"], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None
     for line in proc.stdout:  # the plan is printed; the model and data are loaded next
         if line.startswith("finetune lora_sft: output_dir="):
