@@ -53,7 +53,6 @@ class Components:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     total_steps: int
-    base_parameters: int  # of the model before any adapter (for FLOPs per token)
     extra_models: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     @property
@@ -105,7 +104,7 @@ def total_steps(cfg: RunConfig, data: TrainData, world_size: int) -> int:
     return max(1, cfg.trainer.epochs * -(-per_epoch // per_step))
 
 
-def _build_model(cfg: RunConfig, kernel_plan: KernelPlan) -> tuple[torch.nn.Module, int]:
+def _build_model(cfg: RunConfig, kernel_plan: KernelPlan) -> torch.nn.Module:
     # Frozen weights load in the plan's base dtype; a full fine-tune trains every weight, which
     # then stay in the trainable dtype (fp32): bf16 weights would lose updates smaller than
     # their rounding step.
@@ -119,11 +118,10 @@ def _build_model(cfg: RunConfig, kernel_plan: KernelPlan) -> tuple[torch.nn.Modu
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    base_parameters = sum(p.numel() for p in model.parameters())
     model = apply_adapter(model, cfg.peft)
     if kernel_plan.compile:
         model.compile()  # in place: parameter names and state_dict keys stay unchanged
-    return model, base_parameters
+    return model
 
 
 def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, *,
@@ -133,7 +131,7 @@ def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, 
 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model, base_parameters = _build_model(cfg, kernel_plan)
+    model = _build_model(cfg, kernel_plan)
     with accelerator.main_process_first():  # rank 0 fills the tokenized cache; the others read it
         data = build_data(cfg.data, tokenizer, attention=kernel_plan.attn_implementation,
                           seed=cfg.seed, micro_batch_size=cfg.trainer.micro_batch_size,
@@ -161,4 +159,4 @@ def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, 
     model, optimizer = accelerator.prepare(model, optimizer)
     return Components(accelerator=accelerator, model=model, tokenizer=tokenizer, data=data,
                       optimizer=optimizer, scheduler=scheduler, total_steps=steps,
-                      base_parameters=base_parameters, extra_models=extra)
+                      extra_models=extra)

@@ -66,7 +66,7 @@ def test_weights_that_train_stay_fp32_on_a_bf16_plan(recipe: str, trained_dtype:
 
     kernel_plan = plan(profile_by_name("a100"), KernelsConfig(attention="sdpa"))
     assert kernel_plan.base_dtype == torch.bfloat16
-    model, _ = _build_model(compose_run_config(recipe, []), kernel_plan)
+    model = _build_model(compose_run_config(recipe, []), kernel_plan)
     trained = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
     frozen = {str(p.dtype).removeprefix("torch.") for p in model.parameters()
               if not p.requires_grad}
