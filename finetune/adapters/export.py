@@ -20,11 +20,13 @@ from finetune.errors import CheckpointError, ConfigError
 logger = logging.getLogger(__name__)
 
 
-def export_final(model, tokenizer, run_dir: Path, *, chat_template: str | None = None) -> Path:
+def export_final(model, tokenizer, run_dir: Path, *, chat_template: str | None = None,
+                 weights: dict | None = None) -> Path:
     """Write `run_dir/final` atomically: the adapter in peft format (or the full model), plus
     the tokenizer with `chat_template` (the template the run trained with, so that the result
-    generates as it was trained, also when the tokenizer came without one). An existing
-    final/ is replaced only once the new one is complete."""
+    generates as it was trained, also when the tokenizer came without one). `weights`: the
+    trained weights gathered from a sharded run's shards (the model's own otherwise). An
+    existing final/ is replaced only once the new one is complete."""
     final = run_dir / "final"
     if chat_template is not None and tokenizer.chat_template != chat_template:
         if tokenizer.chat_template:
@@ -32,7 +34,10 @@ def export_final(model, tokenizer, run_dir: Path, *, chat_template: str | None =
                         "instead of the tokenizer's own")
         tokenizer.chat_template = chat_template
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run_dir))
-    model.save_pretrained(tmp, safe_serialization=True)
+    if weights is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     if final.exists():
         old = run_dir / ".final-old"

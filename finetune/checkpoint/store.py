@@ -40,6 +40,8 @@ OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 SCALER = "scaler.pt"
 STATE = "trainer_state.json"
+# A sharded run's weights and optimizer state: one torch.distributed.checkpoint folder.
+SHARDED = "sharded"
 
 
 def step_dir_name(step: int) -> str:
@@ -110,7 +112,10 @@ class TrainerState:
 
     `progress` is JSON (step, tokens, data position, world size, ...). `rng` maps a rank to its
     RNG states: on save, this process's rank only (each rank writes its own); on load, every
-    rank the checkpoint has.
+    rank the checkpoint has. A sharded run (fsdp2) saves `shards` instead of `trainable` and
+    `optimizer` (which stay empty): this rank's part of the weights and optimizer state, which
+    every rank writes into the checkpoint's `sharded/` folder (finetune.distributed.engine); on
+    load they are read from that folder by the engine.
     """
 
     trainable: dict[str, torch.Tensor]
@@ -119,6 +124,7 @@ class TrainerState:
     scaler: dict | None
     progress: dict
     rng: dict[int, tuple[dict[str, torch.Tensor], dict]] = field(default_factory=dict)
+    shards: dict | None = None
 
 
 def prepare_tmp(output_dir: Path, step: int) -> Path:
@@ -131,10 +137,12 @@ def prepare_tmp(output_dir: Path, step: int) -> Path:
 
 
 def write_state(tmp: Path, state: TrainerState, *, config_yaml: str, kernel_plan: dict) -> None:
-    """Rank 0: write weights, optimizer, scheduler, progress, config and plan into `tmp`."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.trainable.items()},
-              str(tmp / TRAINABLE))
-    torch.save(state.optimizer, tmp / OPTIMIZER)
+    """Rank 0: write weights, optimizer (unless sharded), scheduler, progress, config and plan
+    into `tmp`."""
+    if state.shards is None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.trainable.items()},
+                  str(tmp / TRAINABLE))
+        torch.save(state.optimizer, tmp / OPTIMIZER)
     torch.save(state.scheduler, tmp / SCHEDULER)
     if state.scaler is not None:
         torch.save(state.scaler, tmp / SCALER)
@@ -159,17 +167,20 @@ def finish_checkpoint(output_dir: Path, step: int) -> Path:
 
 
 def state_bytes(state: TrainerState) -> int:
-    """About how many bytes rank 0 writes for `state` (tensors; JSON and config are small)."""
+    """About how many bytes this rank writes for `state` (tensors; JSON and config are small;
+    a sharded tensor counts this rank's part)."""
     def tensors(node: object) -> int:
         if isinstance(node, torch.Tensor):
-            return node.numel() * node.element_size()
+            local = node.to_local() if hasattr(node, "to_local") else node
+            return local.numel() * local.element_size()
         if isinstance(node, dict):
             return sum(tensors(v) for v in node.values())
         if isinstance(node, list | tuple):
             return sum(tensors(v) for v in node)
         return 0
 
-    return tensors([state.trainable, state.optimizer, state.scheduler, state.scaler]) + 2**20
+    return tensors([state.trainable, state.optimizer, state.scheduler, state.scaler,
+                    state.shards]) + 2**20
 
 
 def check_free_space(directory: Path, needed: int, what: str) -> None:
@@ -254,9 +265,11 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     try:
         scaler = (torch.load(path / SCALER, weights_only=True, map_location="cpu")
                   if (path / SCALER).is_file() else None)
+        sharded = (path / SHARDED).is_dir()  # read by the engine, on every rank
         state = TrainerState(
-            trainable=load_file(str(path / TRAINABLE)),
-            optimizer=torch.load(path / OPTIMIZER, weights_only=True, map_location="cpu"),
+            trainable={} if sharded else load_file(str(path / TRAINABLE)),
+            optimizer={} if sharded else torch.load(path / OPTIMIZER, weights_only=True,
+                                                    map_location="cpu"),
             scheduler=torch.load(path / SCHEDULER, weights_only=True, map_location="cpu"),
             scaler=scaler,
             progress=json.loads((path / STATE).read_text(encoding="utf-8")),

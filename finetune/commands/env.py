@@ -1,9 +1,15 @@
-"""`finetune env`: show the hardware profile and the kernel plan a run would get.
+"""`finetune env`: show the hardware profile, the kernel plan a run would get, and the memory
+it needs per device with the strategy `distributed=auto` would pick.
 
     finetune env                                  this machine (self-checked)
     finetune env --profile h100 --assume-packages all
     finetune env --json kernels.attention=sdpa    kernel_plan.json for an override
     finetune env --table                          plan per named profile, as Markdown
+    finetune env --profile h100 --nproc 8 model=llama3_1_8b peft=none
+                                                  memory of a full 8B fine-tune on 8 GPUs
+
+The memory estimate is for `--recipe` (default lora_sft) with the other overrides in Hydra
+syntax (model=..., peft=..., trainer.micro_batch_size=...), on `--nproc` processes.
 
 Exit status: 0 on success, 2 on a bad option, override or impossible kernel choice.
 """
@@ -16,21 +22,27 @@ import difflib
 import json
 import sys
 
+from finetune.commands.run import _process_count
+from finetune.commands.validate import MemoryReport, estimate_run, model_config
+from finetune.config.compose import compose_run_config
 from finetune.config.kernels import FusedLinearCrossEntropy, KernelsConfig
 from finetune.errors import ConfigError
 from finetune.hardware import PROFILE_NAMES, detect, profile_by_name
 from finetune.hardware.profile import OPTIONAL_PACKAGES, HardwareProfile
 from finetune.kernels import (
-    KernelOverrideError,
     ModelFacts,
     default_registries,
     format_plan_table,
     plan,
 )
 from finetune.kernels.table import markdown_kernel_table
+from finetune.models import model_facts
+from finetune.train.recipe import load_recipe
 
-# The built-in tiny model's attention shape; `finetune env` plans for it.
+# The built-in tiny model's attention shape: the plan's model when the recipe's model config
+# cannot be read here.
 TINY_MODEL_FACTS = ModelFacts(num_heads=8, num_kv_heads=4, head_dim=32)
+DEFAULT_RECIPE = "lora_sft"
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
@@ -47,6 +59,25 @@ def _allowed_values() -> dict[str, tuple[str, ...]]:
     }
     allowed["fused_linear_cross_entropy"] = tuple(m.value for m in FusedLinearCrossEntropy)
     return allowed
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """(kernels.KEY=VALUE items, the other Hydra overrides). A bare kernels key
+    (`attention=sdpa`) raises UsageError naming the `kernels.` form."""
+    kernel_keys = {f.name for f in dataclasses.fields(KernelsConfig)}
+    kernels, others = [], []
+    for item in items:
+        key, sep, _ = item.partition("=")
+        if key.startswith("kernels."):
+            kernels.append(item)
+        elif not sep or key.lstrip("+~") in kernel_keys:
+            raise UsageError(
+                f"{item!r} is not an override of the form kernels.KEY=VALUE "
+                f"(for example kernels.attention=sdpa) or a config override (model=qwen2_5_7b)."
+            )
+        else:
+            others.append(item)
+    return kernels, others
 
 
 def parse_kernel_overrides(items: list[str]) -> KernelsConfig:
@@ -97,13 +128,25 @@ def _build_parser() -> argparse.ArgumentParser:
         help="pretend every optional kernel package is (all) or is not (none) installed; "
         "default: what is installed here, or none for a simulated profile",
     )
-    parser.add_argument("--json", action="store_true", help="print kernel_plan.json")
+    parser.add_argument("--json", action="store_true",
+                        help="print kernel_plan.json with a `memory` block")
     parser.add_argument(
         "--table", action="store_true",
         help="print the Markdown plan table over every named profile (assume-packages all)",
     )
     parser.add_argument(
-        "overrides", nargs="*", metavar="kernels.KEY=VALUE", help="kernel choices to force",
+        "--recipe", default=DEFAULT_RECIPE, metavar="RECIPE",
+        help=f"the recipe whose memory is estimated (default {DEFAULT_RECIPE})",
+    )
+    parser.add_argument(
+        "--nproc", type=_process_count, default=1, metavar="N",
+        help="estimate memory for N processes on this machine, as `finetune run --nproc N` "
+        "starts them (default 1)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="OVERRIDES",
+        help="kernel choices to force (kernels.KEY=VALUE) and config overrides for the memory "
+        "estimate (model=llama3_1_8b peft=none trainer.micro_batch_size=1)",
     )
     return parser
 
@@ -123,20 +166,34 @@ def main(argv: list[str]) -> int:
     """Run `finetune env` with `argv` (the arguments after `env`); returns the exit status."""
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_intermixed_args(argv)
     except SystemExit as exc:  # --help (0) or an argparse error (2, already printed)
         return int(exc.code or 0)
     try:
-        cfg = parse_kernel_overrides(args.overrides)
+        kernel_items, config_items = split_overrides(args.overrides)
+        cfg = parse_kernel_overrides(kernel_items)
         if args.table:
             print(markdown_kernel_table(args.assume_packages or "all"), end="")
             return 0
-        kernel_plan = plan(_profile(args.profile, args.assume_packages), cfg, TINY_MODEL_FACTS)
-    except (UsageError, KernelOverrideError, ValueError) as exc:
+        profile = _profile(args.profile, args.assume_packages)
+        run_cfg = compose_run_config(args.recipe, kernel_items + config_items)
+        model = model_config(run_cfg)
+        facts = TINY_MODEL_FACTS if isinstance(model, str) else model_facts(model[0])
+        kernel_plan = plan(profile, cfg, facts)
+        if isinstance(model, str):
+            report = MemoryReport.unavailable(run_cfg.model.name_or_path, args.nproc, profile,
+                                              model)
+        else:
+            report = estimate_run(run_cfg, profile, args.nproc, kernel_plan=kernel_plan,
+                                  model=model, pairs=load_recipe(run_cfg.recipe).pairs)
+    except (ConfigError, ValueError) as exc:  # UsageError and KernelOverrideError among them
         print(f"finetune env: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(kernel_plan.to_dict(), indent=2))
+        print(json.dumps({**kernel_plan.to_dict(), "memory": report.to_dict()}, indent=2))
     else:
         print(format_plan_table(kernel_plan))
+        print()
+        print("\n".join(report.lines()))
     return 0
+

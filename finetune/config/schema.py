@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 
 from finetune.config.choice import Choice
 from finetune.config.data import DataConfig
+from finetune.config.distributed import DistributedConfig
 from finetune.config.dpo import DpoConfig
 from finetune.config.eval import EvalConfig
 from finetune.config.kernels import KernelsConfig
@@ -181,6 +182,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -193,6 +195,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "trainer": TrainerConfig,
     "optim": OptimConfig,
     "kernels": KernelsConfig,
+    "distributed": DistributedConfig,
     "logger": LoggerConfig,
     "dpo": DpoConfig,
 }

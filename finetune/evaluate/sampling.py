@@ -66,9 +66,12 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, *, chat: bool = True,
 
 @torch.no_grad()
 def generate_text(model: Any, tokenizer: Any, prompt: Prompt, sampling: Sampling, *,
-                  chat: bool = True, template: str | None = None, streamer: Any = None) -> str:
+                  chat: bool = True, template: str | None = None, streamer: Any = None,
+                  synced: bool = False) -> str:
     """The completion of `prompt` (decoded, special tokens removed). `streamer` (e.g.
-    transformers.TextStreamer) receives the tokens as they are generated."""
+    transformers.TextStreamer) receives the tokens as they are generated. `synced`: the model
+    is sharded over the processes, which then all keep running forward passes until the
+    longest completion is done (transformers' `synced_gpus`)."""
     device = next(model.parameters()).device
     ids = prompt_ids(tokenizer, prompt, chat=chat, template=template).to(device)
     if sampling.seed is not None:
@@ -81,7 +84,7 @@ def generate_text(model: Any, tokenizer: Any, prompt: Prompt, sampling: Sampling
                          temperature=sampling.temperature if sample else None,
                          top_p=sampling.top_p if sample else None, top_k=None,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                         streamer=streamer)
+                         streamer=streamer, synced_gpus=synced)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -98,15 +101,18 @@ class SampleWriter:
 
     Call `maybe_write(step, model, tokenizer)` after each optimizer step on every rank (under
     FSDP every rank takes part in the forward passes); only a writer made with `write=True`
-    (rank 0) writes. The model is put in eval mode for the generation and restored after, and
+    (rank 0) writes; with `synced=True` (a sharded model) the ranks run their forward passes
+    in step. The model is put in eval mode for the generation and restored after, and
     the random number generators are left as they were, so sampling changes nothing in the
     training that follows (resume stays exact).
     """
 
     def __init__(self, path: Path, prompts: Sequence[str], *, every_n_steps: int,
-                 sampling: Sampling, template: str | None = None, write: bool = True) -> None:
+                 sampling: Sampling, template: str | None = None, write: bool = True,
+                 synced: bool = False) -> None:
         self.path, self.prompts, self.every = path, list(prompts), every_n_steps
         self.sampling, self.template, self.write = sampling, template, write
+        self.synced = synced
 
     def due(self, step: int) -> bool:
         return bool(self.every) and bool(self.prompts) and step % self.every == 0
@@ -121,7 +127,8 @@ class SampleWriter:
             with _rng_kept(next(model.parameters()).device):
                 records = [{"step": step, "prompt": p,
                             "completion": generate_text(model, tokenizer, p, self.sampling,
-                                                        template=self.template)}
+                                                        template=self.template,
+                                                        synced=self.synced)}
                            for p in self.prompts]
         finally:
             model.train(was_training)

@@ -17,6 +17,7 @@ from finetune.checkpoint.files import write_json
 from finetune.config import config_dict, config_yaml
 from finetune.config.schema import RunConfig
 from finetune.data.settings import check_settings as check_data_settings
+from finetune.distributed.engine import build_engine
 from finetune.kernels import check_choices
 from finetune.metrics.monitor import RunMonitor
 from finetune.metrics.progress import task
@@ -31,7 +32,7 @@ from finetune.train.run_dir import (
     open_resume,
     start_run_files,
 )
-from finetune.train.setup import build_accelerator, plan_kernels, setup
+from finetune.train.setup import build_accelerator, choose_strategy_for, plan_kernels, setup
 from finetune.train.signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from finetune.train.trainer import Trainer
 
@@ -61,17 +62,28 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
     # takes the trackers with the Accelerator, and monitor.start starts them.
     trackers = build_trackers(cfg.logger, run_dir)
     kernel_plan = plan_kernels(cfg)
-    acc = build_accelerator(kernel_plan, trackers=trackers, run_dir=run_dir)
+    strategy = choose_strategy_for(cfg, recipe, kernel_plan)
+    engine = build_engine(str(strategy.strategy), cpu_offload=strategy.cpu_offload,
+                          reshard_after_forward=cfg.distributed.reshard_after_forward,
+                          reduce_dtype=cfg.distributed.reduce_dtype,
+                          vendor=kernel_plan.hardware.vendor,
+                          compute_dtype=(kernel_plan.compute_dtype
+                                         if kernel_plan.mixed_precision != "no" else None))
+    acc = build_accelerator(kernel_plan, trackers=trackers, run_dir=run_dir,
+                            timeout_s=cfg.distributed.timeout_s)
     monitor = RunMonitor(cfg, run_dir, acc, kernel_plan)
     acc.wait_for_everyone()  # every rank checked output_dir before rank 0 writes into it
     resume = open_resume(run_dir, cfg.resume, config_dict(cfg), force=cfg.resume_force)
     monitor.print_plan()
+    monitor.line(strategy.headline())  # `finetune validate` shows the whole estimate
+    if strategy.fits is False:
+        logger.warning("%s", strategy.reason)
     try:
         if acc.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             store.remove_stale_tmp(run_dir)
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        parts = setup(cfg, kernel_plan, recipe, acc, run_dir=run_dir)
+        parts = setup(cfg, kernel_plan, recipe, acc, engine, run_dir=run_dir)
         trainer = Trainer(cfg, parts, recipe, run_dir=run_dir, kernel_plan=kernel_plan,
                           config_yaml=config_yaml(cfg), monitor=monitor)
         if resume is not None:
@@ -109,10 +121,11 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
             return PREEMPTED_EXIT_CODE
         if cfg.trainer.save_every_n_steps or cfg.trainer.save_every_minutes:
             trainer.save_checkpoint()
+        weights = engine.full_state(parts.unwrapped)  # gathered from the shards: every rank
         if acc.is_main_process:
             with task("writing the final model"):
                 final = export_final(parts.unwrapped, parts.tokenizer, run_dir,
-                                     chat_template=parts.data.chat_template)
+                                     chat_template=parts.data.chat_template, weights=weights)
             records = read_records(run_dir / "metrics.jsonl")
             summary = run_summary(
                 trainer.state.to_dict(), [r["loss"] for r in records if "loss" in r],

@@ -47,6 +47,7 @@ class Components:
     several processes); `unwrapped` is the model itself."""
 
     accelerator: Any
+    engine: Any  # finetune.distributed.engine: how the strategy wraps, syncs and checkpoints
     model: torch.nn.Module
     tokenizer: Any
     data: TrainData
@@ -73,22 +74,43 @@ def plan_kernels(cfg: RunConfig) -> KernelPlan:
     return kernel_plan
 
 
+def choose_strategy_for(cfg: RunConfig, recipe: Recipe, kernel_plan: KernelPlan):
+    """The distributed strategy of this run (`distributed=auto` resolved from the memory
+    estimate for this world size), as a finetune.distributed.choose.StrategyChoice."""
+    from finetune.distributed.choose import choose_strategy, workload_from_run
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    workload = workload_from_run(cfg, load_model_config(cfg.model), kernel_plan,
+                                 pairs=recipe.pairs)
+    return choose_strategy(cfg.distributed, workload, kernel_plan.hardware, world,
+                           local_processes=local)
+
+
 def build_accelerator(kernel_plan: KernelPlan, *, trackers: list | None = None,
-                      run_dir: Path | None = None):
+                      run_dir: Path | None = None, timeout_s: int | None = None,
+                      engine_kwargs: dict | None = None):
     """An accelerate.Accelerator with the plan's mixed precision and collective backend, and
-    the experiment trackers (finetune.metrics.trackers.build_trackers) it logs to."""
+    the experiment trackers (finetune.metrics.trackers.build_trackers) it logs to.
+    `timeout_s`: how long a collective waits for a missing rank (distributed.timeout_s);
+    `engine_kwargs`: what the strategy's engine adds (a DeepSpeed plugin)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    group = {"backend": kernel_plan.collective}
+    if timeout_s:
+        group["timeout"] = timedelta(seconds=timeout_s)
     return Accelerator(
         mixed_precision=kernel_plan.mixed_precision,
         cpu=kernel_plan.hardware.vendor == "cpu",
         log_with=trackers or None,
         project_dir=str(run_dir) if run_dir is not None else None,
         # The collective backend only means something with several processes.
-        kwargs_handlers=([InitProcessGroupKwargs(backend=kernel_plan.collective)]
-                         if distributed else None),
+        kwargs_handlers=[InitProcessGroupKwargs(**group)] if distributed else None,
+        **(engine_kwargs or {}),
     )
 
 
@@ -124,15 +146,17 @@ def _build_model(cfg: RunConfig, kernel_plan: KernelPlan) -> torch.nn.Module:
     return model
 
 
-def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, *,
+def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, engine, *,
           run_dir: Path) -> Components:
-    """Build the run's components on `accelerator` (see the module docstring for the order)."""
+    """Build the run's components on `accelerator`, wrapped by the strategy's `engine` (see the
+    module docstring for the order)."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = _build_model(cfg, kernel_plan)
-    with accelerator.main_process_first():  # rank 0 fills the tokenized cache; the others read it
+    # The first process of each node fills the tokenized cache; the node's others then read it.
+    with accelerator.local_main_process_first():
         data = build_data(cfg.data, tokenizer, attention=kernel_plan.attn_implementation,
                           seed=cfg.seed, micro_batch_size=cfg.trainer.micro_batch_size,
                           rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -148,15 +172,18 @@ def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, 
     if recipe.data_formats:
         recipe.check_data_format(data.stats.format)
     steps = total_steps(cfg, data, accelerator.num_processes)
-    optimizer = build_optimizer(
-        kernel_plan.optimizer, [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps)
     extra = (dict(recipe.extra_models(cfg, model, data=data, plan=kernel_plan,
                                       device=accelerator.device))
              if recipe.extra_models else {})
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return Components(accelerator=accelerator, model=model, tokenizer=tokenizer, data=data,
-                      optimizer=optimizer, scheduler=scheduler, total_steps=steps,
+
+    def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return build_optimizer(kernel_plan.optimizer, params, lr=cfg.optim.lr,
+                               betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                               weight_decay=cfg.optim.weight_decay)
+
+    # The engine builds the optimizer: a sharded model's parameters exist only once sharded.
+    model, optimizer = engine.prepare(accelerator, model, make_optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps)
+    return Components(accelerator=accelerator, engine=engine, model=model, tokenizer=tokenizer,
+                      data=data, optimizer=optimizer, scheduler=scheduler, total_steps=steps,
                       extra_models=extra)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from finetune.checkpoint import store
-from finetune.checkpoint.trainable import load_trainable, trainable_state
 from finetune.config.schema import RunConfig
+from finetune.distributed.engine import save_shards
 from finetune.errors import TrainingError
 from finetune.evaluate.sampling import SampleWriter, Sampling
 from finetune.kernels import KernelPlan
@@ -68,6 +68,7 @@ class Trainer:
         self.cfg = cfg
         self.parts = parts
         self.acc = parts.accelerator
+        self.engine = parts.engine
         self.model = parts.model
         self.optimizer = parts.optimizer
         self.scheduler = parts.scheduler
@@ -87,7 +88,8 @@ class Trainer:
         self.samples = SampleWriter(
             run_dir / "samples.jsonl", cfg.eval.prompts, every_n_steps=every,
             sampling=Sampling(max_new_tokens=cfg.eval.max_new_tokens),
-            template=parts.data.chat_template, write=self.is_main) if every else None
+            template=parts.data.chat_template, write=self.is_main,
+            synced=parts.engine.sharded) if every else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._val_batches: list[dict] | None = None
         self._last_save_time = time.monotonic()
@@ -102,11 +104,12 @@ class Trainer:
         progress = {**self.state.to_dict(), "data": self._data_position(),
                     "world_size": self.acc.num_processes, **self.monitor.state_dict()}
         scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
+        trainable, optimizer, shards = self.engine.save_state(self.parts.unwrapped,
+                                                              self.optimizer)
         return store.TrainerState(
-            trainable=trainable_state(self.parts.unwrapped),
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            scaler=scaler, progress=progress,
-            rng={self.acc.process_index: store.capture_rng()})
+            trainable=trainable, optimizer=optimizer, scheduler=self.scheduler.state_dict(),
+            scaler=scaler, progress=progress, rng={self.acc.process_index: store.capture_rng()},
+            shards=shards)
 
     def _data_position(self) -> dict:
         """The data position after the last batch the loop consumed (not the ones prefetched)."""
@@ -117,9 +120,9 @@ class Trainer:
         belongs to another model or adapter shape."""
         from accelerate.utils import set_seed
 
-        load_trainable(self.parts.unwrapped, state.trainable, source)
         configured = [group["initial_lr"] for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state.optimizer)
+        self.engine.load_state(self.parts.unwrapped, self.optimizer, source, state.trainable,
+                               state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         if configured != list(self.scheduler.base_lrs):
             self._use_learning_rates(configured)
@@ -151,13 +154,6 @@ class Trainer:
 
     # ------------------------------------------------------------ helpers
 
-    def _clip_grad_norm(self) -> float:
-        max_norm = self.cfg.trainer.max_grad_norm
-        if max_norm > 0:
-            return float(self.acc.clip_grad_norm_(self.trainable, max_norm))
-        norms = [p.grad.detach().norm(2) for p in self.trainable if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
     # ------------------------------------------------------------ eval
 
     @torch.no_grad()
@@ -171,9 +167,10 @@ class Trainer:
         model.eval()
         for batch in self._val_batches:
             n = self.num_items(batch)
-            if n == 0:
+            if n == 0 and not self.engine.sharded:  # sharded: every rank joins every forward
                 continue
-            out = self.loss_fn(model, to_device(batch, self.acc.device), torch.tensor(float(n)))
+            out = self.loss_fn(model, to_device(batch, self.acc.device),
+                               torch.tensor(float(max(n, 1))))
             loss_sum += float(out.loss if isinstance(out, LossOutput) else out) * n
             tokens += n
         model.train()
@@ -208,6 +205,8 @@ class Trainer:
             self.acc.wait_for_everyone()
             rank = self.acc.process_index
             store.write_rank_rng(tmp, rank, state.rng[rank])
+            if state.shards is not None:
+                save_shards(state.shards, tmp)
             self.acc.wait_for_everyone()
         except Exception as exc:
             if self.is_main:
@@ -278,10 +277,11 @@ class Trainer:
                     window = accumulate_gradients(
                         self.model, on_device, self.loss_fn, window_tokens=window_tokens,
                         backward=self.acc.backward, grad_scale=float(world),
-                        no_sync=(lambda: self.acc.no_sync(self.model)) if world > 1 else None)
+                        no_sync=self.engine.no_sync(self.acc, self.model))
                     loss, extra, stop, time_due = self._read_window(
                         window, window_tokens, preemption.requested is not None)
-                    grad_norm = self._clip_grad_norm()
+                    grad_norm = self.engine.clip_grad_norm(self.acc, self.trainable,
+                                                           self.cfg.trainer.max_grad_norm)
                     skip = self._handle_non_finite(loss, grad_norm)
                     if not skip:
                         self.optimizer.step()

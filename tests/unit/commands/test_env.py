@@ -97,3 +97,52 @@ def test_table_is_the_generated_table(capsys) -> None:
 def test_parse_kernel_overrides() -> None:
     cfg = parse_kernel_overrides(["kernels.precision=fp32", "kernels.selfcheck=no"])
     assert (cfg.precision, cfg.selfcheck, cfg.attention) == ("fp32", False, "auto")
+
+
+def test_memory_of_a_full_8b_fine_tune_on_8_h100(capsys) -> None:
+    assert main(["--profile", "h100", "--nproc", "8", "model=llama3_1_8b", "peft=none",
+                 "trainer.micro_batch_size=1"]) == 0
+    out = capsys.readouterr().out
+    plan_table, memory = out.split("\n\n", 1)
+    assert plan_table.startswith("hardware: NVIDIA H100")
+    assert memory.startswith("memory estimate: meta-llama/Llama-3.1-8B-Instruct")
+    assert "on 8 processes (NVIDIA H100 80GB HBM3, simulated, 8 devices of 79.1 GiB)" in memory
+    assert ("distributed: fsdp2 (full fine-tune of 8.0B params: ddp over 8 processes needs "
+            "about ") in memory
+    assert "; fsdp2 over 8 processes needs about " in memory
+    assert "memory per device (fsdp2 over 8 processes):" in memory
+
+
+def test_json_has_the_memory_block(capsys) -> None:
+    assert main(["--profile", "h100", "--json", "--nproc", "8", "model=llama3_1_8b",
+                 "peft=none", "trainer.micro_batch_size=1"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert list(data) == ["hardware", "kernels", "env", "memory"]
+    memory = data["memory"]
+    assert (memory["strategy"], memory["cpu_offload"], memory["fits"]) == ("fsdp2", False, True)
+    assert memory["estimate"]["params"] == 8_030_261_248
+    considered = memory["considered"]
+    assert considered["ddp"]["bytes"]["total"] > considered["fsdp2"]["bytes"]["total"]
+
+
+def test_default_estimates_the_tiny_lora_recipe(capsys) -> None:
+    assert main(["--profile", "cpu", "--recipe", "lora_sft"]) == 0
+    out = capsys.readouterr().out
+    assert "memory estimate: tiny on 1 process" in out
+    assert "distributed: single (LoRA r=16 on 6.9M params" in out
+
+
+def test_a_model_config_out_of_reach_is_said_not_fatal(capsys) -> None:
+    assert main(["--profile", "h100", "model.name_or_path=someorg/not-cached"]) == 0
+    out = capsys.readouterr().out
+    assert "not estimated: model.name_or_path=someorg/not-cached: could not load it" in out
+    assert "pass the local folder instead" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--nproc", "2", "distributed=single"], "--nproc 1"),
+    (["trainer.micro_batch=1"], "Did you mean 'trainer.micro_batch_size'?"),
+])
+def test_bad_run_overrides_exit_2(capsys, argv: list[str], message: str) -> None:
+    assert main(["--profile", "h100", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config.compose import compose_run_config
+from finetune.distributed.engine import build_engine
 from finetune.metrics.monitor import RunMonitor
 from finetune.train.recipe import Recipe, load_recipe
 from finetune.train.setup import build_accelerator, plan_kernels, setup
@@ -27,7 +28,7 @@ def make_trainer(tiny_model_dir: Path) -> Callable[..., Trainer]:
         kernel_plan = plan_kernels(cfg)
         acc = build_accelerator(kernel_plan)
         run_dir.mkdir(parents=True, exist_ok=True)
-        parts = setup(cfg, kernel_plan, recipe, acc, run_dir=run_dir)
+        parts = setup(cfg, kernel_plan, recipe, acc, build_engine("single"), run_dir=run_dir)
         return Trainer(cfg, parts, recipe, run_dir=run_dir, kernel_plan=kernel_plan,
                        config_yaml="recipe: lora_sft\n",
                        monitor=RunMonitor(cfg, run_dir, acc, kernel_plan))

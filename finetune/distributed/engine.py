@@ -1,0 +1,318 @@
+"""Engines: how a strategy wraps the model and optimizer, synchronises gradients and
+checkpoints the weights that train.
+
+`Replicated` (single, ddp) prepares model and optimizer with accelerate, which wraps the model in
+DistributedDataParallel under several processes. `FullyShard` (fsdp2) shards every decoder
+layer and then the whole model with `torch.distributed.fsdp.fully_shard` (FSDP2). Accelerate
+does not apply FSDP to CPU processes (its FSDP path is for accelerator devices), so the engine
+calls torch directly, the same way on every vendor, and keeps accelerate's autocast for the
+plan's mixed precision.
+
+Checkpoints: a replicated run writes the trainable weights and the optimizer state from rank 0
+(`trainable.safetensors`, `optimizer.pt`); a sharded run writes one shard per rank with
+`torch.distributed.checkpoint` (DCP) into the checkpoint's `sharded/` folder, which loads on
+any number of processes. Either engine loads either kind, so a run may resume under another
+strategy or world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from finetune.checkpoint.store import SHARDED as SHARDED_DIR
+from finetune.checkpoint.trainable import load_trainable, trainable_state
+from finetune.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def _state_dict_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, **kwargs)
+
+
+def _optimizer_by_name(optimizer_state: dict, names: list[str]) -> dict:
+    """A torch optimizer state_dict (parameters numbered in param-group order) keyed by
+    parameter name instead, the form `torch.distributed.checkpoint.state_dict` reads."""
+    state = {names[i]: value for i, value in optimizer_state["state"].items()}
+    groups = [{**group, "params": [names[i] for i in group["params"]]}
+              for group in optimizer_state["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+class Replicated:
+    """single and ddp: every process holds the whole model (accelerate's prepare)."""
+
+    sharded = False
+
+    def __init__(self, strategy: str) -> None:
+        self.strategy = strategy
+
+    def prepare(self, accelerator, model: torch.nn.Module, make_optimizer: OptimizerFactory):
+        """Wrap `model` for this strategy and build its optimizer over the trainable weights."""
+        optimizer = make_optimizer(list(trainable_state(model).values()))
+        return accelerator.prepare(model, optimizer)
+
+    def no_sync(self, accelerator, model: torch.nn.Module) -> Callable[[], object] | None:
+        """A context factory that skips gradient communication (accumulation micro-steps)."""
+        if accelerator.num_processes == 1:
+            return None
+        return lambda: accelerator.no_sync(model)
+
+    def clip_grad_norm(self, accelerator, params: list[torch.nn.Parameter],
+                       max_norm: float) -> float:
+        """Clip to `max_norm` (0: do not clip) and return the total gradient norm."""
+        if max_norm > 0:
+            return float(accelerator.clip_grad_norm_(params, max_norm))
+        norms = [p.grad.detach().norm(2) for p in params if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_state(self, model: torch.nn.Module, optimizer) -> tuple[dict, dict, dict | None]:
+        """(trainable weights, optimizer state, shards): what a checkpoint of this step holds.
+        Replicated runs give the first two (written by rank 0) and no shards."""
+        return trainable_state(model), optimizer.state_dict(), None
+
+    def load_state(self, model: torch.nn.Module, optimizer, checkpoint: Path,
+                   trainable: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+        """Load a checkpoint's weights and optimizer state (either kind) into this run."""
+        if (checkpoint / SHARDED_DIR).is_dir():
+            load_shards(model, optimizer, checkpoint)
+            return
+        load_trainable(model, trainable, checkpoint)
+        optimizer.load_state_dict(optimizer_state)
+
+    def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The weights `final/` is written from; None: the model's own state_dict."""
+        return None
+
+
+class FullyShard(Replicated):
+    """fsdp2: decoder layers, then the whole model, sharded with `fully_shard`.
+
+    Frozen base weights are sharded like trainable ones, so a LoRA run holds 1/world of the
+    base per process. Mixed precision: accelerate's autocast around the forward (as
+    accelerate's prepare does for the replicated strategies) keeps the numerics of ddp;
+    gradients are reduced in `reduce_dtype` (fp32 by default).
+    """
+
+    sharded = True
+
+    def __init__(self, *, reshard_after_forward: bool = True, cpu_offload: bool = False,
+                 reduce_dtype: torch.dtype = torch.float32,
+                 param_dtype: torch.dtype | None = None) -> None:
+        super().__init__("fsdp2")
+        self.reshard_after_forward = reshard_after_forward
+        self.cpu_offload = cpu_offload
+        self.reduce_dtype = reduce_dtype
+        self.param_dtype = param_dtype
+
+    def prepare(self, accelerator, model: torch.nn.Module, make_optimizer: OptimizerFactory):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
+
+        _ensure_process_group(accelerator)
+        mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+        # Gathered weights in the compute dtype: autocast would otherwise keep a second,
+        # low-precision copy of every fp32 weight it casts.
+        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+        options = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward,
+                   "mp_policy": policy,
+                   "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()}
+        if not self.cpu_offload:
+            model.to(accelerator.device)
+        layers = decoder_layers(model)
+        for layer in layers:
+            fully_shard(layer, **options)
+        fully_shard(model, **options)
+        logger.info("fsdp2: %d decoder layers and the model sharded over %d processes%s",
+                    len(layers), accelerator.num_processes,
+                    "; parameters, gradients and optimizer state offloaded to CPU"
+                    if self.cpu_offload else "")
+        if accelerator.native_amp:
+            _autocast_forward(accelerator, model)
+        optimizer = make_optimizer(list(trainable_state(model).values()))
+        return model, accelerator.prepare_optimizer(optimizer, device_placement=False)
+
+    def no_sync(self, accelerator, model: torch.nn.Module) -> Callable[[], object] | None:
+        if accelerator.num_processes == 1:
+            return None
+        return functools.partial(_without_gradient_sync, model)
+
+    def clip_grad_norm(self, accelerator, params: list[torch.nn.Parameter],
+                       max_norm: float) -> float:
+        from torch.distributed.tensor import DTensor
+
+        accelerator.unscale_gradients()
+        grads = [p.grad for p in params if p.grad is not None]
+        if max_norm > 0:
+            total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            total = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if isinstance(total, DTensor):  # the norm of the shards, summed over the ranks
+            total = total.full_tensor()
+        return float(total)
+
+    def save_state(self, model: torch.nn.Module, optimizer) -> tuple[dict, dict, dict | None]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer,
+                                                  options=_state_dict_options())
+        return {}, {}, {"model": model_state, "optim": optim_state}
+
+    def load_state(self, model: torch.nn.Module, optimizer, checkpoint: Path,
+                   trainable: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if (checkpoint / SHARDED_DIR).is_dir():
+            load_shards(model, optimizer, checkpoint)
+            return
+        # A replicated run's checkpoint: whole tensors on every rank, sharded as they load.
+        names = list(trainable_state(model))
+        _check_names(names, trainable, checkpoint)
+        set_state_dict(model, optimizer, model_state_dict=trainable,
+                       optim_state_dict=_optimizer_by_name(optimizer_state, names),
+                       options=_state_dict_options(full_state_dict=True, strict=False))
+
+    def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The trainable weights gathered from every shard (every rank must call this); whole
+        tensors on rank 0, an empty dict elsewhere. A LoRA run's final/ needs only these; a
+        full fine-tune's trainable weights are all of them."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(
+            model, options=_state_dict_options(full_state_dict=True, cpu_offload=True))
+
+
+def _ensure_process_group(accelerator) -> None:
+    """fsdp2 on one process (for its CPU offload) still needs a process group: a one-rank
+    group on an in-memory store."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "gloo" if accelerator.device.type == "cpu" else None
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _check_names(names: list[str], tensors: dict, checkpoint: Path) -> None:
+    missing = sorted(set(names) - set(tensors))
+    extra = sorted(set(tensors) - set(names))
+    if missing or extra:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise CheckpointError(
+            f"checkpoint {checkpoint} was saved from another model or adapter shape ({detail}). "
+            "Resume with the same model and peft settings, or start a new output_dir.")
+
+
+def load_shards(model: torch.nn.Module, optimizer, checkpoint: Path) -> None:
+    """Load a sharded checkpoint into `model` and `optimizer`, resharding to this run's
+    processes (DCP reads each rank's part of every tensor, whatever the saving world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_state_dict_options())
+    _check_names(list(model_state), _saved_tensor_names(checkpoint), checkpoint)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR))
+    except Exception as exc:  # DCP raises its own CheckpointException with every rank's error
+        raise CheckpointError(f"checkpoint {checkpoint}: its shards could not be read "
+                              f"({type(exc).__name__}: {str(exc)[:300]}). Resume from an earlier "
+                              "checkpoint.") from None
+    # Not strict: the frozen weights are the model's own (checked above: no trainable one is
+    # missing).
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"], options=_state_dict_options(strict=False))
+
+
+def _saved_tensor_names(checkpoint: Path) -> dict[str, None]:
+    """The model weights a sharded checkpoint holds, by name (from DCP's metadata)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(checkpoint / SHARDED_DIR)).read_metadata()
+    return {key[len("model."):]: None for key in metadata.state_dict_metadata
+            if key.startswith("model.")}
+
+
+def save_shards(shards: dict, directory: Path) -> None:
+    """Every rank: write this rank's part of `shards` into `directory/sharded` (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(shards, checkpoint_id=str(directory / SHARDED_DIR))
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks to shard one by one: the modules transformers names in the model's
+    `_no_split_modules` (LlamaDecoderLayer, Qwen2DecoderLayer, ...)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+@contextlib.contextmanager
+def _without_gradient_sync(model: torch.nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _autocast_forward(accelerator, model: torch.nn.Module) -> None:
+    """Run the forward under the plan's autocast and return fp32 outputs, as accelerate's
+    prepare does for a replicated model."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args, **kwargs):
+        with accelerator.autocast():
+            return forward(*args, **kwargs)
+
+    model.forward = convert_outputs_to_fp32(autocast_forward)
+
+
+REDUCE_DTYPES = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_engine(strategy: str, *, reshard_after_forward: bool = True, cpu_offload: bool = False,
+                 reduce_dtype: str = "auto", vendor: str = "cpu",
+                 compute_dtype: torch.dtype | None = None):
+    """The engine for a concrete strategy (never `auto`: `finetune.distributed.choose`
+    resolves that first). `compute_dtype`: the plan's autocast dtype (None: no autocast)."""
+    from finetune.errors import ConfigError
+
+    if reduce_dtype not in REDUCE_DTYPES:
+        raise ConfigError(f"distributed.reduce_dtype={reduce_dtype!r}: use auto, fp32 or bf16.")
+    if reduce_dtype == "bf16" and vendor == "amd":
+        raise ConfigError(
+            "distributed.reduce_dtype=bf16 on AMD GPUs: bf16 gradient reduction has a known NaN "
+            "report on ROCm, so gradients are reduced in fp32 there. Remove the override "
+            "(or set distributed.reduce_dtype=fp32).")
+    if strategy in ("single", "ddp"):
+        return Replicated(strategy)
+    if strategy == "fsdp2":
+        return FullyShard(reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload,
+                          reduce_dtype=REDUCE_DTYPES[reduce_dtype], param_dtype=compute_dtype)
+    if strategy in ("deepspeed_zero2", "deepspeed_zero3"):
+        from finetune.distributed.deepspeed import DeepSpeedZero
+
+        return DeepSpeedZero(strategy, cpu_offload=cpu_offload)
+    raise ValueError(f"no engine for strategy {strategy!r}")
