@@ -306,6 +306,10 @@ def build_engine(strategy: str, *, reshard_after_forward: bool = True, cpu_offlo
             "distributed.reduce_dtype=bf16 on AMD GPUs: bf16 gradient reduction has a known NaN "
             "report on ROCm, so gradients are reduced in fp32 there. Remove the override "
             "(or set distributed.reduce_dtype=fp32).")
+    if cpu_offload and vendor == "cpu":
+        raise ConfigError("distributed.cpu_offload=on: this run is on the CPU, whose memory "
+                          "already holds everything; remove the override (offload moves "
+                          "weights and optimizer state from a GPU to host memory).")
     if strategy in ("single", "ddp"):
         return Replicated(strategy)
     if strategy == "fsdp2":
