@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import sys
 import textwrap
-import warnings
 from typing import NoReturn
 
 from finetune.commands import COMMANDS, Command
 from finetune.errors import ConfigError, FinetuneError
+from finetune.metrics.console_log import setup_logging
 
 EPILOG = """RECIPE is a shipped recipe name (see `finetune ls`) or a path to a YAML config.
 Exit codes: 0 ok, 2 bad usage/config/data, 75 preempted (checkpoint saved; resume=auto)."""
@@ -99,27 +97,9 @@ def dispatch(argv: list[str]) -> int:
     return _module(command).main(args.argv) if command.own_parser else _module(command).run(args)
 
 
-def _setup_logging() -> None:
-    level = os.environ.get("FINETUNE_LOG_LEVEL", "INFO").upper()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s",
-                                           "%H:%M:%S"))
-    root = logging.getLogger("finetune")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    # bitsandbytes warns at import about an optional package of its own; not the user's concern.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # peft calls a transformers method that transformers 5 renamed; the warning is not the user's.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
-                            category=FutureWarning)
-    if os.environ.get("RANK", "0") != "0":
-        root.setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    _setup_logging()
+    setup_logging()
     try:
         return dispatch(sys.argv[1:] if argv is None else argv)
     except FinetuneError as exc:

@@ -25,15 +25,16 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "run": Command("run", "RECIPE [OVERRIDES...] [--nproc N] [-m]",
+    "run": Command("run", "RECIPE [OVERRIDES...] [--nproc N] [--nnodes M ...] [-m]",
                    "train; overrides use Hydra syntax (trainer.max_steps=50 peft.r=16 "
                    "model=qwen2_5_7b +new.key=1 ~key); -m sweeps comma lists"),
     "ls": Command("ls", "", "list recipes and config groups"),
     "cp": Command("cp", "CONFIG DEST", "copy a shipped config (lora_sft, trainer/quick...)"),
-    "validate": Command("validate", "RECIPE [OVERRIDES...]",
-                        "compose + check, print the resolved config"),
+    "validate": Command("validate", "RECIPE [OVERRIDES...] [--nproc N] [--profile NAME]",
+                        "compose + check, print the resolved config and the memory estimate"),
     "env": Command("env", "[--profile NAME] [--assume-packages all] [--json] [--table] "
-                   "[kernels.K=V...]", "hardware and the kernel plan", own_parser=True),
+                   "[--recipe R] [--nproc N] [OVERRIDES...]",
+                   "hardware, the kernel plan and the memory estimate", own_parser=True),
     "data inspect": Command("data_inspect", "RECIPE [OVERRIDES...] [--json]",
                             "dataset statistics after templating and packing", own_parser=True),
     "merge": Command("merge", "RUN_OR_CHECKPOINT OUT_DIR",

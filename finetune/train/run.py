@@ -24,6 +24,7 @@ from finetune.metrics.progress import task
 from finetune.metrics.summary import run_summary
 from finetune.metrics.trackers import build_trackers
 from finetune.metrics.writers import read_records
+from finetune.train.rank_log import rank_log
 from finetune.train.recipe import Recipe, load_recipe
 from finetune.train.run_dir import (
     FreshRunDir,
@@ -73,74 +74,76 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
                             timeout_s=cfg.distributed.timeout_s)
     monitor = RunMonitor(cfg, run_dir, acc, kernel_plan)
     acc.wait_for_everyone()  # every rank checked output_dir before rank 0 writes into it
-    resume = open_resume(run_dir, cfg.resume, config_dict(cfg), force=cfg.resume_force)
-    monitor.print_plan()
-    monitor.line(strategy.headline())  # `finetune validate` shows the whole estimate
-    if strategy.fits is False:
-        logger.warning("%s", strategy.reason)
-    try:
-        if acc.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            store.remove_stale_tmp(run_dir)
-            (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        parts = setup(cfg, kernel_plan, recipe, acc, engine, run_dir=run_dir)
-        trainer = Trainer(cfg, parts, recipe, run_dir=run_dir, kernel_plan=kernel_plan,
-                          config_yaml=config_yaml(cfg), monitor=monitor)
-        if resume is not None:
-            trainer.load_state_dict(resume.checkpoint.state, source=resume.checkpoint.path)
-        # Only now, with the resume accepted, does the run directory change.
-        history_complete = True
-        if acc.is_main_process:
-            history_complete = start_run_files(run_dir, trainer.state.step,
-                                               config_yaml=config_yaml(cfg),
-                                               kernel_plan=kernel_plan.to_dict())
-        acc.wait_for_everyone()
-    except BaseException:
-        monitor.close()
-        if acc.is_main_process:
-            fresh_dir.restore()
-        raise
-    if resume is not None:
-        monitor.line(f"resumed from {resume.checkpoint.path} at step {trainer.state.step}")
-        for change in resume.allowed_changes:
-            monitor.line(f"  changed on resume: {change}")
-        for change in resume.forced_changes:
-            monitor.line(f"  FORCED on resume (resume_force=true): {change}")
-
-    try:
-        monitor.start(parts.unwrapped, total_steps=parts.total_steps,
-                      start_step=trainer.state.step, data_stats=parts.data.stats.to_dict(),
-                      config=config_dict(cfg),
-                      resumed=resume.checkpoint.state.progress if resume else None)
-        result = trainer.fit()
-        if result.stopped_by == "preempted":
+    # Each rank's own log file; only now, when no rank can mistake logs/ for an old run.
+    with rank_log(run_dir, acc.process_index):
+        resume = open_resume(run_dir, cfg.resume, config_dict(cfg), force=cfg.resume_force)
+        monitor.print_plan()
+        monitor.line(strategy.headline())  # `finetune validate` shows the whole estimate
+        if strategy.fits is False:
+            logger.warning("%s", strategy.reason)
+        try:
             if acc.is_main_process:
-                (run_dir / PREEMPTED_MARKER).write_text(f"step {trainer.state.step}\n")
-            monitor.line(f"preempted at step {trainer.state.step}: checkpoint saved; rerun "
-                         f"with resume=auto to continue (exit code {PREEMPTED_EXIT_CODE})")
-            return PREEMPTED_EXIT_CODE
-        if cfg.trainer.save_every_n_steps or cfg.trainer.save_every_minutes:
-            trainer.save_checkpoint()
-        weights = engine.full_state(parts.unwrapped)  # gathered from the shards: every rank
-        if acc.is_main_process:
-            with task("writing the final model"):
-                final = export_final(parts.unwrapped, parts.tokenizer, run_dir,
-                                     chat_template=parts.data.chat_template, weights=weights)
-            records = read_records(run_dir / "metrics.jsonl")
-            summary = run_summary(
-                trainer.state.to_dict(), [r["loss"] for r in records if "loss" in r],
-                parts.data.stats.to_dict(), total_steps=parts.total_steps,
-                world_size=acc.num_processes, device=acc.device,
-                resume_changes=resume.allowed_changes if resume else [],
-                forced_changes=resume.forced_changes if resume else [],
-                history_complete=history_complete, records=records)
-            write_json(run_dir / "summary.json", summary)
-            monitor.finish(summary, final)
-        acc.wait_for_everyone()
-        return 0
-    finally:
-        trainer.close()
-        acc.end_training()
+                run_dir.mkdir(parents=True, exist_ok=True)
+                store.remove_stale_tmp(run_dir)
+                (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+            parts = setup(cfg, kernel_plan, recipe, acc, engine, run_dir=run_dir)
+            trainer = Trainer(cfg, parts, recipe, run_dir=run_dir, kernel_plan=kernel_plan,
+                              config_yaml=config_yaml(cfg), monitor=monitor)
+            if resume is not None:
+                trainer.load_state_dict(resume.checkpoint.state, source=resume.checkpoint.path)
+            # Only now, with the resume accepted, does the run directory change.
+            history_complete = True
+            if acc.is_main_process:
+                history_complete = start_run_files(run_dir, trainer.state.step,
+                                                   config_yaml=config_yaml(cfg),
+                                                   kernel_plan=kernel_plan.to_dict())
+            acc.wait_for_everyone()
+        except BaseException:
+            monitor.close()
+            if acc.is_main_process:
+                fresh_dir.restore()
+            raise
+        if resume is not None:
+            monitor.line(f"resumed from {resume.checkpoint.path} at step {trainer.state.step}")
+            for change in resume.allowed_changes:
+                monitor.line(f"  changed on resume: {change}")
+            for change in resume.forced_changes:
+                monitor.line(f"  FORCED on resume (resume_force=true): {change}")
+
+        try:
+            monitor.start(parts.unwrapped, total_steps=parts.total_steps,
+                          start_step=trainer.state.step, data_stats=parts.data.stats.to_dict(),
+                          config=config_dict(cfg),
+                          resumed=resume.checkpoint.state.progress if resume else None)
+            result = trainer.fit()
+            if result.stopped_by == "preempted":
+                if acc.is_main_process:
+                    (run_dir / PREEMPTED_MARKER).write_text(f"step {trainer.state.step}\n")
+                monitor.line(f"preempted at step {trainer.state.step}: checkpoint saved; rerun "
+                             f"with resume=auto to continue (exit code {PREEMPTED_EXIT_CODE})")
+                return PREEMPTED_EXIT_CODE
+            if cfg.trainer.save_every_n_steps or cfg.trainer.save_every_minutes:
+                trainer.save_checkpoint()
+            weights = engine.full_state(parts.unwrapped)  # gathered from the shards: every rank
+            if acc.is_main_process:
+                with task("writing the final model"):
+                    final = export_final(parts.unwrapped, parts.tokenizer, run_dir,
+                                         chat_template=parts.data.chat_template, weights=weights)
+                records = read_records(run_dir / "metrics.jsonl")
+                summary = run_summary(
+                    trainer.state.to_dict(), [r["loss"] for r in records if "loss" in r],
+                    parts.data.stats.to_dict(), total_steps=parts.total_steps,
+                    world_size=acc.num_processes, device=acc.device,
+                    resume_changes=resume.allowed_changes if resume else [],
+                    forced_changes=resume.forced_changes if resume else [],
+                    history_complete=history_complete, records=records)
+                write_json(run_dir / "summary.json", summary)
+                monitor.finish(summary, final)
+            acc.wait_for_everyone()
+            return 0
+        finally:
+            trainer.close()
+            acc.end_training()
 
 
 __all__ = ["check_before_work", "run_recipe", "run_training"]

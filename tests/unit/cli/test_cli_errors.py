@@ -74,7 +74,7 @@ def test_existing_run_dir_is_not_touched(cli: Cli, tmp_path: Path) -> None:
 def test_help(cli: Cli) -> None:
     top = cli("--help")
     assert top.code == 0
-    assert "run RECIPE [OVERRIDES...] [--nproc N] [-m]" in top.out
+    assert "run RECIPE [OVERRIDES...] [--nproc N] [--nnodes M ...] [-m]" in top.out
     assert "data inspect RECIPE [OVERRIDES...] [--json]" in top.out
     assert "75 preempted" in top.out
     bare = cli()
