@@ -215,6 +215,14 @@ class DpoRecipe(Recipe):
         Recipe.check(dataclasses.replace(self, trains=trains), cfg)
         check_dpo(cfg.dpo)
         check_pair_settings(cfg.data)
+        if str(cfg.distributed.strategy) == "deepspeed_zero3" and (
+                trains == "all" or cfg.dpo.precompute_ref):
+            raise ConfigError(
+                "dpo with distributed=deepspeed_zero3 supports LoRA with the reference computed "
+                "each step only: the frozen reference copy of a full fine-tune and "
+                "dpo.precompute_ref run outside DeepSpeed's engine on partitioned weights. Use "
+                "distributed=deepspeed_zero2 or fsdp2, or peft=lora with "
+                "dpo.precompute_ref=false.")
 
 
 RECIPE = DpoRecipe(name="dpo", loss=dpo_loss, trains="adapter", data_formats=("preference",),

@@ -46,7 +46,11 @@ def apply_adapter(model, cfg: PeftConfig):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; a parameter DeepSpeed ZeRO-3 partitioned counts
+    its whole size (`ds_numel`), not the empty placeholder the module holds."""
+    def size(p) -> int:
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     return trainable, total

@@ -42,6 +42,9 @@ SCALER = "scaler.pt"
 STATE = "trainer_state.json"
 # A sharded run's weights and optimizer state: one torch.distributed.checkpoint folder.
 SHARDED = "sharded"
+# A DeepSpeed run's: whole fp32 tensors (safetensors) and JSON, written by
+# finetune.distributed.deepspeed.
+DEEPSPEED = "deepspeed"
 
 
 def step_dir_name(step: int) -> str:
@@ -265,7 +268,8 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     try:
         scaler = (torch.load(path / SCALER, weights_only=True, map_location="cpu")
                   if (path / SCALER).is_file() else None)
-        sharded = (path / SHARDED).is_dir()  # read by the engine, on every rank
+        # Read by the engine, on every rank.
+        sharded = (path / SHARDED).is_dir() or (path / DEEPSPEED).is_dir()
         state = TrainerState(
             trainable={} if sharded else load_file(str(path / TRAINABLE)),
             optimizer={} if sharded else torch.load(path / OPTIMIZER, weights_only=True,

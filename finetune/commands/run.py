@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     """Train once, on `args.nproc` processes (of `args.nnodes` machines), or sweep; the exit
     code (75: preempted)."""
     from finetune.config.compose import compose_run_config
+    from finetune.distributed.deepspeed_config import check_settings as check_deepspeed
     from finetune.train.launch import Nodes, check_nodes, check_under_slurm, slurm_rank_env
 
     if args.recipe is None:
@@ -158,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
     if not launch:
         _take_rank_from_srun()
     cfg = compose_run_config(args.recipe, args.overrides)  # every key and type checked
+    check_deepspeed(cfg.distributed)  # here, so a refusal exits 2 before any launch
+    if str(cfg.distributed.strategy).startswith("deepspeed") and "LOCAL_RANK" not in os.environ:
+        launch = True  # DeepSpeed needs a launcher's process group, even for one process
     if launch:
         check_nodes(nodes or Nodes(), output_dir_given=cfg.output_dir is not None)
         check_under_slurm(nodes or Nodes())

@@ -1,14 +1,13 @@
 """DeepSpeed ZeRO stage 2 and 3 (`distributed=deepspeed_zero2|deepspeed_zero3`) through
 accelerate's DeepSpeed integration.
 
-`build_config` turns the run's settings into a DeepSpeed config (stage, micro-batch and
-accumulation, gradient clipping, the plan's 16-bit mode, fp32 gradient communication, optimizer
-offload) and merges `distributed.deepspeed` over it, refusing entries that would contradict the
-loop. `DeepSpeedZero` is the engine (see `finetune.distributed.engine`): accelerate wraps the
+The DeepSpeed config comes from `finetune.distributed.deepspeed_config`. `DeepSpeedZero` is the engine (see `finetune.distributed.engine`): accelerate wraps the
 model in a DeepSpeedEngine, the loop's backward goes through DeepSpeed, and DeepSpeed's step
 (norm, clip, skip when the norm is not finite, update) runs where the loop clips. Checkpoints
-are DeepSpeed's own: every rank writes its partition into the checkpoint's `deepspeed/` folder,
-which resumes on the same number of processes; final/ is written from the fp32 master weights.
+hold whole tensors gathered with DeepSpeed's tensor API (fp32 master weights and Adam's moments,
+in safetensors) and JSON for the rest, in the checkpoint's `deepspeed/` folder: nothing is
+unpickled on resume, which works on any number of processes; final/ is written from the fp32
+master weights.
 
 DeepSpeed is an optional extra (`pip install 'finetune[deepspeed]'`); this module imports it
 only when a DeepSpeed strategy is used.
@@ -18,148 +17,37 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from finetune.distributed.deepspeed_config import (
+    STAGES,
+    build_config,
+    check_overrides,
+    require_deepspeed,
+)
 from finetune.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
 DEEPSPEED_DIR = "deepspeed"
-LAYOUT = "layout.json"  # world size and trainable weights of the run that wrote the folder
-TAG = "state"
-STAGES = {"deepspeed_zero2": 2, "deepspeed_zero3": 3}
-COMMUNICATION_DTYPES = {"auto": "fp32", "fp32": "fp32", "bf16": "bf16"}
-
-# Entries the loop or another config key owns: a value here would disagree with what the loop
-# does, so it is refused with the key to set instead.
-OWNED_KEYS = {
-    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
-    "train_batch_size": "trainer.micro_batch_size and trainer.grad_accum_steps",
-    "gradient_accumulation_steps": "trainer.grad_accum_steps",
-    "gradient_clipping": "trainer.max_grad_norm",
-    "optimizer": "optim.* (the optimizer comes from the kernel plan: kernels.optimizer)",
-    "scheduler": "optim.* (the schedule is the run's own)",
-}
-
-
-def deepspeed_available() -> bool:
-    """True when the `deepspeed` package can be imported (it is not imported here: importing it
-    probes the accelerator)."""
-    return importlib.util.find_spec("deepspeed") is not None
-
-
-def require_deepspeed(strategy: str) -> None:
-    """ConfigError when `strategy` is a DeepSpeed one and DeepSpeed is not installed."""
-    if strategy in STAGES and not deepspeed_available():
-        raise ConfigError(
-            f"distributed={strategy} needs DeepSpeed, which is not installed. Install the extra: "
-            "pip install 'finetune[deepspeed]', or use distributed=fsdp2 (parameters, gradients "
-            "and optimizer state sharded with PyTorch alone).")
-
-
-def _merge(base: dict, override: Mapping) -> dict:
-    """`override` merged into a copy of `base`, nested dicts key by key."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
-    return merged
-
-
-def check_overrides(strategy: str, overrides: Mapping, *, reduce_dtype: str = "auto",
-                    vendor: str = "cpu") -> None:
-    """ConfigError for `distributed.deepspeed` entries that contradict the run: keys another
-    setting owns, another ZeRO stage, a gradient norm DeepSpeed would not compute, and 16-bit
-    gradient communication on AMD GPUs."""
-    for key, instead in OWNED_KEYS.items():
-        if key in overrides:
-            raise ConfigError(f"distributed.deepspeed.{key}: set {instead} instead; the loop and "
-                              "DeepSpeed must agree on it.")
-    zero = overrides.get("zero_optimization") or {}
-    stage = zero.get("stage", STAGES[strategy])
-    if stage != STAGES[strategy]:
-        raise ConfigError(
-            f"distributed.deepspeed.zero_optimization.stage={stage} contradicts "
-            f"distributed={strategy}: choose the stage with distributed=deepspeed_zero{stage} "
-            "(stages 2 and 3 are supported) and remove the entry.")
-    if zero.get("compute_grad_norm") is False:
-        raise ConfigError("distributed.deepspeed.zero_optimization.compute_grad_norm=false: the "
-                          "loop logs the gradient norm and checks it is finite; remove the entry.")
-    if reduce_dtype not in COMMUNICATION_DTYPES:
-        raise ConfigError(f"distributed.reduce_dtype={reduce_dtype!r}: use auto, fp32 or bf16.")
-    chosen = overrides.get("communication_data_type")
-    if chosen is not None and reduce_dtype != "auto" and chosen != reduce_dtype:
-        raise ConfigError(
-            f"distributed.deepspeed.communication_data_type={chosen} contradicts "
-            f"distributed.reduce_dtype={reduce_dtype}: set one of them.")
-    dtype = chosen or COMMUNICATION_DTYPES[reduce_dtype]
-    if vendor == "amd" and dtype != "fp32":
-        raise ConfigError(
-            f"gradient communication in {dtype} on AMD GPUs: bf16 gradient all-reduce under "
-            "DeepSpeed has a known NaN report on ROCm (accelerate forces fp32 there too), so "
-            "DeepSpeed runs reduce gradients in fp32 on AMD. Remove "
-            "distributed.deepspeed.communication_data_type / distributed.reduce_dtype.")
-
-
-def build_config(strategy: str, *, micro_batch_size: int, grad_accum_steps: int,
-                 mixed_precision: str, max_grad_norm: float, cpu_offload: bool = False,
-                 reduce_dtype: str = "auto", overrides: Mapping | None = None,
-                 vendor: str = "cpu") -> dict:
-    """The DeepSpeed config of a run: the stage's defaults, then `overrides`
-    (`distributed.deepspeed`) merged over them key by key.
-
-    `mixed_precision` is the plan's (bf16 | fp16 | no): DeepSpeed's 16-bit mode then keeps
-    16-bit weights and gradients with fp32 master weights in the optimizer. Gradients are
-    communicated in fp32 (`reduce_dtype` or the override may choose bf16, except on AMD).
-    `cpu_offload` moves the optimizer state and its step to host memory. Raises ConfigError
-    for entries that contradict the run (`check_overrides`) or the plan's precision.
-    """
-    overrides = dict(overrides or {})
-    check_overrides(strategy, overrides, reduce_dtype=reduce_dtype, vendor=vendor)
-    if mixed_precision not in ("bf16", "fp16", "no"):
-        raise ValueError(f"mixed_precision={mixed_precision!r}: expected bf16, fp16 or no")
-    for mode in ("bf16", "fp16"):
-        enabled = (overrides.get(mode) or {}).get("enabled")
-        if enabled is not None and bool(enabled) != (mode == mixed_precision):
-            raise ConfigError(
-                f"distributed.deepspeed.{mode}.enabled={enabled} contradicts the kernel plan's "
-                f"precision ({mixed_precision}): choose it with kernels.precision and remove "
-                "the entry.")
-    zero: dict[str, Any] = {"stage": STAGES[strategy], "overlap_comm": True,
-                            "contiguous_gradients": True}
-    if cpu_offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": vendor != "cpu"}
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps,
-        # DeepSpeed clips inside its step; 0 turns clipping off, as trainer.max_grad_norm=0 does.
-        "gradient_clipping": max_grad_norm,
-        "zero_optimization": zero,
-        "communication_data_type": COMMUNICATION_DTYPES[reduce_dtype],
-        "bf16": {"enabled": mixed_precision == "bf16"},
-        "fp16": {"enabled": mixed_precision == "fp16"},
-        # The optimizer is the plan's torch optimizer (accelerate swaps in DeepSpeed's CPU Adam
-        # when the optimizer state is offloaded).
-        "zero_allow_untested_optimizer": True,
-        "wall_clock_breakdown": False,
-    }
-    if mixed_precision == "bf16":
-        # Skip a step whose gradients are not finite, as the loop's on_nan policy expects:
-        # DeepSpeed applied such bf16 steps by default until deepspeedai/DeepSpeed#8035.
-        config["bf16"]["check_grad_overflow"] = True
-    return _merge(config, overrides)
-
-
+# A checkpoint's deepspeed/ folder: whole fp32 tensors named "<entry>/<weight name>" (entry:
+# FP32 for the master weight, else an optimizer state key such as exp_avg), and JSON with the
+# rest (layout, the optimizer's scalar state and parameter groups, loss scale, step counters).
+MASTER = "master.safetensors"
+STATE = "state.json"
+FORMAT = 1
+FP32 = "fp32"
+# The running state of DeepSpeed's loss scaler (fp16's dynamic scale; a constant otherwise).
+SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 class DeepSpeedZero:
     """The engine of deepspeed_zero2 / deepspeed_zero3 (interface: `finetune.distributed.engine`).
 
@@ -195,10 +83,13 @@ class DeepSpeedZero:
 
     def accelerator_kwargs(self, *, micro_batch_size: int, grad_accum_steps: int,
                            mixed_precision: str, max_grad_norm: float) -> dict:
-        """What `accelerate.Accelerator(...)` needs for this strategy: the DeepSpeed plugin
-        with the run's config. `cpu=False` is part of it: accelerate applies DeepSpeed only
-        when not told to run on the CPU, and on a CPU-only machine DeepSpeed's CPU accelerator
-        then trains with the collective backend of the process group (gloo)."""
+        """What `accelerate.Accelerator(...)` needs for this strategy, merged over its other
+        arguments: the DeepSpeed plugin with the run's config (`build_config`, kept in
+        `self.config`), the accumulation steps (so accelerate agrees with the config), and
+        `cpu=False`: accelerate applies DeepSpeed only when not told to run on the CPU; on a
+        CPU-only machine DeepSpeed's CPU accelerator then uses the process group's backend
+        (gloo). ConfigError in a process no launcher started (accelerate would then run
+        DeepSpeed without a process group)."""
         from accelerate.utils import DeepSpeedPlugin
 
         if "LOCAL_RANK" not in os.environ:
@@ -263,26 +154,53 @@ class DeepSpeedZero:
     # ------------------------------------------------------------ checkpoints
 
     def save_state(self, model: torch.nn.Module, optimizer) -> tuple[dict, dict, dict]:
-        """No whole tensors for rank 0 (empty trainable and optimizer state) and an empty
-        shards dict: the state stays in DeepSpeed's partitions until `save_shards` writes it."""
-        return {}, {}, {}
+        """Every rank (collective per trainable weight): the fp32 master weights and the
+        optimizer's per-element state (Adam's moments) gathered into whole tensors, and the
+        optimizer's scalar state (its step), parameter groups, loss scale and DeepSpeed's step
+        counters as JSON. Returned as the shards dict, on rank 0 only (empty elsewhere): no
+        whole tensors for the trainable and optimizer entries, which stay empty."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        engine = self._require_engine()
+        zero = engine.optimizer
+        keys, scalars = _optimizer_entries(zero.optimizer, _flat_partitions(zero))
+        main = engine.global_rank == 0
+        tensors: dict[str, torch.Tensor] = {}
+        for name, param in _trainable(engine.module):
+            values = {FP32: safe_get_full_fp32_param(param)}  # collective under every stage
+            for key in keys:
+                values[key] = safe_get_full_optimizer_state(param, key)
+            if main:
+                tensors.update({f"{key}/{name}": value.detach().to("cpu", copy=True).contiguous()
+                                for key, value in values.items()})
+        if not main:
+            return {}, {}, {}
+        scaler = zero.loss_scaler
+        state = {
+            "format": FORMAT, "stage": self.stage, "world_size": engine.world_size,
+            "trainable": _trainable_shapes(engine.module),
+            "optimizer": {"tensor_keys": keys, "scalars": scalars,
+                          "param_groups": [_group_json(g) for g in zero.optimizer.param_groups]},
+            "loss_scaler": {k: getattr(scaler, k) for k in SCALER_FIELDS if hasattr(scaler, k)},
+            "engine": {k: getattr(engine, k) for k in ENGINE_COUNTERS},
+        }
+        return {}, {}, {"tensors": tensors, "state": state}
 
     def save_shards(self, shards: dict, directory: Path) -> None:
-        """Every rank: write this rank's partition into `directory/deepspeed` (DeepSpeed's
-        checkpoint format; frozen weights are left out, they reload from the model)."""
-        engine = self._require_engine()
+        """Rank 0 writes `directory/deepspeed/` (master.safetensors and state.json) from what
+        `save_state` gathered; the other ranks hold nothing to write."""
+        if not shards:
+            return
         target = Path(directory) / DEEPSPEED_DIR
-        engine.save_checkpoint(str(target), tag=TAG, save_latest=False,
-                               exclude_frozen_parameters=True)
-        if engine.global_rank == 0:
-            layout = {"world_size": engine.world_size, "stage": self.stage,
-                      "trainable": _trainable_shapes(engine.module)}
-            (target / LAYOUT).write_text(json.dumps(layout, indent=1), encoding="utf-8")
+        target.mkdir(parents=True, exist_ok=True)
+        save_file(shards["tensors"], str(target / MASTER))
+        (target / STATE).write_text(json.dumps(shards["state"], indent=1), encoding="utf-8")
 
     def load_state(self, model: torch.nn.Module, optimizer, checkpoint: Path,
                    trainable: dict[str, torch.Tensor], optimizer_state: dict) -> None:
-        """Every rank: load a DeepSpeed checkpoint written by a run with the same number of
-        processes and the same trainable weights; CheckpointError otherwise."""
+        """Every rank: load a DeepSpeed checkpoint, written by any number of processes, with
+        the same trainable weights; CheckpointError otherwise. Nothing is unpickled: the
+        tensors come from safetensors, the rest from JSON."""
         engine = self._require_engine()
         source = Path(checkpoint) / DEEPSPEED_DIR
         if not source.is_dir():
@@ -290,25 +208,67 @@ class DeepSpeedZero:
                 f"checkpoint {checkpoint} was written under another strategy (no {DEEPSPEED_DIR}/ "
                 "folder): a DeepSpeed run resumes only from DeepSpeed checkpoints. Resume with "
                 "the strategy that wrote it (distributed=...), or start a new output_dir.")
-        layout = json.loads((source / LAYOUT).read_text(encoding="utf-8"))
-        if layout["world_size"] != engine.world_size:
+        if not (source / STATE).is_file() or not (source / MASTER).is_file():
             raise CheckpointError(
-                f"checkpoint {checkpoint} was written by {layout['world_size']} processes and "
-                f"this run has {engine.world_size}: DeepSpeed's optimizer partitions load only "
-                f"on as many processes. Resume with --nproc {layout['world_size']}, or start a "
+                f"checkpoint {checkpoint}: {source} has no {STATE} and {MASTER}; it was written "
+                "in DeepSpeed's own format by an earlier version, which is not read because "
+                "loading it would unpickle files. Resume from a newer checkpoint or start a "
                 "new output_dir.")
-        _check_trainable(layout["trainable"], _trainable_shapes(engine.module), checkpoint)
-        try:
-            path, _ = engine.load_checkpoint(str(source), tag=TAG, load_module_strict=False,
-                                             load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
-        except Exception as exc:  # DeepSpeed raises assorted errors for unreadable files
-            raise CheckpointError(f"checkpoint {checkpoint}: DeepSpeed could not read it "
-                                  f"({type(exc).__name__}: {str(exc)[:300]}). Resume from an "
-                                  "earlier checkpoint.") from None
-        if path is None:
-            raise CheckpointError(f"checkpoint {checkpoint}: DeepSpeed found no state in "
-                                  f"{source}. Resume from an earlier checkpoint.")
+        state = json.loads((source / STATE).read_text(encoding="utf-8"))
+        _check_trainable(state["trainable"], _trainable_shapes(engine.module), checkpoint)
+        zero = engine.optimizer
+        saved = state["optimizer"]
+        if len(saved["param_groups"]) != len(zero.optimizer.param_groups):
+            raise CheckpointError(
+                f"checkpoint {checkpoint} has {len(saved['param_groups'])} optimizer parameter "
+                f"groups and this run's optimizer {len(zero.optimizer.param_groups)}: it was "
+                "saved with other optim.* settings. Resume with the same settings, or start a "
+                "new output_dir.")
+        keys = saved["tensor_keys"]
+        if keys:
+            _create_optimizer_state(zero, self.stage, keys, saved["scalars"])
+        with safe_open(str(source / MASTER), framework="pt", device="cpu") as tensors:
+            for name, param in _trainable(engine.module):
+                full = {key: tensors.get_tensor(f"{key}/{name}") for key in (FP32, *keys)}
+                self._set_param(param, full)
+        for group, values in zip(zero.optimizer.param_groups, saved["param_groups"],
+                                 strict=True):
+            _restore_group(group, values)
+        for key, value in state["loss_scaler"].items():
+            setattr(zero.loss_scaler, key, value)
+        for key, value in state["engine"].items():
+            setattr(engine, key, value)
+        if state["world_size"] != engine.world_size:
+            logger.info("resumed DeepSpeed state written by %d processes on %d",
+                        state["world_size"], engine.world_size)
+
+    def _set_param(self, param: torch.nn.Parameter, full: dict[str, torch.Tensor]) -> None:
+        """Set one trainable weight's fp32 master copy, optimizer state and the 16-bit weight
+        the forward uses, from whole tensors (`full`: FP32 and each optimizer key)."""
+        from deepspeed.utils import (
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
+
+        master = full[FP32]
+        if self.stage == 3:
+            # The local variants: the whole-tensor setters of ZeRO-3 cut the last rank's
+            # slice past the end when the weight does not divide by the world size.
+            local = _local_partition(param, master)
+            safe_set_local_fp32_param(param, local)
+            for key, value in full.items():
+                if key != FP32:
+                    safe_set_local_optimizer_state(param, _local_partition(param, value), key)
+            param.ds_tensor.data.copy_(local.to(param.ds_tensor.dtype))
+            return
+        safe_set_full_fp32_param(param, master)
+        for key, value in full.items():
+            if key != FP32:
+                safe_set_full_optimizer_state(param, value, key)
+        # ZeRO 1/2 keep the whole 16-bit weight on every rank: the fp32 master, rounded.
+        param.data.copy_(master.to(device=param.device, dtype=param.dtype))
 
     def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Every rank: the trainable weights as whole fp32 tensors (DeepSpeed's master
@@ -338,6 +298,110 @@ def _before_boundary(engine) -> Iterator[None]:
         yield
     finally:
         engine.set_gradient_accumulation_boundary(True)
+
+
+def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+
+
+def _flat_partitions(zero) -> list[torch.Tensor]:
+    """This rank's flat fp32 partitions: the tensors DeepSpeed's ZeRO optimizer hands the torch
+    optimizer, whose state is keyed by them."""
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        return list(zero.fp32_partitioned_groups_flat)
+    return list(zero.single_partition_of_fp32_groups)
+
+
+def _optimizer_entries(base: torch.optim.Optimizer,
+                       flats: list[torch.Tensor]) -> tuple[list[str], dict[str, dict]]:
+    """(keys of the per-element state, scalar state as JSON) of the torch optimizer `base`
+    over DeepSpeed's flat partitions; both empty before the first step. CheckpointError for
+    state of another kind (an 8-bit optimizer's quantised blocks), which has no fp32 whole
+    tensor to gather."""
+    keys: set[str] = set()
+    scalars: dict[str, dict] = {}
+    for flat in flats:
+        for key, value in base.state.get(flat, {}).items():
+            if torch.is_tensor(value) and value.shape == flat.shape and value.dim() == 1:
+                keys.add(key)
+                continue
+            if torch.is_tensor(value) and value.numel() == 1:
+                entry = {"tensor": value.item(), "dtype": str(value.dtype).removeprefix("torch."),
+                         "on_param_device": value.device == flat.device}
+            elif isinstance(value, bool | int | float):
+                entry = {"value": value}
+            else:
+                raise CheckpointError(
+                    f"optimizer state {key!r} ({type(value).__name__}) cannot be saved by a "
+                    "DeepSpeed run, which saves fp32 per-element state and scalars: choose a "
+                    "full-precision AdamW (kernels.optimizer=auto).")
+            if scalars.setdefault(key, entry) != entry:
+                raise RuntimeError(f"DeepSpeed's partitions disagree on optimizer state {key!r}: "
+                                   f"{scalars[key]} and {entry}")
+    return sorted(keys), scalars
+
+
+def _create_optimizer_state(zero, stage: int, keys: list[str], scalars: dict[str, dict]) -> None:
+    """Give the torch optimizer under DeepSpeed the state a checkpoint fills in (it creates
+    its state lazily at the first step, and DeepSpeed's setters write into it): zeroed
+    per-element entries and the saved scalars (the step, which Adam's bias correction reads),
+    then, under ZeRO 1/2, DeepSpeed's link from each weight to its slice of that state (made
+    after the first step otherwise)."""
+    base = zero.optimizer
+    for flat in _flat_partitions(zero):
+        state = base.state[flat]
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(flat)
+        for key, entry in scalars.items():
+            if "tensor" in entry:
+                device = flat.device if entry["on_param_device"] else "cpu"
+                state[key] = torch.tensor(entry["tensor"], dtype=getattr(torch, entry["dtype"]),
+                                          device=device)
+            else:
+                state[key] = entry["value"]
+    if stage != 3:
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def _local_partition(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a ZeRO-3 weight's whole tensor, zero-padded as ZeRO-3 pads the
+    last partition."""
+    size = param.ds_tensor.numel()
+    start = torch.distributed.get_rank() * size
+    part = full.flatten()[start:start + size].to(torch.float32)
+    if part.numel() < size:
+        part = torch.cat([part, part.new_zeros(size - part.numel())])
+    return part.contiguous()
+
+
+def _group_json(group: dict) -> dict:
+    """A torch parameter group's settings (not its parameters) as JSON."""
+    plain = {}
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if torch.is_tensor(value):
+            value = {"tensor": value.tolist()}
+        elif isinstance(value, tuple):
+            value = list(value)
+        plain[key] = value
+    return plain
+
+
+def _restore_group(group: dict, saved: dict) -> None:
+    """Set a parameter group's settings (learning rate, betas, ...) back from `_group_json`."""
+    for key, value in saved.items():
+        current = group.get(key)
+        if isinstance(value, dict) and "tensor" in value:
+            if torch.is_tensor(current):
+                current.copy_(torch.tensor(value["tensor"], dtype=current.dtype))
+            else:
+                group[key] = torch.tensor(value["tensor"])
+        elif isinstance(current, tuple):
+            group[key] = tuple(value)
+        else:
+            group[key] = value
 
 
 def _trainable_shapes(model: torch.nn.Module) -> dict[str, list[int]]:

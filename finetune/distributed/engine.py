@@ -57,10 +57,18 @@ class Replicated:
     def __init__(self, strategy: str) -> None:
         self.strategy = strategy
 
+    def accelerator_kwargs(self, *, micro_batch_size: int, grad_accum_steps: int,
+                           mixed_precision: str, max_grad_norm: float) -> dict:
+        """What this strategy adds to `accelerate.Accelerator(...)` (nothing here)."""
+        return {}
+
     def prepare(self, accelerator, model: torch.nn.Module, make_optimizer: OptimizerFactory):
         """Wrap `model` for this strategy and build its optimizer over the trainable weights."""
         optimizer = make_optimizer(list(trainable_state(model).values()))
         return accelerator.prepare(model, optimizer)
+
+    def backward(self, accelerator, model: torch.nn.Module, loss: torch.Tensor) -> None:
+        accelerator.backward(loss)
 
     def no_sync(self, accelerator, model: torch.nn.Module) -> Callable[[], object] | None:
         """A context factory that skips gradient communication (accumulation micro-steps)."""
@@ -83,9 +91,14 @@ class Replicated:
         Replicated runs give the first two (written by rank 0) and no shards."""
         return trainable_state(model), optimizer.state_dict(), None
 
+    def save_shards(self, shards: dict, directory: Path) -> None:
+        """Every rank: write this rank's part of `shards` into the checkpoint `directory`."""
+        save_shards(shards, directory)
+
     def load_state(self, model: torch.nn.Module, optimizer, checkpoint: Path,
                    trainable: dict[str, torch.Tensor], optimizer_state: dict) -> None:
         """Load a checkpoint's weights and optimizer state (either kind) into this run."""
+        _refuse_deepspeed_checkpoint(checkpoint, self.strategy)
         if (checkpoint / SHARDED_DIR).is_dir():
             load_shards(model, optimizer, checkpoint)
             return
@@ -179,6 +192,7 @@ class FullyShard(Replicated):
                    trainable: dict[str, torch.Tensor], optimizer_state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        _refuse_deepspeed_checkpoint(checkpoint, self.strategy)
         if (checkpoint / SHARDED_DIR).is_dir():
             load_shards(model, optimizer, checkpoint)
             return
@@ -197,6 +211,17 @@ class FullyShard(Replicated):
 
         return get_model_state_dict(
             model, options=_state_dict_options(full_state_dict=True, cpu_offload=True))
+
+
+def _refuse_deepspeed_checkpoint(checkpoint: Path, strategy: str) -> None:
+    from finetune.checkpoint.store import DEEPSPEED
+
+    if (checkpoint / DEEPSPEED).is_dir():
+        raise CheckpointError(
+            f"checkpoint {checkpoint} was written by a DeepSpeed run (whole tensors in "
+            f"deepspeed/master.safetensors); distributed={strategy} does not read that folder. "
+            "Resume with distributed=deepspeed_zero2 or deepspeed_zero3, or start a new "
+            "output_dir.")
 
 
 def _ensure_process_group(accelerator) -> None:
@@ -294,7 +319,7 @@ REDUCE_DTYPES = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfl
 
 def build_engine(strategy: str, *, reshard_after_forward: bool = True, cpu_offload: bool = False,
                  reduce_dtype: str = "auto", vendor: str = "cpu",
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, deepspeed: dict | None = None):
     """The engine for a concrete strategy (never `auto`: `finetune.distributed.choose`
     resolves that first). `compute_dtype`: the plan's autocast dtype (None: no autocast)."""
     from finetune.errors import ConfigError
@@ -318,5 +343,6 @@ def build_engine(strategy: str, *, reshard_after_forward: bool = True, cpu_offlo
     if strategy in ("deepspeed_zero2", "deepspeed_zero3"):
         from finetune.distributed.deepspeed import DeepSpeedZero
 
-        return DeepSpeedZero(strategy, cpu_offload=cpu_offload)
+        return DeepSpeedZero(strategy, cpu_offload=cpu_offload, reduce_dtype=reduce_dtype,
+                             overrides=deepspeed, vendor=vendor)
     raise ValueError(f"no engine for strategy {strategy!r}")

@@ -326,6 +326,11 @@ class Workload:
         if strategy == "ddp":
             grads *= DDP_GRADIENT_COPIES
         gathered = unsharded_grads = host = 0
+        # fsdp2 gathers in the compute dtype (MixedPrecisionPolicy.param_dtype), so autocast
+        # keeps no second copy of the weights.
+        fsdp2_cast = strategy == "fsdp2" and b_comp < b_train
+        if fsdp2_cast:
+            _, layer_bytes, root_bytes = self._stored_bytes(min(b_base, b_comp), b_comp)
         if shards_weights > 1 or strategy == "fsdp2":
             gathered = root_bytes + layer_bytes * (2 if self.reshard_after_forward else s.layers)
         if strategy == "fsdp2":
@@ -344,7 +349,8 @@ class Workload:
             params=s.params, trainable_params=trainable, rows=self.rows, seq_len=self.seq_len,
             gradient_checkpointing=self.gradient_checkpointing, weights=weights,
             gathered=gathered,
-            weight_copies=0 if deepspeed else self._autocast_copies(b_train, b_comp),
+            weight_copies=(0 if deepspeed or fsdp2_cast
+                           else self._autocast_copies(b_train, b_comp)),
             reference=s.params * b_comp if self.reference_model else 0,
             gradients=grads + unsharded_grads, optimizer=optimizer,
             activations=self.activation_bytes(), overhead=FIXED_OVERHEAD_BYTES, host=host)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from finetune.adapters.lora import count_parameters
 from finetune.config.schema import RunConfig
 from finetune.kernels import KernelPlan, format_plan_table
 from finetune.metrics.banner import key_settings, print_end, print_plan, print_rows, summary_rows
@@ -95,8 +96,7 @@ class RunMonitor:
         self._start_trackers(config)
         if not self.is_main:
             return
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        trainable, total = count_parameters(model)
         display = make_display(self.cfg.logger.display, total_steps=total_steps,
                                start_step=start_step,
                                log_every=self.cfg.trainer.log_every_n_steps,

@@ -17,6 +17,7 @@ from finetune.checkpoint.files import write_json
 from finetune.config import config_dict, config_yaml
 from finetune.config.schema import RunConfig
 from finetune.data.settings import check_settings as check_data_settings
+from finetune.distributed.deepspeed_config import check_settings as check_deepspeed
 from finetune.distributed.engine import build_engine
 from finetune.kernels import check_choices
 from finetune.metrics.monitor import RunMonitor
@@ -49,6 +50,7 @@ def check_before_work(cfg: RunConfig, recipe: Recipe) -> None:
     """The checks that need no model, data or device, so a mistake stops before any work:
     the recipe's fit, the data settings and the kernel names."""
     recipe.check(cfg)
+    check_deepspeed(cfg.distributed)
     check_data_settings(cfg.data)
     check_choices(cfg.kernels)
 
@@ -69,9 +71,14 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
                           reduce_dtype=cfg.distributed.reduce_dtype,
                           vendor=kernel_plan.hardware.vendor,
                           compute_dtype=(kernel_plan.compute_dtype
-                                         if kernel_plan.mixed_precision != "no" else None))
+                                         if kernel_plan.mixed_precision != "no" else None),
+                          deepspeed=dict(cfg.distributed.deepspeed))
+    engine_kwargs = engine.accelerator_kwargs(
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        grad_accum_steps=cfg.trainer.grad_accum_steps,
+        mixed_precision=kernel_plan.mixed_precision, max_grad_norm=cfg.trainer.max_grad_norm)
     acc = build_accelerator(kernel_plan, trackers=trackers, run_dir=run_dir,
-                            timeout_s=cfg.distributed.timeout_s)
+                            timeout_s=cfg.distributed.timeout_s, engine_kwargs=engine_kwargs)
     monitor = RunMonitor(cfg, run_dir, acc, kernel_plan)
     acc.wait_for_everyone()  # every rank checked output_dir before rank 0 writes into it
     # Each rank's own log file; only now, when no rank can mistake logs/ for an old run.

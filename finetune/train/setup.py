@@ -103,15 +103,15 @@ def build_accelerator(kernel_plan: KernelPlan, *, trackers: list | None = None,
     group = {"backend": kernel_plan.collective}
     if timeout_s:
         group["timeout"] = timedelta(seconds=timeout_s)
-    return Accelerator(
-        mixed_precision=kernel_plan.mixed_precision,
-        cpu=kernel_plan.hardware.vendor == "cpu",
-        log_with=trackers or None,
-        project_dir=str(run_dir) if run_dir is not None else None,
+    kwargs = {
+        "mixed_precision": kernel_plan.mixed_precision,
+        "cpu": kernel_plan.hardware.vendor == "cpu",
+        "log_with": trackers or None,
+        "project_dir": str(run_dir) if run_dir is not None else None,
         # The collective backend only means something with several processes.
-        kwargs_handlers=[InitProcessGroupKwargs(**group)] if distributed else None,
-        **(engine_kwargs or {}),
-    )
+        "kwargs_handlers": [InitProcessGroupKwargs(**group)] if distributed else None,
+    }
+    return Accelerator(**{**kwargs, **(engine_kwargs or {})})
 
 
 def total_steps(cfg: RunConfig, data: TrainData, world_size: int) -> int:

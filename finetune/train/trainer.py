@@ -16,7 +16,6 @@ import torch
 
 from finetune.checkpoint import store
 from finetune.config.schema import RunConfig
-from finetune.distributed.engine import save_shards
 from finetune.errors import TrainingError
 from finetune.evaluate.sampling import SampleWriter, Sampling
 from finetune.kernels import KernelPlan
@@ -206,7 +205,7 @@ class Trainer:
             rank = self.acc.process_index
             store.write_rank_rng(tmp, rank, state.rng[rank])
             if state.shards is not None:
-                save_shards(state.shards, tmp)
+                self.engine.save_shards(state.shards, tmp)
             self.acc.wait_for_everyone()
         except Exception as exc:
             if self.is_main:
@@ -276,7 +275,8 @@ class Trainer:
                     # accelerate's prepare() already wraps the model's forward in autocast.
                     window = accumulate_gradients(
                         self.model, on_device, self.loss_fn, window_tokens=window_tokens,
-                        backward=self.acc.backward, grad_scale=float(world),
+                        backward=functools.partial(self.engine.backward, self.acc, self.model),
+                        grad_scale=float(world),
                         no_sync=self.engine.no_sync(self.acc, self.model))
                     loss, extra, stop, time_due = self._read_window(
                         window, window_tokens, preemption.requested is not None)

@@ -59,11 +59,18 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def lora_fsdp2(data_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("lora-fsdp2") / "run"
+    folder = tmp_path_factory.mktemp("lora-fsdp2")
+    run_dir = folder / "run"
     result = run_cli(*_args("lora_sft", data_file, run_dir, "distributed=fsdp2",
-                            "trainer.micro_batch_size=2", FP32), "--nproc", "2")
+                            "trainer.micro_batch_size=2", FP32, f"data.cache_dir={folder / 'c'}"),
+                     "--nproc", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed: fsdp2" in result.stdout
+    # The data is tokenized once: rank 0 builds the cache while rank 1 waits, then reads it.
+    rank0 = (run_dir / "logs/rank_0.log").read_text()
+    rank1 = (run_dir / "logs/rank_1.log").read_text()
+    assert "tokenized" in rank0 and "examples from the tokenized-data cache" not in rank0
+    assert "examples from the tokenized-data cache" in rank1 and " tokenized " not in rank1
     return run_dir
 
 

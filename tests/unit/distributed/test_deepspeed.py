@@ -6,12 +6,16 @@ DeepSpeed's engine (the real one runs in tests/e2e/test_deepspeed.py)."""
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from finetune.distributed import deepspeed as ds
+from finetune.distributed import deepspeed_config as dsc
 from finetune.distributed.engine import build_engine
 from finetune.errors import CheckpointError, ConfigError
 
@@ -20,13 +24,13 @@ RUN = {"micro_batch_size": 4, "grad_accum_steps": 2, "mixed_precision": "bf16",
 
 
 def _config(strategy: str = "deepspeed_zero2", **kwargs) -> dict:
-    return ds.build_config(strategy, **{**RUN, **kwargs})
+    return dsc.build_config(strategy, **{**RUN, **kwargs})
 
 
 @pytest.fixture
 def installed(monkeypatch: pytest.MonkeyPatch) -> None:
     """DeepSpeed counts as installed (the engine's own code needs none of it here)."""
-    monkeypatch.setattr(ds, "deepspeed_available", lambda: True)
+    monkeypatch.setattr(dsc, "deepspeed_available", lambda: True)
 
 
 # ------------------------------------------------------------------ without DeepSpeed
@@ -35,7 +39,7 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_without_deepspeed_the_strategy_is_refused_with_the_extra(
         strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ds, "deepspeed_available", lambda: False)
+    monkeypatch.setattr(dsc, "deepspeed_available", lambda: False)
     with pytest.raises(ConfigError) as err:
         build_engine(strategy)
     assert err.value.exit_code == 2
@@ -46,13 +50,13 @@ def test_without_deepspeed_the_strategy_is_refused_with_the_extra(
 def test_deepspeed_availability_is_read_from_the_environment() -> None:
     import importlib.util
 
-    assert ds.deepspeed_available() == (importlib.util.find_spec("deepspeed") is not None)
+    assert dsc.deepspeed_available() == (importlib.util.find_spec("deepspeed") is not None)
 
 
 def test_other_strategies_never_ask_for_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ds, "deepspeed_available", lambda: False)
+    monkeypatch.setattr(dsc, "deepspeed_available", lambda: False)
     for strategy in ("single", "ddp", "fsdp2"):
-        ds.require_deepspeed(strategy)
+        dsc.require_deepspeed(strategy)
 
 
 # ------------------------------------------------------------------ the config
@@ -209,6 +213,32 @@ def test_without_a_launcher_the_run_is_refused(installed: None,
 # ------------------------------------------------------------------ loop and checkpoints
 
 
+class FakeZero:
+    """Stands for DeepSpeed's ZeRO-2 optimizer on one rank: a torch AdamW over one flat fp32
+    partition, a loss scaler, and the master weights and Adam moments of each weight (what
+    deepspeed.utils' safe_get/safe_set functions reach, see `fake_tensor_api`)."""
+
+    def __init__(self, model: torch.nn.Module, *, lr: float = 1e-3) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.flat = torch.zeros(sum(p.numel() for p in params))
+        self.optimizer = torch.optim.AdamW([self.flat], lr=lr)
+        self.single_partition_of_fp32_groups = [self.flat]
+        self.loss_scaler = type("Scaler", (), {"cur_scale": 1.0, "cur_iter": 0})()
+        self.master = {p: p.detach().clone() for p in params}
+        self.moments: dict = {p: {} for p in params}
+        self.linked = False
+
+    def take_step(self) -> None:
+        self.flat.grad = torch.ones_like(self.flat)
+        self.optimizer.step()
+        for p in self.master:
+            self.master[p] = torch.rand(p.shape)
+            self.moments[p] = {k: torch.rand(p.shape) for k in ("exp_avg", "exp_avg_sq")}
+
+    def _lazy_init_hp_params_optimizer_state(self) -> None:
+        self.linked = True
+
+
 class FakeEngine:
     """Stands for deepspeed.DeepSpeedEngine: records the calls the engine makes."""
 
@@ -218,7 +248,8 @@ class FakeEngine:
         self.norm, self.clipping = norm, clipping
         self.boundaries: list[bool] = []
         self.steps = 0
-        self.loaded: list[str] = []
+        self.optimizer = FakeZero(module)
+        self.global_steps = self.global_samples = self.skipped_steps = 0
 
     def set_gradient_accumulation_boundary(self, value: bool) -> None:
         self.boundaries.append(value)
@@ -232,12 +263,33 @@ class FakeEngine:
     def get_global_grad_norm(self):
         return self.norm
 
-    def save_checkpoint(self, path: str, **kwargs) -> None:
-        Path(path, kwargs["tag"]).mkdir(parents=True)
 
-    def load_checkpoint(self, path: str, **kwargs):
-        self.loaded.append(path)
-        return path, {}
+@pytest.fixture
+def fake_tensor_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deepspeed.utils' tensor functions over FakeZero (the real ones run in
+    tests/e2e/test_deepspeed.py)."""
+    utils = types.ModuleType("deepspeed.utils")
+
+    def zero(param):
+        return param._fake_zero
+
+    utils.safe_get_full_fp32_param = lambda p: zero(p).master[p]
+    utils.safe_get_full_optimizer_state = lambda p, key: zero(p).moments[p][key]
+
+    def set_master(p, value):
+        zero(p).master[p] = value.clone()
+
+    def set_moment(p, value, key):
+        assert zero(p).linked, "DeepSpeed links the optimizer state before it is set"
+        zero(p).moments[p][key] = value.clone()
+
+    utils.safe_set_full_fp32_param = set_master
+    utils.safe_set_full_optimizer_state = set_moment
+    utils.safe_set_local_fp32_param = utils.safe_set_local_optimizer_state = None  # ZeRO-3's
+    package = types.ModuleType("deepspeed")
+    package.utils = utils
+    monkeypatch.setitem(sys.modules, "deepspeed", package)
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", utils)
 
 
 def _lora_like() -> torch.nn.Module:
@@ -249,7 +301,15 @@ def _lora_like() -> torch.nn.Module:
 def _engine(installed: None, fake: FakeEngine) -> ds.DeepSpeedZero:
     engine = ds.DeepSpeedZero("deepspeed_zero2")
     engine._engine = fake
+    for param in fake.module.parameters():
+        param._fake_zero = fake.optimizer
     return engine
+
+
+def _save(engine: ds.DeepSpeedZero, model: torch.nn.Module, directory: Path) -> None:
+    trainable, optimizer, shards = engine.save_state(model, None)
+    assert (trainable, optimizer) == ({}, {})  # the trainer writes shards through the engine
+    engine.save_shards(shards, directory)
 
 
 def test_no_sync_marks_micro_batches_before_the_boundary(installed: None) -> None:
@@ -276,45 +336,82 @@ def test_clipping_runs_deepspeeds_step_and_returns_its_norm(installed: None) -> 
         engine.clip_grad_norm(None, [], 0.5)
 
 
-def test_a_checkpoint_records_its_world_size_and_trainable_weights(installed: None,
-                                                                   tmp_path: Path) -> None:
-    model = _lora_like()
-    engine = _engine(installed, FakeEngine(model))
-    trainable, optimizer, shards = engine.save_state(model, None)
-    assert (trainable, optimizer) == ({}, {})
-    assert shards is not None  # the trainer writes shards through the engine
-    engine.save_shards(shards, tmp_path)
-    layout = json.loads((tmp_path / "deepspeed" / ds.LAYOUT).read_text())
-    assert layout["world_size"] == 2
-    assert layout["trainable"] == {"0.bias": [4], "1.weight": [2, 4], "1.bias": [2]}
-
-
-def test_resume_loads_the_deepspeed_folder(installed: None, tmp_path: Path) -> None:
+def test_a_checkpoint_is_safetensors_and_json(installed: None, fake_tensor_api: None,
+                                              tmp_path: Path) -> None:
     model = _lora_like()
     fake = FakeEngine(model)
-    engine = _engine(installed, fake)
-    engine.save_shards({}, tmp_path)
-    engine.load_state(model, None, tmp_path, {}, {})
-    assert fake.loaded == [str(tmp_path / "deepspeed")]
+    fake.optimizer.take_step()
+    fake.optimizer.take_step()
+    _save(_engine(installed, fake), model, tmp_path)
+    files = sorted(p.name for p in (tmp_path / "deepspeed").iterdir())
+    assert files == [ds.MASTER, ds.STATE]  # no pickled file
+    state = json.loads((tmp_path / "deepspeed" / ds.STATE).read_text())
+    assert state["world_size"] == 2
+    assert state["trainable"] == {"0.bias": [4], "1.weight": [2, 4], "1.bias": [2]}
+    assert state["optimizer"]["tensor_keys"] == ["exp_avg", "exp_avg_sq"]
+    assert state["optimizer"]["scalars"]["step"]["tensor"] == 2.0
+    saved = load_file(str(tmp_path / "deepspeed" / ds.MASTER))
+    assert torch.equal(saved["fp32/1.weight"], fake.optimizer.master[model[1].weight])
+    assert torch.equal(saved["exp_avg_sq/0.bias"],
+                       fake.optimizer.moments[model[0].bias]["exp_avg_sq"])
 
 
-def test_resume_on_another_world_size_is_refused(installed: None, tmp_path: Path) -> None:
+def test_other_ranks_gather_but_write_nothing(installed: None, fake_tensor_api: None,
+                                              tmp_path: Path) -> None:
     model = _lora_like()
-    _engine(installed, FakeEngine(model, world_size=2)).save_shards({}, tmp_path)
-    fake = FakeEngine(model, world_size=4)
-    with pytest.raises(CheckpointError, match="--nproc 2"):
-        _engine(installed, fake).load_state(model, None, tmp_path, {}, {})
-    assert fake.loaded == []
+    fake = FakeEngine(model)
+    fake.global_rank = 1
+    _save(_engine(installed, fake), model, tmp_path)
+    assert not (tmp_path / "deepspeed").exists()
 
 
-def test_resume_with_another_adapter_shape_is_refused(installed: None, tmp_path: Path) -> None:
-    _engine(installed, FakeEngine(_lora_like())).save_shards({}, tmp_path)
+def test_resume_sets_every_tensor_the_step_and_the_groups_on_another_world_size(
+        installed: None, fake_tensor_api: None, tmp_path: Path) -> None:
+    model = _lora_like()
+    saved = FakeEngine(model)
+    saved.optimizer.take_step()
+    saved.optimizer.take_step()
+    saved.optimizer.optimizer.param_groups[0]["lr"] = 0.25  # where the schedule had got to
+    saved.global_steps = 2
+    _save(_engine(installed, saved), model, tmp_path)
+
+    fresh = FakeEngine(model, world_size=4)  # a new run: no optimizer state yet
+    _engine(installed, fresh).load_state(model, None, tmp_path, {}, {})
+    for param in saved.optimizer.master:
+        assert torch.equal(fresh.optimizer.master[param], saved.optimizer.master[param])
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fresh.optimizer.moments[param][key],
+                               saved.optimizer.moments[param][key])
+    # Adam's step (its bias correction) continues: the same tensor on the same device.
+    state = fresh.optimizer.optimizer.state[fresh.optimizer.flat]
+    assert state["step"].dtype == torch.float32 and float(state["step"]) == 2.0
+    assert state["exp_avg"].shape == fresh.optimizer.flat.shape
+    assert fresh.optimizer.optimizer.param_groups[0]["lr"] == 0.25
+    assert fresh.optimizer.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    assert fresh.global_steps == 2
+    # The 16-bit weight the forward uses is the master weight.
+    assert torch.equal(model[1].weight.detach(), saved.optimizer.master[model[1].weight])
+
+
+def test_a_checkpoint_before_the_first_step_has_no_optimizer_state(
+        installed: None, fake_tensor_api: None, tmp_path: Path) -> None:
+    model = _lora_like()
+    _save(_engine(installed, FakeEngine(model)), model, tmp_path)
+    fresh = FakeEngine(model)
+    _engine(installed, fresh).load_state(model, None, tmp_path, {}, {})
+    assert fresh.optimizer.optimizer.state == {}
+
+
+def test_resume_with_another_adapter_shape_is_refused(installed: None, fake_tensor_api: None,
+                                                      tmp_path: Path) -> None:
+    model = _lora_like()
+    _save(_engine(installed, FakeEngine(model)), model, tmp_path)
     wider = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
     wider[0].weight.requires_grad_(False)
     fake = FakeEngine(wider)
     with pytest.raises(CheckpointError, match="shape differs"):
         _engine(installed, fake).load_state(wider, None, tmp_path, {}, {})
-    assert fake.loaded == []
+    assert fake.optimizer.linked is False  # refused before anything was set
 
 
 def test_resume_from_another_strategys_checkpoint_is_refused(installed: None,
@@ -323,3 +420,29 @@ def test_resume_from_another_strategys_checkpoint_is_refused(installed: None,
     (tmp_path / "trainable.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="another strategy"):
         _engine(installed, FakeEngine(model)).load_state(model, None, tmp_path, {}, {})
+
+
+def test_deepspeeds_own_pickled_format_is_not_read(installed: None, tmp_path: Path) -> None:
+    model = _lora_like()
+    (tmp_path / "deepspeed" / "state").mkdir(parents=True)
+    (tmp_path / "deepspeed" / "state" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="unpickle"):
+        _engine(installed, FakeEngine(model)).load_state(model, None, tmp_path, {}, {})
+
+
+def test_an_8_bit_optimizer_state_is_refused_with_the_fix() -> None:
+    flat = torch.zeros(8)
+    optimizer = torch.optim.SGD([flat], lr=0.1)
+    optimizer.state[flat] = {"state1": torch.zeros(2, dtype=torch.uint8)}
+    with pytest.raises(CheckpointError, match="kernels.optimizer"):
+        ds._optimizer_entries(optimizer, [flat])
+
+
+def test_a_zero3_partition_is_this_ranks_padded_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    param.ds_tensor = torch.zeros(4)  # 7 elements over 2 ranks: 4 each, the last one padded
+    full = torch.arange(7.0)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    assert ds._local_partition(param, full).tolist() == [0, 1, 2, 3]
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    assert ds._local_partition(param, full).tolist() == [4, 5, 6, 0]

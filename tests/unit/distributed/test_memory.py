@@ -175,6 +175,11 @@ def test_full_fine_tune_holds_weights_grads_and_two_adam_states_in_fp32() -> Non
     assert est.weight_copies > 2 * 0.9 * params  # bf16 copies autocast keeps for the backward
     ddp = _llama_8b().estimate("ddp", 8)
     assert ddp.gradients == 2 * est.gradients  # DDP's bucket copy
+    # fsdp2 gathers the weights in bf16 (its param_dtype): no autocast copies.
+    fsdp2 = _llama_8b().estimate("fsdp2", 8)
+    shape = _llama_8b().shape
+    assert fsdp2.weight_copies == 0
+    assert fsdp2.gathered == (shape.outer_params + 2 * shape.layer_params) * 2
     assert est.total == sum(est.to_dict()["bytes"][k] for k in (
         "weights", "gathered", "weight_copies", "reference", "gradients", "optimizer",
         "activations", "overhead"))

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from finetune.adapters import apply_adapter
 from finetune.config.data import DataConfig
+from finetune.config.distributed import DistributedConfig
 from finetune.config.dpo import DpoConfig
 from finetune.config.schema import PeftConfig
 from finetune.data import DataError, build_data
@@ -165,7 +166,7 @@ def run_config(**peft) -> SimpleNamespace:
         model=SimpleNamespace(name_or_path="tiny", revision=None, trust_remote_code=False,
                               cache_dir=None),
         peft=PeftConfig(**peft), dpo=DpoConfig(), trainer=SimpleNamespace(micro_batch_size=2),
-        data=DataConfig(path="builtin:preferences"))
+        data=DataConfig(path="builtin:preferences"), distributed=DistributedConfig())
 
 
 def test_full_fine_tune_reference_is_a_frozen_copy(tiny_model_dir, preference_data):
@@ -211,6 +212,17 @@ def test_recipe_checks_before_any_work() -> None:
         dpo.check(cfg)
     cfg.dpo = DpoConfig(beta=0.0)
     with pytest.raises(ConfigError, match="dpo.beta=0.0 must be positive"):
+        dpo.check(cfg)
+    # ZeRO-3 partitions the weights that a frozen copy or precomputation would run on.
+    cfg = run_config(method="none")
+    cfg.distributed = DistributedConfig(strategy="deepspeed_zero3")
+    with pytest.raises(ConfigError, match="deepspeed_zero3 supports LoRA"):
+        dpo.check(cfg)
+    cfg = run_config(method="lora")
+    cfg.distributed = DistributedConfig(strategy="deepspeed_zero3")
+    dpo.check(cfg)
+    cfg.dpo = DpoConfig(precompute_ref=True)
+    with pytest.raises(ConfigError, match="deepspeed_zero3 supports LoRA"):
         dpo.check(cfg)
 
 
