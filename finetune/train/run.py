@@ -83,12 +83,12 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
     acc.wait_for_everyone()  # every rank checked output_dir before rank 0 writes into it
     # Each rank's own log file; only now, when no rank can mistake logs/ for an old run.
     with rank_log(run_dir, acc.process_index):
-        resume = open_resume(run_dir, cfg.resume, config_dict(cfg), force=cfg.resume_force)
-        monitor.print_plan()
-        monitor.line(strategy.headline())  # `finetune validate` shows the whole estimate
-        if strategy.fits is False:
-            logger.warning("%s", strategy.reason)
-        try:
+        try:  # until the first step, a failure leaves a fresh run's directory as it found it
+            resume = open_resume(run_dir, cfg.resume, config_dict(cfg), force=cfg.resume_force)
+            monitor.print_plan()
+            monitor.line(strategy.headline())  # `finetune validate` shows the whole estimate
+            if strategy.fits is False:
+                logger.warning("%s", strategy.reason)
             if acc.is_main_process:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 store.remove_stale_tmp(run_dir)
