@@ -80,6 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="markdown file whose section for this configuration is updated")
     parser.add_argument("--no-doc", action="store_true", help="do not write the doc")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    parser.add_argument("--summarize", type=Path, metavar="WORKDIR",
+                        help="print and record the figures of a run kept with --keep, "
+                             "running nothing")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     parser.add_argument("--omp-wait-policy", choices=["passive", "active", "inherit"],
                         default="passive",
@@ -159,9 +162,9 @@ def recorded_command(argv: list[str]) -> str:
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--doc", "--keep"):
+        elif arg in ("--doc", "--keep", "--summarize"):
             skip = True
-        elif not arg.startswith(("--doc=", "--keep=")) and arg != "--no-doc":
+        elif not arg.startswith(("--doc=", "--keep=", "--summarize=")) and arg != "--no-doc":
             kept.append(arg)
     return shlex.join(["python", "scripts/bench.py", *kept])
 
@@ -176,6 +179,8 @@ def doc_section(args: argparse.Namespace, argv: list[str], settings: workload.Se
     params = workload.parameter_count(workload.model_config(settings.size))
     precision = plan["precision"]
     label = f"{preset_name(args)}-{precision}"
+    if args.sides:  # a partial run keeps its own section
+        label += "-" + "-".join(f"{who}_{mode}" for who, mode in args.sides)
     shared = ("above the core count: the machine was shared with other jobs"
               if max(load) > machine["cores"] else "at or below the core count")
     lines = [
@@ -216,12 +221,13 @@ def print_summary(summary: dict, found: list[report.Target],
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.summarize:
+        return summarize_kept(args)
     settings = settings_from_args(args)
     if args.gpu:
         import bench_gpu
 
         return bench_gpu.main(args, settings)
-    sides = sides_for(args)
     # Looked up, not imported: this process stays small (see bench_runner.prepare).
     if not args.no_trl and importlib.util.find_spec("trl") is None:
         print("error: TRL is not installed: pip install -e '.[bench]' (or pass --no-trl)",
@@ -235,21 +241,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preparing the {settings.size} model, data and finetune's batches in {workdir}",
               flush=True)
         prepared = runner.prepare(settings, workdir, env=env, timeout=args.timeout)
-        stats, lengths = prepared["stats"], prepared["lengths"]
-        plan = json.loads((workdir / "plan.json").read_text(encoding="utf-8"))["packed"]
         results = []
-        for rep, side in runner.run_order(sides, args.repeats):
-            result = runner.run_side(side, settings, workdir, rep, stats, env, args.timeout)
+        for rep, side in runner.run_order(sides_for(args), args.repeats):
+            result = runner.run_side_retrying(side, settings, workdir, rep, prepared["stats"],
+                                              env, args.timeout)
             print(f"run {rep + 1}/{args.repeats} {report.SIDE_NAMES[side]}: "
                   f"{result.tokens_per_s:,.0f} real tokens/s, start-up {result.startup_s:.1f} s, "
                   f"peak RSS {result.peak_rss_mb:,.0f} MB", flush=True)
             results.append(result)
+        load = (load_start, os.getloadavg()[0])
+        (workdir / "run.json").write_text(json.dumps({"argv": argv, "load": load}),
+                                          encoding="utf-8")
+        plan = json.loads((workdir / "plan.json").read_text(encoding="utf-8"))["packed"]
+    return publish(args, argv, settings, results, prepared["lengths"], plan, load)
+
+
+def summarize_kept(args: argparse.Namespace) -> int:
+    """--summarize WORKDIR: the figures of a run kept with --keep, read from its files (its
+    command line and load from run.json), printed and recorded as that run would have."""
+    workdir = args.summarize
+    kept = json.loads((workdir / "run.json").read_text(encoding="utf-8"))
+    run_args = parse_args(kept["argv"])
+    run_args.doc, run_args.no_doc = args.doc, args.no_doc
+    settings = workload.Settings.from_json(
+        json.loads((workdir / "settings.json").read_text(encoding="utf-8")))
+    prepared = json.loads((workdir / "prepared.json").read_text(encoding="utf-8"))
+    plan = json.loads((workdir / "plan.json").read_text(encoding="utf-8"))["packed"]
+    results = runner.read_runs(workdir, settings, prepared["stats"])
+    return publish(run_args, kept["argv"], settings, results, prepared["lengths"], plan,
+                   tuple(kept["load"]))
+
+
+def publish(args: argparse.Namespace, argv: list[str], settings: workload.Settings,
+            results: list[report.RunResult], lengths: dict[str, float], plan: dict,
+            load: tuple[float, float]) -> int:
+    """Print the table, ratios and target lines, update the doc, print the JSON line last."""
     summary = report.summarize(results)
     found = report.targets(summary, settings.size)
     print_summary(summary, found, results)
     if not args.no_doc:
-        label, text = doc_section(args, argv, settings, summary, found, lengths, plan,
-                                  (load_start, os.getloadavg()[0]),
+        label, text = doc_section(args, argv, settings, summary, found, lengths, plan, load,
                                   report.loss_parity(results))
         doc = args.doc.read_text(encoding="utf-8") if args.doc.is_file() else ""
         args.doc.write_text(report.replace_section(doc, label, text), encoding="utf-8")

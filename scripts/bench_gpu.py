@@ -16,6 +16,7 @@ step's documents over the hardware profile's peak bf16 FLOP/s) and peak device m
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import statistics
@@ -139,9 +140,9 @@ def main(args, settings: workload.Settings) -> int:
         variants = gpu_variants(plan)
         for rep, variant in runner.run_order(variants, args.repeats):
             try:
-                result = runner.run_side(variant.side, settings, workdir, rep, stats, env,
-                                        args.timeout, extra_overrides=variant.overrides,
-                                        name=variant.slug)
+                result = runner.run_side_retrying(
+                    variant.side, settings, workdir, rep, stats, env, args.timeout,
+                    extra_overrides=variant.overrides, name=variant.slug)
             except (RuntimeError, TimeoutError) as exc:
                 print(f"{variant.name}: {exc}", flush=True)
                 runs.setdefault(variant.name, []).append(
@@ -156,17 +157,41 @@ def main(args, settings: workload.Settings) -> int:
             print(f"run {rep + 1}/{args.repeats} {variant.name}: "
                   f"{row['tokens_per_s']:,.0f} real tokens/s", flush=True)
             runs.setdefault(variant.name, []).append(row)
-    rows = [median_row(name, found) for name, found in runs.items()]
+    rows = [median_row(v.name, runs[v.name]) for v in variants if v.name in runs]
+    speedups = trl_speedups(rows)
     print(gpu_table(rows))
-    line = {"gpu": plan["hardware"]["name"], "peak_bf16_tflops": peak,
+    for name, value in speedups.items():
+        print(f"{name}: {value:.3f}" if value is not None else f"{name}: not measured")
+    line = {"gpu": plan["hardware"]["name"], "peak_bf16_tflops": peak, **speedups,
             "runs": {row["name"]: {k: row.get(k) for k in ("tokens_per_s", "mfu", "peak_mem_gb",
                                                            "error")} for row in rows}}
     if not args.no_doc:
         doc = args.doc.read_text(encoding="utf-8") if args.doc.is_file() else ""
-        text = f"### gpu: {plan['hardware']['name']}\n\n{gpu_table(rows)}\n"
+        text = "\n".join([
+            f"### gpu: {plan['hardware']['name']}", "",
+            f"Measured {datetime.date.today().isoformat()}: Llama-3-8B shape (random init, "
+            f"bf16), LoRA r={settings.lora_r} on every linear layer, packed rows of "
+            f"{settings.max_seq_len}, micro-batch {settings.micro_batch_size}, "
+            f"{settings.steps} steps of which {settings.timing_warmup} warm-up, "
+            f"{args.repeats} run(s) each; torch {torch.__version__}; peak bf16 "
+            f"{peak} TFLOP/s.", "", gpu_table(rows), "",
+            *(f"- {name}: {value:.3f}" for name, value in speedups.items()
+              if value is not None)])
         args.doc.write_text(report.replace_section(doc, "gpu", text), encoding="utf-8")
     print(json.dumps(line))
     return 0
+
+
+def trl_speedups(rows: list[dict]) -> dict[str, float | None]:
+    """finetune with the plan's choices (the first row) over TRL, in real tokens/s."""
+    by_name = {row["name"]: row.get("tokens_per_s") for row in rows}
+    ours = rows[0].get("tokens_per_s") if rows else None
+    found = {}
+    for key, name in (("speedup_vs_trl_packed", "TRL SFTTrainer, packing=True"),
+                      ("speedup_vs_trl", "TRL SFTTrainer, defaults")):
+        other = by_name.get(name)
+        found[key] = ours / other if ours and other else None
+    return found
 
 
 def median_row(name: str, found: list[dict]) -> dict:

@@ -21,8 +21,15 @@ from typing import TypeVar
 import bench_report as report
 import bench_workload as workload
 
+from finetune.train.signals import PREEMPTED_EXIT_CODE
+
 SCRIPTS = Path(__file__).resolve().parent
 T = TypeVar("T")
+
+
+class SideInterrupted(RuntimeError):
+    """A side's process was stopped by a signal from outside (killed, or finetune preempted
+    by SIGTERM): nothing it measured is usable, and running it again is."""
 
 
 def run_order(sides: Sequence[T], repeats: int) -> list[tuple[int, T]]:
@@ -155,12 +162,27 @@ def run_side(side: tuple[str, str], settings: workload.Settings, workdir: Path, 
         code, peak_rss_mb = wait_with_usage(proc, timeout)
     if code != 0:
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"{report.SIDE_NAMES[side]} failed with exit code {code}:\n{tail}\n"
-                           f"command: {shlex.join(command)}")
+        error = SideInterrupted if code < 0 or code == PREEMPTED_EXIT_CODE else RuntimeError
+        raise error(f"{report.SIDE_NAMES[side]} failed with exit code {code}:\n{tail}\n"
+                    f"command: {shlex.join(command)}")
+    (run_dir / "launch.json").write_text(json.dumps({
+        "side": list(side), "rep": rep, "launched_unix": launched, "peak_rss_mb": peak_rss_mb}),
+        encoding="utf-8")
+    return read_run(run_dir, settings, stats)
+
+
+def read_run(run_dir: Path, settings: workload.Settings,
+             stats: dict[str, list[dict]]) -> report.RunResult:
+    """The figures of a finished run from its folder: launch.json (side, repetition, launch
+    time, peak RSS, written by run_side), result.json (the side's clock) and, for finetune,
+    its metrics.jsonl; `stats` are the per-step counts of the saved batches."""
+    launch = json.loads((run_dir / "launch.json").read_text(encoding="utf-8"))
+    side = (launch["side"][0], launch["side"][1])
+    who, mode = side
     clock = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
     if who == "trl":
         step_tokens, losses = clock["step_tokens"], clock["losses"]
-        step_padded = clock["step_padded"]
+        step_padded = clock.get("step_padded")  # None: a workdir from before it was recorded
     else:
         step_tokens = [s["real"] for s in stats[mode]]
         step_padded = [s["rows"] * s["width"] for s in stats[mode]]
@@ -169,15 +191,42 @@ def run_side(side: tuple[str, str], settings: workload.Settings, workdir: Path, 
     if not len(step_tokens) == len(step_ends) == len(losses) == settings.steps:
         raise RuntimeError(f"{report.SIDE_NAMES[side]}: expected {settings.steps} steps, got "
                            f"{len(step_ends)} step times, {len(step_tokens)} token counts and "
-                           f"{len(losses)} losses (see {log})")
+                           f"{len(losses)} losses (see {run_dir / 'output.log'})")
     warmup = settings.timing_warmup
     timed_tokens = sum(step_tokens[warmup:])
     cpu = ((step_cpu[-1] - step_cpu[warmup - 1]) / timed_tokens * 1000 if step_cpu else None)
     return report.RunResult(
         side=side, tokens_per_s=workload.tokens_per_second(step_tokens, step_ends, warmup),
-        startup_s=clock["first_step_end_unix"] - launched, peak_rss_mb=peak_rss_mb,
-        step_tokens=step_tokens, losses=losses, cpu_s_per_ktok=cpu,
-        fill=timed_tokens / sum(step_padded[warmup:]), rep=rep, clock=clock, run_dir=run_dir)
+        startup_s=clock["first_step_end_unix"] - launch["launched_unix"],
+        peak_rss_mb=launch["peak_rss_mb"], step_tokens=step_tokens,
+        losses=losses, cpu_s_per_ktok=cpu,
+        fill=timed_tokens / sum(step_padded[warmup:]) if step_padded else None,
+        rep=launch["rep"], clock=clock, run_dir=run_dir)
+
+
+def read_runs(workdir: Path, settings: workload.Settings,
+              stats: dict[str, list[dict]]) -> list[report.RunResult]:
+    """Every finished run of a kept workdir (runs/*/ with launch.json and result.json; runs
+    stopped from outside have no result.json and are left out), in launch order."""
+    finished = [d for d in (workdir / "runs").iterdir()
+                if (d / "launch.json").is_file() and (d / "result.json").is_file()]
+    finished.sort(key=lambda d: json.loads((d / "launch.json").read_text())["launched_unix"])
+    return [read_run(d, settings, stats) for d in finished]
+
+
+def run_side_retrying(side: tuple[str, str], settings: workload.Settings, workdir: Path,
+                      rep: int, stats: dict[str, list[dict]], env: dict[str, str],
+                      timeout: float, **kwargs) -> report.RunResult:
+    """run_side, run once more in a new folder when a signal from outside stopped it (other
+    jobs on a shared machine); a second interruption, or any other failure, is raised."""
+    try:
+        return run_side(side, settings, workdir, rep, stats, env, timeout, **kwargs)
+    except SideInterrupted as exc:
+        print(f"{str(exc).splitlines()[0]}: stopped from outside, running it again",
+              flush=True)
+        name = kwargs.pop("name", None) or f"{side[0]}-{side[1]}"
+        return run_side(side, settings, workdir, rep, stats, env, timeout,
+                        name=f"{name}-again", **kwargs)
 
 
 def _ours_losses(run_dir: Path, stats: list[dict]) -> list[float]:

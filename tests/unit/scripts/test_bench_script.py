@@ -339,6 +339,9 @@ def test_doc_section_states_machine_workload_table_and_targets() -> None:
                                     bench.settings_from_args(args), summary,
                                     report.targets(summary, "small"), lengths, plan, (3.0, 1.0))
     assert label == "quick-bf16"
+    partial = bench.parse_args(["--quick", "--sides", "ours:packed,trl:packed"])
+    assert bench.doc_section(partial, [], bench.settings_from_args(partial), summary, [],
+                             lengths, plan, (1.0, 1.0))[0] == "quick-bf16-ours_packed-trl_packed"
     assert "`python scripts/bench.py --quick`" in text and "/somewhere" not in text
     assert "cores, native bf16" in text and "torch " in text and "shared with other" in text
     assert "6.9M-parameter" in text and "seq 256" in text and "median 90 tokens" in text
@@ -412,6 +415,10 @@ def test_gpu_table_lists_failures() -> None:
     assert rows[0]["tokens_per_s"] == 20.0 and rows[0]["mfu"] == 0.4
     table = bench_gpu.gpu_table(rows)
     assert "| a | 20 | 40.0% | 20.0 | 2.0 |" in table and "failed: boom" in table
+    trl = bench_gpu.median_row("TRL SFTTrainer, packing=True", [
+        {"tokens_per_s": 8.0, "startup_s": 1.0, "mfu": None, "peak_mem_gb": None}])
+    assert bench_gpu.trl_speedups([rows[0], trl]) == {"speedup_vs_trl_packed": 2.5,
+                                                       "speedup_vs_trl": None}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -436,3 +443,61 @@ def test_trl_config_matches_finetune_settings(tmp_path: Path) -> None:
     assert (config.learning_rate, str(config.lr_scheduler_type)) == (
         settings["lr"], "SchedulerType.CONSTANT")
     assert config.assistant_only_loss and config.max_grad_norm == 1.0
+
+
+def test_a_run_stopped_from_outside_runs_once_more(monkeypatch, tmp_path: Path) -> None:
+    calls = []
+
+    def stopped_then_done(side, settings, workdir, rep, stats, env, timeout, **kwargs):
+        calls.append(kwargs.get("name"))
+        if len(calls) == 1:
+            raise runner.SideInterrupted("finetune, packing off failed with exit code 75:")
+        return "result"
+
+    monkeypatch.setattr(runner, "run_side", stopped_then_done)
+    assert runner.run_side_retrying(("ours", "unpacked"), None, tmp_path, 0, {}, {}, 1.0) == \
+        "result"
+    assert calls == [None, "ours-unpacked-again"]
+
+    def always_stopped(*args, **kwargs):
+        raise runner.SideInterrupted("stopped")
+
+    monkeypatch.setattr(runner, "run_side", always_stopped)
+    with pytest.raises(runner.SideInterrupted):
+        runner.run_side_retrying(("ours", "unpacked"), None, tmp_path, 0, {}, {}, 1.0)
+
+
+def test_summarize_reads_a_kept_workdir(tmp_path: Path, capsys) -> None:
+    settings = bench.PRESETS["smoke"]
+    (tmp_path / "settings.json").write_text(json.dumps(settings.to_json()))
+    step = {"real": 100, "trained": 50, "rows": 2, "width": 64, "documents": [40, 60]}
+    (tmp_path / "prepared.json").write_text(json.dumps(
+        {"stats": {"packed": [step] * 3, "unpacked": []},
+         "lengths": {"median": 30.0, "p90": 60.0, "p99": 90.0, "max": 120}}))
+    (tmp_path / "plan.json").write_text(json.dumps({"packed": {
+        "precision": "bf16", "base_dtype": "bf16", "autocast": True, "attention": "sdpa",
+        "optimizer": "adamw_fused"}}))
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"argv": ["--smoke", "--sides", "reference:packed,trl:packed"], "load": [1.0, 1.5]}))
+    for side, clock in ((["reference", "packed"], {"step_ends": [0.0, 1.0, 2.0],
+                                                   "losses": [3.0, 2.0, 1.0]}),
+                        (["trl", "packed"], {"step_ends": [0.0, 2.0, 4.0],
+                                             "losses": [3.0, 2.5, 2.0],
+                                             "step_tokens": [128] * 3,
+                                             "step_padded": [128] * 3})):
+        run_dir = tmp_path / "runs" / f"{side[0]}-0"
+        run_dir.mkdir(parents=True)
+        (run_dir / "result.json").write_text(json.dumps({**clock,
+                                                         "first_step_end_unix": 1000.5}))
+        (run_dir / "launch.json").write_text(json.dumps(
+            {"side": side, "rep": 0, "launched_unix": 1000.0, "peak_rss_mb": 500.0}))
+    (tmp_path / "runs" / "stopped-0").mkdir()  # interrupted: no result.json, left out
+    doc = tmp_path / "doc.md"
+    args = bench.parse_args(["--summarize", str(tmp_path), "--doc", str(doc)])
+    assert bench.summarize_kept(args) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["reference_tokens_per_s"] == 100.0  # 200 tokens over 2 s after 1 warm-up
+    assert line["trl_packed_tokens_per_s"] == 64.0 and line["ours_tokens_per_s"] is None
+    text = doc.read_text()
+    assert "<!-- bench:smoke-bf16-reference_packed-trl_packed -->" in text
+    assert "`python scripts/bench.py --smoke --sides reference:packed,trl:packed`" in text
