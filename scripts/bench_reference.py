@@ -33,12 +33,16 @@ def main(argv: list[str]) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from finetune.kernels.varlen_sdpa import VARLEN_SDPA, register_varlen_sdpa
+
     settings = json.loads((workdir / "settings.json").read_text(encoding="utf-8"))
     plan = json.loads((workdir / "plan.json").read_text(encoding="utf-8"))[mode]
     files = sorted((workdir / "batches" / mode).glob("*.pt"))
     random.seed(settings["seed"])
     np.random.seed(settings["seed"])
     torch.manual_seed(settings["seed"])
+    if plan["attention"] == VARLEN_SDPA:  # the attention function itself, no framework
+        register_varlen_sdpa()
     model = AutoModelForCausalLM.from_pretrained(
         workdir / "model", dtype=getattr(torch, DTYPES[plan["base_dtype"]]),
         attn_implementation=plan["attention"]).to(plan["device"])

@@ -4,7 +4,8 @@
 
 MODE `default` runs SFTTrainer with its defaults (padded batches); `packed` with its own packing
 (`packing=True`: best-fit-decreasing, padding-free rows). Set to match finetune's run: the model
-folder loaded in the kernel plan's base dtype with the plan's attention, LoRA r/alpha on every
+folder loaded in the kernel plan's base dtype with the plan's attention (transformers' `sdpa`
+where the plan picks finetune's `sdpa_varlen`, see bench_workload.trl_attention), LoRA r/alpha on every
 linear layer, AdamW (TRL's default, fused), the learning rate (constant, no warmup), gradient
 clipping at 1.0, max_length = data.max_seq_len, the micro-batch size, the precision (bf16
 autocast when the plan picks it), the loss on assistant tokens only, and gradient checkpointing
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> int:
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     model = AutoModelForCausalLM.from_pretrained(
         workdir / "model", dtype=getattr(torch, DTYPES[plan["base_dtype"]]),
-        attn_implementation=plan["attention"])
+        attn_implementation=plan.get("trl_attention", plan["attention"]))
     dataset = load_dataset("json", data_files=str(workdir / "data.jsonl"), split="train")
     step_tokens: list[int] = []
     step_padded: list[int] = []

@@ -284,6 +284,14 @@ def offered(decision) -> list[str]:
                                 if r.reason.startswith("supported")]
 
 
+def trl_attention(attention: str) -> str:
+    """The attention TRL runs with: the plan's, except that finetune's own `sdpa_varlen` (SDPA
+    called once per document) becomes transformers' `sdpa`, the SDPA a TRL user has."""
+    from finetune.kernels.varlen_sdpa import VARLEN_SDPA
+
+    return "sdpa" if attention == VARLEN_SDPA else attention
+
+
 def plan_summary(kernel_plan) -> dict[str, Any]:
     """What the other sides copy from finetune's kernel plan (plan.json of the workdir), and
     the candidates of each family the plan offers (for --gpu's variants)."""
@@ -292,7 +300,9 @@ def plan_summary(kernel_plan) -> dict[str, Any]:
 
     names = {dtype: name for name, dtype in TORCH_DTYPES.items()}
     hardware = kernel_plan.hardware
-    return {"attention": kernel_plan.attn_implementation, "precision": kernel_plan.precision,
+    attention = kernel_plan.attn_implementation
+    return {"attention": attention, "trl_attention": trl_attention(attention),
+            "precision": kernel_plan.precision,
             "base_dtype": names[kernel_plan.base_dtype], "autocast": kernel_plan.autocast_dtype
             is not None, "optimizer": kernel_plan.optimizer,
             "isolation": kernel_plan.packing_isolation if kernel_plan.packing else None,
@@ -301,6 +311,7 @@ def plan_summary(kernel_plan) -> dict[str, Any]:
                         for family in ("attention", "fused_ops", "optimizer")},
             "hardware": {"name": hardware.name, "vendor": hardware.vendor,
                          "torch": hardware.torch, "cpu_bf16": hardware.cpu_bf16,
+                         "cpu_amx": hardware.cpu_amx,
                          "peak_bf16_tflops": hardware.peak_bf16_tflops}}
 
 

@@ -266,6 +266,10 @@ def llama(ctx: Context, shape: tuple[int, int, int, int, int], attn: str, *,
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from finetune.kernels.varlen_sdpa import VARLEN_SDPA, register_varlen_sdpa
+
+    if attn == VARLEN_SDPA:
+        register_varlen_sdpa()
     hidden, layers, heads, kv_heads, vocab = shape
     config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 4 if ctx.gpu else hidden,
                          num_hidden_layers=layers, num_attention_heads=heads,

@@ -39,6 +39,16 @@ class OnBadRow(Choice):
     skip = "skip"
 
 
+class PaddingFree(Choice):
+    """Unpacked micro-batches as one row of their examples, without padding: auto does it when
+    the attention isolates documents in such rows (sdpa_varlen, flash_attention_2/3/4); the
+    examples, their order and the loss are those of padded rows."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 @dataclass
 class DataConfig:
     """Where the training text comes from and how it becomes token ids and labels.
@@ -61,6 +71,7 @@ class DataConfig:
     truncation: Truncation = Truncation.truncate
     train_on: TrainOn = TrainOn.assistant
     packing: bool = False
+    padding_free: PaddingFree = PaddingFree.auto  # unpacked batches without padding (see above)
     streaming: bool = False
     stream_buffer: int = 2048  # streaming: rows shuffled and packed together
     shuffle: bool = True

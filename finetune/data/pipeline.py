@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from finetune.config.data import DataConfig, TrainOn
+from finetune.config.data import DataConfig, PaddingFree, TrainOn
 from finetune.data.collate import Collator
 from finetune.data.encode import FastEncoder, TokenCache, default_cache_dir
 from finetune.data.errors import DataError
@@ -30,6 +30,8 @@ from finetune.data.sources import path_list, resolve_source
 from finetune.data.streaming import StreamingData
 from finetune.data.template import resolve_template
 from finetune.data.train_data import TrainData
+from finetune.kernels.attention import ATTENTION
+from finetune.kernels.attention import packing_isolation as attention_packing_isolation
 
 
 def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
@@ -55,6 +57,7 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
         auto_cap = max_context or UNKNOWN_CONTEXT
         cfg = replace(cfg, max_seq_len=auto_cap)
     isolation = packing_isolation(attention) if cfg.packing else None
+    padding_free = use_padding_free(cfg, attention, pairs=pairs)
     template, template_from = resolve_template(tokenizer, cfg.chat_template)
     # A pair's completion is its last assistant turn; the turns before it are its prompt.
     train_on = TrainOn.last_turn if pairs else cfg.train_on
@@ -66,7 +69,9 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     # Packed-row masks are built on `device` (the model's) from the tokens' document ids.
-    collator = Collator(pad_id=pad_id, isolation=isolation, mask_dtype=mask_dtype, device=device)
+    # Padding-free unpacked batches are flattened like varlen packed ones: one row, no mask.
+    collator = Collator(pad_id=pad_id, isolation="varlen" if padding_free else isolation,
+                        mask_dtype=mask_dtype, device=device)
     options = {"split": cfg.split, "json_key": cfg.json_key, "text_unit": cfg.text_unit}
     sources = [resolve_source(spec, **options) for spec in path_list(cfg.path)]
     weights = mixture_weights(cfg.weights, len(sources))
@@ -91,4 +96,22 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
                                world_size=world_size, isolation=isolation,
                                template_from=template_from, auto_cap=auto_cap)
     data.chat_template = template
+    data.stats.padding_free = padding_free
     return data
+
+
+def use_padding_free(cfg: DataConfig, attention: str, *, pairs: bool = False) -> bool:
+    """Whether unpacked micro-batches are collated as one padding-free row (data.padding_free):
+    never with packing (packed rows follow the attention's own isolation) nor for preference
+    pairs (scored as padded rows); `on` with an attention that cannot isolate the examples of
+    such a row is an error."""
+    if cfg.packing or pairs or cfg.padding_free == PaddingFree.off:
+        return False
+    capable = attention_packing_isolation(attention) == "varlen"
+    if cfg.padding_free == PaddingFree.on and not capable:
+        able = [name for name in ATTENTION.names() if attention_packing_isolation(name) == "varlen"]
+        raise DataError(
+            f"data.padding_free=on needs an attention that takes padding-free rows "
+            f"({', '.join(able)}); this run's attention is {attention}. Set "
+            f"kernels.attention=sdpa_varlen, or data.padding_free=auto.")
+    return capable

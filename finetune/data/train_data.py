@@ -32,6 +32,7 @@ class DataStats:
     max_seq_len_from: str = "data.max_seq_len"  # or how data.max_seq_len=auto chose it
     streaming: bool = False
     isolation: str | None = None
+    padding_free: bool = False  # unpacked micro-batches collated as one row without padding
     template: str = "tokenizer"
     rows_read: int = 0
     skip_reasons: dict[str, int] = field(default_factory=dict)

@@ -46,21 +46,38 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[dict],
         scored = (labels != IGNORE_INDEX).sum(dim=1)
         if not int(scored.sum()):
             continue
-        mask = batch.get("attention_mask")
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")
                   if k in batch}
         logits = model(**inputs, use_cache=False).logits
         for row in range(labels.shape[0]):
             loss_sum += float(F.cross_entropy(logits[row, :-1].float(), labels[row],
                                               ignore_index=IGNORE_INDEX, reduction="sum"))
-        live = scored > 0
-        rows += int(live.sum())
         trained += int(scored.sum())
-        lengths = (mask.sum(dim=1) if mask is not None and mask.dim() == 2
-                   else torch.full((labels.shape[0],), batch["input_ids"].shape[1]))
-        tokens += int(lengths[live.cpu()].sum())
+        for length in scored_document_lengths(batch):
+            rows += 1
+            tokens += length
     if not trained:
         return EvalResult(rows, tokens, 0, None, None)
     loss = loss_sum / trained
     perplexity = math.exp(loss) if loss < 700 else math.inf
     return EvalResult(rows, tokens, trained, loss, perplexity)
+
+
+def scored_document_lengths(batch: dict) -> list[int]:
+    """The lengths of the examples of a collated CPU batch that have a trained token: padded
+    rows are one example each (their 2D mask gives the length); packed and padding-free rows
+    hold several, each starting where position_ids restart at 0."""
+    labels, mask = batch["labels"], batch.get("attention_mask")
+    positions = batch.get("position_ids")
+    found = []
+    for row in range(labels.shape[0]):
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            spans = [(0, int(mask[row].sum()))]
+        elif positions is None:
+            spans = [(0, int(labels.shape[1]))]
+        else:
+            starts = torch.nonzero(positions[row] == 0).flatten().tolist()
+            spans = list(zip(starts, [*starts[1:], int(labels.shape[1])], strict=True))
+        found += [end - start for start, end in spans
+                  if bool((labels[row, start:end] != IGNORE_INDEX).any())]
+    return found

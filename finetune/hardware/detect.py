@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 GIB = 2**30
 # CPU flags that mean native bf16 arithmetic (Sapphire Rapids AMX, Cooper Lake / Zen 4 AVX512).
 CPU_BF16_FLAGS: frozenset[str] = frozenset({"amx_bf16", "avx512_bf16"})
+CPU_AMX_FLAG = "amx_bf16"
 # MI300A (APU) and MI300X are both gfx942; only the CU count tells them apart.
 MI300A_COMPUTE_UNITS = 228
 # Strix Point / Strix Halo APUs.
@@ -90,6 +91,11 @@ def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 def cpu_has_native_bf16(flags: frozenset[str]) -> bool:
     """True when the CPU flags include AMX-BF16 or AVX512-BF16."""
     return bool(flags & CPU_BF16_FLAGS)
+
+
+def cpu_has_amx(flags: frozenset[str]) -> bool:
+    """True when the CPU flags include AMX-BF16 (matrix tiles, not only AVX512 dot products)."""
+    return CPU_AMX_FLAG in flags
 
 
 def _gib(num_bytes: int) -> float:
@@ -246,6 +252,7 @@ def profile_from_cpu(
     host_memory_bytes: int,
     cpu_bf16: bool,
     torch_version: str,
+    cpu_amx: bool = False,
     machine: str = "x86_64",
     packages: frozenset[str] = frozenset(),
     simulated: bool = True,
@@ -263,6 +270,7 @@ def profile_from_cpu(
         runtime="cpu",
         torch=torch_version,
         cpu_bf16=cpu_bf16,
+        cpu_amx=cpu_amx,
         machine=machine,
         packages=packages,
         simulated=simulated,
@@ -328,7 +336,8 @@ def detect() -> HardwareProfile:
 
     torch_version = _torch_version()
     packages = installed_packages()
-    cpu_bf16 = cpu_has_native_bf16(read_cpu_flags())
+    cpu_flags = read_cpu_flags()
+    cpu_bf16 = cpu_has_native_bf16(cpu_flags)
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         is_hip = torch.version.hip is not None
@@ -382,6 +391,7 @@ def detect() -> HardwareProfile:
             name=_cpu_name(),
             host_memory_bytes=_host_memory_bytes(),
             cpu_bf16=cpu_bf16,
+            cpu_amx=cpu_has_amx(cpu_flags),
             torch_version=torch_version,
             machine=platform.machine(),
             packages=packages,

@@ -68,6 +68,8 @@ class HardwareProfile:
         compute_capability: (major, minor) on NVIDIA only; None elsewhere.
         compute_units: SMs (NVIDIA), CUs (AMD), Xe vector engines (Intel); None otherwise.
         cpu_bf16: the host CPU has native bf16 (AMX-BF16 or AVX512-BF16).
+        cpu_amx: the host CPU has AMX-BF16 tiles (Sapphire Rapids and later Xeons), the only
+            CPU bf16 whose matmuls outrun fp32 ones (see finetune.kernels.precision).
         macos: macOS version on Apple machines, else None.
         cudnn: cuDNN version on NVIDIA when known ("9.10.2"), else None.
         packages: optional kernel packages installed here (see OPTIONAL_PACKAGES).
@@ -92,6 +94,7 @@ class HardwareProfile:
     compute_capability: tuple[int, int] | None = None
     compute_units: int | None = None
     cpu_bf16: bool = False
+    cpu_amx: bool = False
     machine: str = "x86_64"
     macos: str | None = None
     cudnn: str | None = None
@@ -136,6 +139,7 @@ class HardwareProfile:
             "compute_capability": f"{cc[0]}.{cc[1]}" if cc is not None else None,
             "compute_units": self.compute_units,
             "cpu_bf16": self.cpu_bf16,
+            "cpu_amx": self.cpu_amx,
             "machine": self.machine,
             "macos": self.macos,
             "cudnn": self.cudnn,

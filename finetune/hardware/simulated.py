@@ -60,7 +60,11 @@ _BUILDERS: dict[str, Callable[..., HardwareProfile]] = {
     ),
     "cpu-amx": lambda **kw: profile_from_cpu(
         name="Intel Xeon Sapphire Rapids (AMX-BF16)", host_memory_bytes=256 * GIB,
-        cpu_bf16=True, torch_version=SIMULATED_TORCH_VERSION, **kw,
+        cpu_bf16=True, cpu_amx=True, torch_version=SIMULATED_TORCH_VERSION, **kw,
+    ),
+    "cpu-avx512bf16": lambda **kw: profile_from_cpu(
+        name="x86-64 CPU (AVX512-BF16, no AMX)", host_memory_bytes=64 * GIB, cpu_bf16=True,
+        torch_version=SIMULATED_TORCH_VERSION, **kw,
     ),
     "mps": lambda **kw: profile_from_mps(
         name="Apple M2 Max (MPS)", recommended_max_memory=72 * GIB, macos="15.5",

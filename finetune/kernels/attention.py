@@ -65,6 +65,7 @@ from finetune.kernels.sdpa import (
     sdpa_backend,
     sdpa_forward,
 )
+from finetune.kernels.varlen_sdpa import VARLEN_SDPA, varlen_sdpa_attention
 
 # q (b, h, s, d), k and v (b, kv_h, s, d) -> causal attention output (b, h, s, d).
 AttentionForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -230,6 +231,29 @@ def _sdpa_cudnn(profile: HardwareProfile, facts: ModelFacts) -> Support:
     )
 
 
+def _sdpa_varlen(profile: HardwareProfile, facts: ModelFacts) -> Support:
+    backend = sdpa_backend(profile, facts, masked=False)[0]
+    return True, (
+        f"torch SDPA once per document of padding-free rows (is_causal, no mask; backend "
+        f"{backend}): nothing computed on padding or across documents"
+    )
+
+
+def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """`sdpa_varlen` as a training batch reaches it: the rows of q/k/v flattened into one row
+    of documents (position_ids restart at 0 for each), split back into rows afterwards."""
+    b, _, s, _ = q.shape
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # (b, h, s, d) -> (1, h, b*s, d)
+        return x.transpose(0, 1).reshape(1, x.shape[1], b * s, x.shape[3])
+
+    positions = torch.arange(s, device=q.device).repeat(b)[None]
+    module = _ProbeAttention(VARLEN_SDPA, q.shape[1] // k.shape[1])
+    out, _ = varlen_sdpa_attention(module, flat(q), flat(k), flat(v), None, scaling=scale,
+                                   position_ids=positions)
+    return out.reshape(b, s, q.shape[1], q.shape[3]).transpose(1, 2)  # (b, h, s, d)
+
+
 def _flex(profile: HardwareProfile, facts: ModelFacts) -> Support:
     if not torch_at_least(profile, "2.5"):
         return False, f"needs torch 2.5+; this is {profile.torch}"
@@ -315,6 +339,9 @@ ATTENTION: Registry[AttentionCandidate] = Registry(
                            packing_isolation="varlen"),
         AttentionCandidate("sdpa", _sdpa, default_rank=40, forward=sdpa_forward,
                            packing_isolation="block_mask_4d"),
+        # Measured ahead of sdpa on CPU only (finetune.kernels.varlen_sdpa); elsewhere by name.
+        AttentionCandidate(VARLEN_SDPA, _sdpa_varlen, default_rank=45, ranks={"cpu": 35},
+                           forward=varlen_forward, packing_isolation="varlen"),
         AttentionCandidate("flex_attention", _flex, default_rank=60, packed_ranks={"intel": 35},
                            forward=flex_forward, packing_isolation="flex_block_mask"),
         AttentionCandidate("eager", _eager, default_rank=70, forward=eager_forward,
@@ -350,7 +377,7 @@ def attention_details(
         "packing": facts.packing,
         "packing_isolation": candidate.packing_isolation,
     }
-    if candidate.transformers_name == "sdpa":
+    if candidate.transformers_name in ("sdpa", VARLEN_SDPA):
         cudnn = cudnn_policy(profile, candidate.name)
         details["sdpa_backend"] = sdpa_backend(profile, facts, masked=False, cudnn=cudnn)[0]
         details["sdpa_backend_masked"] = sdpa_backend(profile, facts, masked=True, cudnn=cudnn)[0]

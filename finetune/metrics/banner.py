@@ -81,7 +81,7 @@ def key_settings(cfg: RunConfig, *, parameters: tuple[int, int], world_size: int
     held_out = f", {data['val_rows']} held out" if data.get("val_rows") else ""
     rows.append(("data", f"{data.get('format')}, {size}{held_out}; max_seq_len "
                          f"{data.get('max_seq_len')} ({data.get('max_seq_len_from')}); packing "
-                         f"{'on' if data.get('isolation') else 'off'}"))
+                         f"{_packing(data)}"))
     rows.append(("steps", f"{start_step} -> {total_steps}; micro_batch "
                           f"{cfg.trainer.micro_batch_size} x accum {cfg.trainer.grad_accum_steps}"
                           f" x {world_size} process(es); lr {cfg.optim.lr} {cfg.optim.scheduler}"
@@ -153,3 +153,9 @@ def print_end(console: Console, rows: list[tuple[str, str]], *, rich: bool) -> N
     plain(console, "")
     plain(console, "done.")
     print_rows(console, rows, rich=rich, title="", indent="  ")
+
+
+def _packing(data: dict) -> str:
+    if data.get("isolation"):
+        return f"on ({data['isolation']} isolation)"
+    return "off, padding-free rows" if data.get("padding_free") else "off"

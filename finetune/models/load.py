@@ -13,6 +13,7 @@ from pathlib import Path
 from finetune.config.schema import ModelConfig
 from finetune.errors import ConfigError
 from finetune.kernels.registry import ModelFacts
+from finetune.kernels.varlen_sdpa import VARLEN_SDPA, register_varlen_sdpa
 from finetune.models.tiny import TINY_NAME, ensure_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype, quantizatio
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if attn_implementation == VARLEN_SDPA:
+        register_varlen_sdpa()
     source = resolve_model_path(cfg)
     extra = {"quantization_config": quantization} if quantization is not None else {}
     try:

@@ -14,7 +14,7 @@ def test_impossible_override_exits_2_with_one_paragraph(capsys) -> None:
     assert main(["--profile", "t4", "kernels.attention=flash_attention_2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "kernels.attention=flash_attention_2 is not possible here" in err
-    assert "one of: sdpa, eager" in err
+    assert "one of: sdpa, sdpa_varlen, eager" in err
     assert "\n" not in err
 
 

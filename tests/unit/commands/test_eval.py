@@ -9,6 +9,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,18 @@ def test_a_folder_that_is_not_a_model_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not a model") as err:
         dispatch(["eval", str(tmp_path), "data.path=x.jsonl"])
     assert err.value.exit_code == 2
+
+
+def test_examples_are_counted_in_padded_packed_and_padding_free_rows() -> None:
+    from finetune.data.collate import Collator
+    from finetune.evaluate.perplexity import scored_document_lengths
+
+    def doc(n: int, trained: bool):
+        return np.arange(3, 3 + n), np.array([0] + [int(trained)] * (n - 1))
+
+    docs = [doc(4, True), doc(6, False), doc(3, True)]  # the second has no trained token
+    padded = Collator(pad_id=0, isolation=None)([[d] for d in docs])
+    flat = Collator(pad_id=0, isolation="varlen")([[d] for d in docs])
+    packed = Collator(pad_id=0, isolation="block_mask_4d")([docs[:2], docs[2:]])
+    for batch in (padded, flat, packed):
+        assert sorted(scored_document_lengths(batch)) == [3, 4]

@@ -128,6 +128,35 @@ def test_unpacked_batch_shapes_and_labels(tokenizer, data_cfg, jsonl, alpaca_row
     assert (batch["input_ids"][pad] == tokenizer.pad_token_id).all()
 
 
+@pytest.mark.parametrize("attention", ["sdpa_varlen", "flash_attention_2"])
+def test_padding_free_batches_hold_the_padded_rows_without_their_padding(
+        tokenizer, data_cfg, jsonl, alpaca_rows, attention):
+    """data.padding_free=auto with an attention that takes padding-free rows: each
+    micro-batch is one row of the same examples, in the same order, with nothing dropped."""
+    path = str(jsonl(alpaca_rows(12)))
+    padded = _build(data_cfg(path=path, val_split=0.0, padding_free="off"), tokenizer,
+                    attention=attention)
+    free = _build(data_cfg(path=path, val_split=0.0), tokenizer, attention=attention)
+    assert free.stats.padding_free and not padded.stats.padding_free
+    assert free.stats.isolation is None  # still unpacked: one example per document
+    for a, b, _ in zip(padded.train, free.train, range(6), strict=False):  # endless
+        keep = a["attention_mask"].bool()
+        assert "attention_mask" not in b and b["input_ids"].shape == (1, int(keep.sum()))
+        for key in ("input_ids", "labels", "position_ids"):
+            assert torch.equal(b[key][0], a[key][keep]), key
+
+
+def test_padding_free_needs_an_attention_that_isolates_examples(tokenizer, data_cfg, jsonl,
+                                                                alpaca_rows):
+    path = str(jsonl(alpaca_rows(6)))
+    assert not _build(data_cfg(path=path), tokenizer, attention="sdpa").stats.padding_free
+    with pytest.raises(DataError, match="data.padding_free=on needs an attention"):
+        _build(data_cfg(path=path, padding_free="on"), tokenizer, attention="sdpa")
+    packed = _build(data_cfg(path=path, packing=True, max_seq_len=64), tokenizer,
+                    attention="sdpa_varlen")
+    assert packed.stats.isolation == "varlen" and not packed.stats.padding_free
+
+
 def test_packing_refuses_an_attention_that_cannot_isolate(tokenizer, data_cfg, jsonl, alpaca_rows):
     cfg = data_cfg(path=str(jsonl(alpaca_rows(3))), packing=True)
     with pytest.raises(DataError, match="cannot keep packed documents apart"):

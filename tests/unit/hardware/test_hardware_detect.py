@@ -13,6 +13,7 @@ from finetune.config.kernels import KernelsConfig
 from finetune.hardware import OPTIONAL_PACKAGES, DeviceProperties, detect
 from finetune.hardware.detect import (
     GIB,
+    cpu_has_amx,
     cpu_has_native_bf16,
     installed_packages,
     profile_from_device_properties,
@@ -157,14 +158,15 @@ def test_unknown_amd_gpu_has_no_peak() -> None:
 
 
 @pytest.mark.parametrize(
-    ("flags", "native"),
-    [("fpu avx2 amx_bf16 amx_tile", True), ("fpu avx2 avx512f avx512_bf16", True),
-     ("fpu sse avx2 avx512f", False)],
+    ("flags", "native", "amx"),
+    [("fpu avx2 amx_bf16 amx_tile", True, True), ("fpu avx2 avx512f avx512_bf16", True, False),
+     ("fpu sse avx2 avx512f", False, False)],
 )
-def test_cpu_bf16_from_cpuinfo(tmp_path: Path, flags: str, native: bool) -> None:
+def test_cpu_bf16_from_cpuinfo(tmp_path: Path, flags: str, native: bool, amx: bool) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
     assert cpu_has_native_bf16(read_cpu_flags(cpuinfo)) is native
+    assert cpu_has_amx(read_cpu_flags(cpuinfo)) is amx
 
 
 def test_missing_cpuinfo_means_no_flags(tmp_path: Path) -> None:

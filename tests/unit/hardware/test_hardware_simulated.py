@@ -15,6 +15,7 @@ from finetune.hardware.simulated import SIMULATED_CUDNN_VERSION, SIMULATED_TRANS
 EXPECTED = {
     "cpu": ("cpu", "cpu", False),
     "cpu-amx": ("cpu", "cpu", False),
+    "cpu-avx512bf16": ("cpu", "cpu", False),
     "mps": ("apple", "mps", True),
     "xpu-max1550": ("intel", "xpu", False),
     "t4": ("nvidia", "sm_75", False),

@@ -92,6 +92,9 @@ def test_packing_defaults_to_off() -> None:
 def test_every_plan_names_an_attn_implementation_transformers_accepts() -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from finetune.kernels.varlen_sdpa import register_varlen_sdpa
+
+    register_varlen_sdpa()  # as finetune.models.load_model does before loading with it
     accepted = set(ALL_ATTENTION_FUNCTIONS.valid_keys()) | {"eager"}
     from finetune.hardware import PROFILE_NAMES
 

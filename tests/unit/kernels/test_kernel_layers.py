@@ -19,8 +19,9 @@ FAMILY_MODULES = ("attention", "optimizer", "precision", "fused_ops", "collectiv
 ALLOWED: dict[str, set[str]] = {
     "registry": set(),
     "sdpa": {"registry"},  # SDPA backend facts, shared by attention and apply
+    "varlen_sdpa": {"sdpa"},  # the sdpa_varlen attention function transformers calls
     **{name: {"registry"} for name in FAMILY_MODULES},
-    "attention": {"registry", "sdpa"},
+    "attention": {"registry", "sdpa", "varlen_sdpa"},
     "kernel_plan": {"registry"},
     "selfcheck": {"registry", "attention", "optimizer", "kernel_plan"},
     "apply": {"kernel_plan", "fused_ops", "sdpa"},

@@ -20,7 +20,7 @@ def test_fa2_on_t4_is_impossible_and_names_alternatives() -> None:
     message = str(error)
     assert message.startswith("kernels.attention=flash_attention_2 is not possible here")
     assert "Tesla T4 (sm_75)" in message
-    assert message.endswith("Use kernels.attention=auto or one of: sdpa, eager")
+    assert message.endswith("Use kernels.attention=auto or one of: sdpa, sdpa_varlen, eager")
 
 
 def test_unknown_choice_is_an_override_error() -> None:

@@ -11,8 +11,10 @@ from finetune.kernels import plan
 
 # profile -> (attention, optimizer, fused_ops, precision, collective), every package installed.
 GOLDEN_ALL = {
-    "cpu": ("sdpa", "adamw_fused", "none", "fp32", "gloo"),
-    "cpu-amx": ("sdpa", "adamw_fused", "none", "bf16", "gloo"),
+    "cpu": ("sdpa_varlen", "adamw_fused", "none", "fp32", "gloo"),
+    "cpu-amx": ("sdpa_varlen", "adamw_fused", "none", "bf16", "gloo"),
+    # AVX512-BF16 without AMX: bf16 matmuls are slower than fp32 ones (finetune.kernels.precision).
+    "cpu-avx512bf16": ("sdpa_varlen", "adamw_fused", "none", "fp32", "gloo"),
     "mps": ("sdpa", "adamw_fused", "none", "bf16", "gloo"),
     "xpu-max1550": ("sdpa", "adamw_fused", "liger", "bf16", "xccl"),
     "t4": ("sdpa", "adamw_fused", "none", "fp16", "nccl"),
@@ -43,19 +45,22 @@ GOLDEN_ALL_PACKED = {
 }
 
 # No optional package: nothing is fused and attention is torch's: sdpa, except on Hopper and
-# datacenter Blackwell, where cuDNN attention (in torch, no package) leads for whole rows.
+# datacenter Blackwell, where cuDNN attention (in torch, no package) leads for whole rows, and on
+# CPUs, where SDPA runs once per document of padding-free rows (sdpa_varlen).
 _CUDNN_FIRST = ("h100", "h200", "gh200", "b200")
+_CPUS = ("cpu", "cpu-amx", "cpu-avx512bf16")
+_NO_PACKAGE_ATTENTION = {**{name: "sdpa_cudnn" for name in _CUDNN_FIRST},
+                         **{name: "sdpa_varlen" for name in _CPUS}}
 GOLDEN_NONE = {
-    name: ("sdpa_cudnn" if name in _CUDNN_FIRST else "sdpa", optimizer, "none", precision,
-           collective)
+    name: (_NO_PACKAGE_ATTENTION.get(name, "sdpa"), optimizer, "none", precision, collective)
     for name, (_, optimizer, _, precision, collective) in GOLDEN_ALL.items()
 }
-GOLDEN_NONE_PACKED = {name: "sdpa" for name in GOLDEN_ALL}
+GOLDEN_NONE_PACKED = {name: "sdpa_varlen" if name in _CPUS else "sdpa" for name in GOLDEN_ALL}
 
 # profile -> the SDPA backend torch takes with no packages, causal call without a mask.
 GOLDEN_SDPA_BACKEND = {
-    "cpu": "flash", "cpu-amx": "flash", "mps": "math", "xpu-max1550": "math",
-    "t4": "efficient", "v100": "efficient", "a100": "flash", "l40s": "flash",
+    "cpu": "flash", "cpu-amx": "flash", "cpu-avx512bf16": "flash", "mps": "math",
+    "xpu-max1550": "math", "t4": "efficient", "v100": "efficient", "a100": "flash", "l40s": "flash",
     "rtx4090": "flash", "h100": "cudnn", "h200": "cudnn", "gh200": "cudnn", "b200": "cudnn",
     "rtx5090": "flash", "mi250x": "flash", "mi300x": "flash", "mi300a": "flash",
     "mi325x": "flash", "mi355x": "flash", "rx7900xtx": "flash", "rx9070": "flash",
@@ -63,7 +68,8 @@ GOLDEN_SDPA_BACKEND = {
 # ... and with a 4D mask (padded or packed rows): never cuDNN, never flash on GPUs.
 GOLDEN_SDPA_BACKEND_MASKED = {
     **{name: "efficient" for name in GOLDEN_SDPA_BACKEND},
-    "cpu": "flash", "cpu-amx": "flash", "mps": "math", "xpu-max1550": "math",
+    "cpu": "flash", "cpu-amx": "flash", "cpu-avx512bf16": "flash", "mps": "math",
+    "xpu-max1550": "math",
 }
 
 # profile -> environment variables the plan sets with no packages (the rest set none). The
@@ -116,7 +122,8 @@ def test_golden_sdpa_backend_env_and_compile(name: str) -> None:
     attention = kernel_plan.kernels["attention"]
     assert attention.details["sdpa_backend"] == GOLDEN_SDPA_BACKEND[name]
     assert attention.details["sdpa_backend_masked"] == GOLDEN_SDPA_BACKEND_MASKED[name]
-    assert attention.details["attn_implementation"] == "sdpa"
+    assert attention.details["attn_implementation"] == (
+        "sdpa_varlen" if name in _CPUS else "sdpa")
     if attention.details["sdpa_backend"] == "math":
         assert "MATH" in attention.reason  # named loudly
     assert kernel_plan.env == GOLDEN_ENV.get(name, {})
@@ -126,7 +133,8 @@ def test_golden_sdpa_backend_env_and_compile(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "grad_scaler", "tf32"),
-    [("t4", True, False), ("a100", False, True), ("mi250x", False, False), ("cpu", False, False)],
+    [("t4", True, False), ("a100", False, True), ("mi250x", False, False), ("cpu", False, False),
+     ("cpu-avx512bf16", False, False)],
 )
 def test_golden_precision_details(name: str, grad_scaler: bool, tf32: bool) -> None:
     details = plan(profile_by_name(name), KernelsConfig()).kernels["precision"].details

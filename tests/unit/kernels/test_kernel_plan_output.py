@@ -72,7 +72,9 @@ def test_packing_isolation(attention: str, isolation: str | None) -> None:
 
 def test_plan_records_packing_isolation() -> None:
     assert plan(profile_by_name("a100", "all"), KernelsConfig()).packing_isolation == "varlen"
-    assert plan(profile_by_name("cpu"), KernelsConfig()).packing_isolation == "block_mask_4d"
+    assert plan(profile_by_name("cpu"), KernelsConfig()).packing_isolation == "varlen"
+    assert plan(profile_by_name("cpu"), KernelsConfig(attention="sdpa")).packing_isolation == (
+        "block_mask_4d")
     packed = plan(profile_by_name("b200"), KernelsConfig(), packing=True)
     assert packed.packing_isolation == "block_mask_4d" and packed.to_dict()["kernels"][
         "attention"]["packing"] is True

@@ -111,9 +111,9 @@ def test_broken_candidate_is_caught_and_fallback_recorded(cpu_profile, forward, 
     kernel_plan = plan(cpu_profile, KernelsConfig(), FACTS, run_selfcheck=True,
                        registries=registries)
     attention = kernel_plan.kernels["attention"]
-    assert attention.choice == "sdpa"
+    assert attention.choice == "sdpa_varlen"
     status = attention.details["selfcheck"]
-    assert status.startswith("failed: broken") and status.endswith("-> fell back to sdpa")
+    assert status.startswith("failed: broken") and status.endswith("-> fell back to sdpa_varlen")
     assert why in status
     rejected = {r.name: r.reason for r in attention.rejected}
     assert rejected["broken"].startswith("self-check failed")

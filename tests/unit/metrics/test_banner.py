@@ -48,7 +48,7 @@ def test_key_settings_name_what_trains_and_how() -> None:
                              trackers=["wandb", "tensorboard"], display="live"))
     assert rows["model"] == ("tiny, 7.4M parameters, 7.4M trainable (full fine-tune); "
                              "2 process(es)")
-    assert rows["data"].startswith("chat, streamed") and rows["data"].endswith("packing on")
+    assert rows["data"].startswith("chat, streamed") and rows["data"].endswith("packing on (varlen isolation)")
     assert rows["steps"].startswith("10 -> 80; micro_batch")
     assert "every 30 min" in rows["checkpoints"] and "eval at the end" in rows["checkpoints"]
     assert rows["logging"] == "metrics.jsonl, console (live), wandb, tensorboard"

@@ -1,0 +1,97 @@
+"""`sdpa_varlen`: torch SDPA run once per document, on rows without padding.
+
+Batches for this attention are flattened (finetune.data.collate, `varlen`): one row [1, N] with
+no padding, `position_ids` restarting at 0 where each document starts. Each document then runs
+`F.scaled_dot_product_attention(is_causal=True)` on its own slice, so no query ever attends to
+another document and nothing is spent on the [N, N] pairs a block-diagonal mask would throw
+away, nor on padding. On a 2-core AVX512-BF16 Xeon (torch 2.13, fp32, 30M-parameter Llama,
+LoRA), the same unpacked micro-batches trained 1.85x faster flattened this way than padded, with
+the same losses; packed rows of 512 ran 5% faster than with their 4D mask.
+
+Calls that are not such a training row (generation with a KV cache, left-padded prompts) take
+one SDPA call with the causal and padding mask built here: transformers hands this attention
+the 2D padding mask it gives the flash-attention implementations (`flash_attention_mask`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from finetune.kernels.sdpa import _TORCH_SDPA_GQA, repeat_kv
+
+VARLEN_SDPA = "sdpa_varlen"
+
+
+def register_varlen_sdpa() -> None:
+    """Make `attn_implementation="sdpa_varlen"` loadable by transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_SDPA, flash_attention_mask)
+
+
+def document_lengths(position_ids: torch.Tensor | None, length: int) -> list[int] | None:
+    """The lengths of the documents of a flattened row, from its `position_ids` [1, N] (a
+    document starts where they are 0); None when they do not describe one (absent, several
+    rows, or not starting at 0, as in a continuation)."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        return None
+    row = position_ids[0]
+    if row.shape[0] != length or int(row[0]) != 0:
+        return None
+    starts = torch.nonzero(row == 0).flatten().tolist()
+    return [end - start for start, end in zip(starts, [*starts[1:], length], strict=True)]
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+          mask: torch.Tensor | None, causal: bool, scale: float | None,
+          dropout: float) -> torch.Tensor:
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and not _TORCH_SDPA_GQA:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    extra = {"enable_gqa": True} if groups > 1 and _TORCH_SDPA_GQA else {}
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
+                                          scale=scale, dropout_p=dropout, **extra)
+
+
+def causal_padding_mask(padding: torch.Tensor | None, q_len: int, k_len: int,
+                        device: torch.device, *, causal: bool = True) -> torch.Tensor:
+    """Boolean [B|1, 1, q_len, k_len] mask: the queries are the last q_len of the k_len
+    positions; a key is allowed when it is not padding and, if `causal`, not after its query.
+    A query's own position is always allowed, so a left-padding query row is never fully
+    masked (SDPA would give NaN there, and NaN values leak through masked keys)."""
+    queries = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    keys = torch.arange(k_len, device=device)[None, :]
+    allowed = (keys <= queries if causal else torch.ones_like(keys == queries))[None, None]
+    if padding is not None:
+        allowed = allowed & padding[:, None, None, -k_len:].to(device=device, dtype=torch.bool)
+    return allowed | (keys == queries)[None, None]
+
+
+def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: torch.Tensor | None,
+                          dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: (b, h, s, d) in, (b, s, h, d) out."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    lengths = (document_lengths(kwargs.get("position_ids"), q_len)
+               if attention_mask is None and causal and q_len == k_len and query.shape[0] == 1
+               else None)
+    if lengths is not None:
+        parts = [_sdpa(q, k, v, mask=None, causal=True, scale=scaling, dropout=dropout)
+                 for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                                    value.split(lengths, dim=2), strict=True)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    elif attention_mask is None and (q_len == k_len or q_len == 1 or not causal):
+        # A whole causal row, one decoded token (it sees every cached key), or no causality.
+        out = _sdpa(query, key, value, mask=None, causal=causal and q_len == k_len > 1,
+                    scale=scaling, dropout=dropout)
+    else:
+        mask = causal_padding_mask(attention_mask, q_len, k_len, query.device, causal=causal)
+        out = _sdpa(query, key, value, mask=mask, causal=False, scale=scaling, dropout=dropout)
+    return out.transpose(1, 2).contiguous(), None
