@@ -24,7 +24,8 @@ from finetune.errors import FinetuneError
 JSON_KEYS = ("format", "rows", "tokens", "trained_tokens", "skipped_rows", "truncated_rows",
              "packed_sequences", "packing_efficiency")
 EXTRA_KEYS = ("dropped_rows", "val_rows", "rows_read", "skip_reasons", "max_seq_len",
-              "max_seq_len_from", "isolation", "template", "streaming", "sources")
+              "max_seq_len_from", "isolation", "padding_free", "template", "streaming",
+              "sources")
 
 
 def mark_trained(tokenizer: Any, ids: np.ndarray, trained: np.ndarray) -> str:
@@ -79,7 +80,8 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{report['max_seq_len']} tokens, {report['packing_efficiency']:.1%} full "
                      f"(isolation: {report['isolation']})")
     else:
-        lines.append("packing:            off")
+        lines.append("packing:            off" + (", padding-free rows (data.padding_free)"
+                                                  if report.get("padding_free") else ""))
     for source in report["sources"]:
         lines.append(f"source:             {source['path']} ({source['format']})")
     if report.get("example") is not None:
@@ -97,6 +99,17 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_attention(run: Any) -> str:
+    """The attention a run of `run` would load on this machine (kernels.attention=auto is
+    resolved by the kernel planner, without its self-checks), which decides the batch layout."""
+    from finetune.hardware import detect
+    from finetune.kernels import plan
+
+    kernel_plan = plan(detect(), run.kernels, run_selfcheck=False, packing=run.data.packing,
+                       prepare_env=lambda env: None)
+    return kernel_plan.attn_implementation
+
+
 def main(argv: list[str]) -> int:
     """Run `finetune data inspect` with `argv` (the arguments after `inspect`)."""
     try:
@@ -110,7 +123,7 @@ def main(argv: list[str]) -> int:
     try:
         run = compose_run_config(args.recipe, args.overrides)
         tokenizer = load_tokenizer(run.model)
-        report, text = inspect_data(run.data, tokenizer, attention=run.kernels.attention,
+        report, text = inspect_data(run.data, tokenizer, attention=_run_attention(run),
                                     seed=run.seed, micro_batch_size=run.trainer.micro_batch_size,
                                     max_context=context_length(load_model_config(run.model)),
                                     pairs=load_recipe(run.recipe).pairs)

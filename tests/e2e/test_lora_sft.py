@@ -36,9 +36,10 @@ def test_default_run_outputs(default_run: Path) -> None:
     assert all({"step", "loss", "lr"} <= set(r) for r in steps)
     plan = json.loads((default_run / "kernel_plan.json").read_text())
     assert plan["hardware"]["vendor"] == "cpu"
-    assert plan["kernels"]["attention"]["choice"] in ("sdpa", "eager")
+    assert plan["kernels"]["attention"]["choice"] == "sdpa_varlen"  # the CPU plan's first
     stdout = (default_run / "stdout.txt").read_text()
     assert "attention:" in stdout and "done." in stdout
+    assert "packing off, padding-free rows" in stdout  # unpacked batches carry no padding
 
 
 def test_default_run_loss_falls(default_run: Path) -> None:

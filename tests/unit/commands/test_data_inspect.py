@@ -58,3 +58,18 @@ def test_command_bad_data_path_exits_2_with_the_fix(capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "data file not found: /nonexistent/train.jsonl" in err and "data.path" in err
+
+
+@pytest.mark.parametrize(("override", "padding_free"), [([], True),
+                                                        (["kernels.attention=sdpa"], False)])
+def test_command_shows_the_layout_the_run_would_train_on(capsys, monkeypatch, override,
+                                                         padding_free):
+    """auto is resolved as a run resolves it: on a CPU the plan's sdpa_varlen, whose unpacked
+    micro-batches are padding-free rows."""
+    import finetune.hardware as hardware
+    from finetune.hardware import profile_by_name
+
+    monkeypatch.setattr(hardware, "detect", lambda: profile_by_name("cpu"))
+    assert main(["lora_sft", *override]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("packing:"))
+    assert ("padding-free rows" in line) is padding_free
