@@ -7,11 +7,14 @@ window (across every micro-batch and every rank), not averaged per micro-batch. 
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -53,12 +56,49 @@ def trained_tokens(batch: dict) -> int:
 def causal_lm_loss(model: torch.nn.Module, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy summed over trained tokens, divided by `num_items`.
 
-    Uses the model's own loss path (`num_items_in_batch`), so fused-loss patches such as Liger's
-    fused linear cross-entropy apply and the full logits need not be kept in memory twice.
+    The LM head runs only at the positions that predict a trained token (transformers'
+    `logits_to_keep` with those positions, shared by the batch's rows): with the loss on
+    assistant tokens, prompts, padding and the last token of each example cost no vocabulary
+    projection and hold no logits, which is most of a large vocabulary's share of a step. A
+    model whose forward was replaced (Liger's fused linear cross-entropy, which never
+    materialises logits) or that takes no `logits_to_keep` computes the loss on its own path
+    (`num_items_in_batch`).
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**inputs, labels=batch["labels"], num_items_in_batch=num_items, use_cache=False)
-    return out.loss
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = (torch.nonzero((targets != IGNORE_INDEX).any(dim=0)).flatten()
+            if selects_logits(model) else None)
+    if keep is None or keep.numel() == 0:
+        out = model(**inputs, labels=labels, num_items_in_batch=num_items, use_cache=False)
+        return out.loss
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum") / num_items
+
+
+_SELECTS: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def selects_logits(model: torch.nn.Module) -> bool:
+    """Whether `causal_lm_loss` may ask `model` (wrapped by DDP, FSDP, DeepSpeed or peft) for
+    the logits of chosen positions: its transformers model takes `logits_to_keep` and its
+    forward is the class's own (not replaced by a fused loss)."""
+    found = _SELECTS.get(model)
+    if found is None:
+        inner = model
+        for _ in range(8):  # DDP / DeepSpeed .module, peft base_model(.model)
+            if hasattr(inner, "get_base_model"):
+                inner = inner.get_base_model()
+            elif isinstance(getattr(inner, "module", None), torch.nn.Module):
+                inner = inner.module
+            else:
+                break
+        forward = type(inner).forward
+        found = ("forward" not in vars(inner)
+                 and "logits_to_keep" in inspect.signature(forward).parameters)
+        _SELECTS[model] = found
+    return found
 
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], loss_fn: LossFn,
