@@ -136,7 +136,7 @@ def machine_facts() -> dict[str, object]:
     for the doc (read without importing them)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from finetune.hardware.detect import cpu_has_native_bf16, read_cpu_flags
+    from finetune.hardware.detect import cpu_has_amx, cpu_has_native_bf16, read_cpu_flags
 
     name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -152,8 +152,9 @@ def machine_facts() -> dict[str, object]:
             versions[package] = version(package).split("+")[0]
         except PackageNotFoundError:
             versions[package] = "not installed"
-    return {"cpu": name, "cores": cores, "bf16_native": cpu_has_native_bf16(read_cpu_flags()),
-            "versions": versions}
+    flags = read_cpu_flags()
+    return {"cpu": name, "cores": cores, "bf16_native": cpu_has_native_bf16(flags),
+            "amx": cpu_has_amx(flags), "versions": versions}
 
 
 def recorded_command(argv: list[str]) -> str:
@@ -187,7 +188,8 @@ def doc_section(args: argparse.Namespace, argv: list[str], settings: workload.Se
         f"### {preset_name(args)}: {settings.size} model, {precision}", "",
         f"Measured {datetime.date.today().isoformat()} with `{recorded_command(argv)}`.", "",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, native bf16: "
-        f"{'yes' if machine['bf16_native'] else 'no'}; {versions}. Load average "
+        f"{'yes' if machine['bf16_native'] else 'no'} (AMX: "
+        f"{'yes' if machine.get('amx') else 'no'}); {versions}. Load average "
         f"{load[0]:.1f} at the start, {load[1]:.1f} at the end ({shared}).",
         f"- Workload: {params / 1e6:.1f}M-parameter Llama (random init), LoRA "
         f"r={settings.lora_r} alpha={settings.lora_alpha} on every linear layer; {precision} "

@@ -81,7 +81,8 @@ class Target:
             self.value <= self.threshold
 
     def line(self) -> str:
-        verdict = "PASS" if self.passed else "MISS"
+        # A side left out (--sides, --no-trl) is neither a pass nor a miss.
+        verdict = "SKIP" if self.value is None else "PASS" if self.passed else "MISS"
         sign = ">=" if self.higher_is_better else "<="
         shown = "not measured" if self.value is None else f"{self.value:.3f}"
         return f"{verdict} {self.name}: {shown} (target {sign} {self.threshold:g})"

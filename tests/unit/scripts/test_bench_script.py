@@ -305,7 +305,7 @@ def test_loss_parity_is_the_largest_step_difference() -> None:
 def test_target_lines() -> None:
     assert report.Target("x", 0.99, 0.97).line() == "PASS x: 0.990 (target >= 0.97)"
     assert report.Target("y", 1.2, 1.0, higher_is_better=False).line().startswith("MISS y")
-    assert report.Target("z", None, 1.0).line() == "MISS z: not measured (target >= 1)"
+    assert report.Target("z", None, 1.0).line() == "SKIP z: not measured (target >= 1)"
 
 
 def test_markdown_table_has_a_row_per_side() -> None:
