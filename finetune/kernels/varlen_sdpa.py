@@ -59,14 +59,19 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
 
 
 def causal_padding_mask(padding: torch.Tensor | None, q_len: int, k_len: int,
-                        device: torch.device, *, causal: bool = True) -> torch.Tensor:
+                        device: torch.device, *, causal: bool = True,
+                        window: int | None = None) -> torch.Tensor:
     """Boolean [B|1, 1, q_len, k_len] mask: the queries are the last q_len of the k_len
-    positions; a key is allowed when it is not padding and, if `causal`, not after its query.
-    A query's own position is always allowed, so a left-padding query row is never fully
-    masked (SDPA would give NaN there, and NaN values leak through masked keys)."""
+    positions; a key is allowed when it is not padding, if `causal` not after its query, and
+    with a sliding `window` fewer than `window` positions before it (transformers' rule). A
+    query's own position is always allowed, so a left-padding query row is never fully masked
+    (SDPA would give NaN there, and NaN values leak through masked keys)."""
     queries = torch.arange(k_len - q_len, k_len, device=device)[:, None]
     keys = torch.arange(k_len, device=device)[None, :]
-    allowed = (keys <= queries if causal else torch.ones_like(keys == queries))[None, None]
+    allowed = keys <= queries if causal else torch.ones_like(keys == queries)
+    if window is not None:
+        allowed = allowed & (queries - keys < window)
+    allowed = allowed[None, None]
     if padding is not None:
         allowed = allowed & padding[:, None, None, -k_len:].to(device=device, dtype=torch.bool)
     return allowed | (keys == queries)[None, None]
@@ -76,22 +81,36 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                           value: torch.Tensor, attention_mask: torch.Tensor | None,
                           dropout: float = 0.0, scaling: float | None = None,
                           is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature: (b, h, s, d) in, (b, s, h, d) out."""
+    """transformers' attention-function signature: (b, h, s, d) in, (b, s, h, d) out.
+    `sliding_window` (Mistral, Qwen2 and others pass it) is honoured; logit soft-capping and
+    attention sinks, which SDPA cannot express, are refused."""
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"sdpa_varlen cannot apply {unsupported} (this model uses it): "
+                             f"set kernels.attention=eager")
     q_len, k_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = kwargs.get("sliding_window")
     lengths = (document_lengths(kwargs.get("position_ids"), q_len)
                if attention_mask is None and causal and q_len == k_len and query.shape[0] == 1
                else None)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               padding: torch.Tensor | None) -> torch.Tensor:
+        ql, kl = q.shape[2], k.shape[2]
+        if padding is None and (window is None or kl <= window) and (
+                ql == kl or ql == 1 or not causal):
+            # A whole causal row, one decoded token (it sees every cached key), no causality.
+            return _sdpa(q, k, v, mask=None, causal=causal and ql == kl > 1, scale=scaling,
+                         dropout=dropout)
+        mask = causal_padding_mask(padding, ql, kl, q.device, causal=causal, window=window)
+        return _sdpa(q, k, v, mask=mask, causal=False, scale=scaling, dropout=dropout)
+
     if lengths is not None:
-        parts = [_sdpa(q, k, v, mask=None, causal=True, scale=scaling, dropout=dropout)
+        parts = [attend(q, k, v, None)
                  for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
                                     value.split(lengths, dim=2), strict=True)]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    elif attention_mask is None and (q_len == k_len or q_len == 1 or not causal):
-        # A whole causal row, one decoded token (it sees every cached key), or no causality.
-        out = _sdpa(query, key, value, mask=None, causal=causal and q_len == k_len > 1,
-                    scale=scaling, dropout=dropout)
     else:
-        mask = causal_padding_mask(attention_mask, q_len, k_len, query.device, causal=causal)
-        out = _sdpa(query, key, value, mask=mask, causal=False, scale=scaling, dropout=dropout)
+        out = attend(query, key, value, attention_mask)
     return out.transpose(1, 2).contiguous(), None

@@ -158,3 +158,30 @@ def test_cpu_bf16_leads_only_with_amx(name: str, precision: str) -> None:
     if name == "cpu":
         with pytest.raises(KernelOverrideError, match="AMX-BF16 or AVX512-BF16"):
             plan(profile_by_name(name), KernelsConfig(precision="bf16"))
+
+
+def test_a_sliding_window_is_honoured_inside_each_document() -> None:
+    """Mistral/Qwen2-style sliding_window: a query sees fewer than `window` positions back,
+    within its own document, as transformers' eager attention with its sliding mask does."""
+    torch.manual_seed(2)
+    lengths, window = [9, 4], 3
+    n = sum(lengths)
+    q, k, v = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+    positions = torch.cat([torch.arange(length) for length in lengths])[None]
+    out, _ = varlen_sdpa_attention(_Module(), q, k, v, None, scaling=0.5,
+                                   position_ids=positions, sliding_window=window)
+    start = 0
+    for length in lengths:
+        qs, ks, vs = (t[:, :, start:start + length] for t in (q, k, v))
+        i = torch.arange(length)
+        allowed = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)
+        scores = (qs @ ks.transpose(-1, -2) * 0.5).masked_fill(~allowed, float("-inf"))
+        expected = (scores.softmax(-1) @ vs).transpose(1, 2)
+        torch.testing.assert_close(out[:, start:start + length], expected, rtol=1e-5, atol=1e-6)
+        start += length
+
+
+def test_soft_capping_is_refused_not_ignored() -> None:
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="kernels.attention=eager"):
+        varlen_sdpa_attention(_Module(), q, q, q, None, softcap=30.0)
