@@ -159,15 +159,19 @@ def parameter_count(config) -> int:
 
 
 def build_model_folder(size: str, dest: Path, seed: int = SEED, *, dtype: str = "fp32",
-                       device: str = "cpu") -> Path:
+                       device: str = "cpu", vocab: int | None = None) -> Path:
     """Write a random-init Llama of `size` with the tiny tokenizer to `dest`, its weights in
-    `dtype` (fp32 | bf16), initialised on `device` (an 8B model is built on the GPU)."""
+    `dtype` (fp32 | bf16), initialised on `device` (an 8B model is built on the GPU); `vocab`
+    widens the embedding and LM head to a real tokenizer's size (the text keeps the tiny
+    tokenizer's ids)."""
     import torch
     from transformers import LlamaForCausalLM
 
     from finetune.models.tiny import build_tiny_tokenizer
 
     config = model_config(size)
+    if vocab is not None:
+        config.vocab_size = vocab
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])

@@ -2,10 +2,11 @@
 
 On a CPU, bf16 leads only with AMX-BF16 tiles. With AVX512-BF16 alone, oneDNN's bf16 matmul
 (brg_matmul:avx512_core_bf16) is slower than MKL's fp32 one: on a 2-core AVX512-BF16 Xeon
-without AMX, torch 2.13, a 2048x512 @ 512x1792 matmul ran at 165 GFLOP/s in bf16 and 299 in
-fp32, and a LoRA training step of a 30M-parameter Llama took 2.46 s under bf16 autocast and
-1.48 s in fp32 (`python scripts/bench.py --precision bf16|fp32`). There bf16 is still offered,
-ranked after fp32: `kernels.precision=bf16` halves the frozen weights' memory.
+without AMX, torch 2.13, `python scripts/bench_matmul.py` measured 172 GFLOP/s in bf16 and 305
+in fp32 for 2048x512 @ 512x1792 (0.52-0.57x over three shapes), and a LoRA step of a
+30M-parameter Llama ran at 0.62x its fp32 speed under bf16 autocast (`python scripts/bench.py
+--precision bf16`). There bf16 is still offered, ranked after fp32: `kernels.precision=bf16`
+halves the frozen weights' memory.
 
 Trainable weights and optimizer state always stay fp32; `base_dtype` is the dtype of the
 frozen weights, `autocast` says whether the forward runs under autocast in the chosen dtype.
@@ -89,7 +90,7 @@ def _fp32(profile: HardwareProfile, facts: ModelFacts) -> Support:
     if slow_cpu_bf16(profile):
         return True, (
             "full fp32: on a CPU with AVX512-BF16 but no AMX, fp32 matmuls outrun bf16 ones "
-            "(about 1.8x measured); kernels.precision=bf16 halves the frozen weights' memory"
+            "(1.8x measured); kernels.precision=bf16 halves the frozen weights' memory"
         )
     return True, "full fp32"
 

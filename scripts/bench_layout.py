@@ -1,0 +1,152 @@
+"""Batch layouts against each other: padded rows vs padding-free rows (unpacked), and packed rows
+with a block-diagonal 4D mask (`sdpa`) vs one SDPA call per document (`sdpa_varlen`); and
+finetune's loss (LM head only where a trained token is predicted) vs logits at every position.
+
+    python scripts/bench_layout.py [--size medium] [--steps 8] [--repeats 3] [--precision plan]
+                                   [--vocab N]
+
+Builds scripts/bench.py's workload (random-init Llama, lognormal chat rows), then lets
+finetune's data pipeline collate the same examples four ways (`data.padding_free=off` with
+`kernels.attention=sdpa`, the default padding-free rows with `sdpa_varlen`, and the same two
+attentions with `data.packing=true`). In one process, alternating the layouts (A/B/A/B, the
+order rotated each repetition), it times forward + backward (finetune's loss) over each
+layout's first `--steps` micro-batches and prints the median CPU seconds, the ratios, and
+whether the two layouts of a mode gave the same losses; one JSON line last. The fifth case runs
+the padding-free batches through the model's own loss path (logits at every position, as
+without finetune's `causal_lm_loss`); `--vocab 128256` gives the model Llama 3's vocabulary
+size, where that projection weighs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import bench_workload as workload
+from bench import PRESETS
+
+LAYOUTS = {
+    "unpacked, padded rows (sdpa)": ("unpacked", ["data.padding_free=off", "kernels.attention=sdpa"]),
+    "unpacked, padding-free rows (sdpa_varlen)": ("unpacked", ["kernels.attention=sdpa_varlen"]),
+    "packed, 4D mask (sdpa)": ("packed", ["kernels.attention=sdpa"]),
+    "packed, per document (sdpa_varlen)": ("packed", ["kernels.attention=sdpa_varlen"]),
+}
+FULL_LOGITS = "unpacked, padding-free rows, logits at every position"
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def load_model(model_dir: Path, attention: str, plan: dict, settings: workload.Settings):
+    """The model with LoRA as finetune sets it up (seeded, so every layout gets the same)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.kernels.varlen_sdpa import register_varlen_sdpa
+
+    register_varlen_sdpa()
+    torch.manual_seed(settings.seed)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, DTYPES[plan["base_dtype"]]),
+        attn_implementation=attention)
+    return get_peft_model(model, LoraConfig(
+        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+        target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def run_layout(model, batches: list[dict], plan: dict, *,
+               full_logits: bool = False) -> tuple[float, list[float]]:
+    """CPU seconds of forward + backward over `batches`, and each batch's loss: finetune's loss,
+    or with `full_logits` the model's own loss path."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from finetune.train.loss import causal_lm_loss, trained_tokens
+
+    autocast = (torch.autocast("cpu", dtype=getattr(torch, DTYPES[plan["precision"]]))
+                if plan["autocast"] else nullcontext())
+    losses = []
+    start = time.process_time()
+    for batch in batches:
+        items = torch.tensor(float(trained_tokens(batch)))
+        with autocast:
+            loss = (model(**batch, num_items_in_batch=items, use_cache=False).loss if full_logits
+                    else causal_lm_loss(model, batch, items))
+        loss.backward()
+        losses.append(float(loss.detach()))
+    seconds = time.process_time() - start
+    model.zero_grad(set_to_none=True)
+    return seconds, losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["small", "medium"], default="medium")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", choices=["plan", "bf16", "fp32"], default="plan")
+    parser.add_argument("--vocab", type=int, help="the model's vocabulary size (default: the "
+                                                  "tiny tokenizer's 1,888)")
+    args = parser.parse_args(argv)
+    import torch
+
+    from finetune.models.tiny import build_tiny_tokenizer
+
+    settings = replace(PRESETS[args.size], precision=args.precision)
+    with tempfile.TemporaryDirectory(prefix="bench-layout-") as tmp:
+        work = Path(tmp)
+        workload.build_model_folder(settings.size, work / "model", vocab=args.vocab)
+        rows = workload.make_rows(settings.rows, settings.max_seq_len,
+                                  workload.vocabulary_words(build_tiny_tokenizer()))
+        workload.write_jsonl(rows, work / "data.jsonl")
+        batches, plans, models = {}, {}, {}
+        for name, (mode, extra) in LAYOUTS.items():
+            overrides = workload.ours_overrides(
+                settings, model_dir=work / "model", data_path=work / "data.jsonl",
+                packing=mode == "packed", cache_dir=work / "cache") + extra
+            plans[name], _ = workload.dump_batches(overrides, args.steps, work / name)
+            batches[name] = [torch.load(p, weights_only=True)
+                             for p in sorted((work / name).glob("*.pt"))]
+            models[name] = load_model(work / "model", plans[name]["attention"], plans[name],
+                                      settings)
+        free = list(LAYOUTS)[1]
+        batches[FULL_LOGITS], plans[FULL_LOGITS] = batches[free], plans[free]
+        models[FULL_LOGITS] = models[free]
+        names = [*LAYOUTS, FULL_LOGITS]
+        for name in names:  # warm-up: one batch each
+            run_layout(models[name], batches[name][:1], plans[name],
+                       full_logits=name == FULL_LOGITS)
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        losses: dict[str, list[float]] = {}
+        for rep in range(args.repeats):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                spent, found = run_layout(models[name], batches[name], plans[name],
+                                          full_logits=name == FULL_LOGITS)
+                seconds[name].append(spent)
+                losses[name] = found
+    medians = {name: statistics.median(found) for name, found in seconds.items()}
+    tokens = {name: sum(int((b["labels"] != -100).sum()) for b in batches[name])
+              for name in names}
+    for name in names:
+        print(f"{name}: {medians[name]:.2f} CPU-s for {args.steps} micro-batches "
+              f"(runs {', '.join(f'{s:.2f}' for s in seconds[name])})", flush=True)
+    ratios = {}
+    for slow, fast in ((names[0], names[1]), (names[2], names[3]), (names[4], names[1])):
+        ratios[f"{slow} / {fast}"] = medians[slow] / medians[fast]
+        diff = max(abs(a - b) for a, b in zip(losses[slow], losses[fast], strict=True))
+        print(f"{slow} / {fast}: {medians[slow] / medians[fast]:.3f}; largest per-batch loss "
+              f"difference {diff:.2e}", flush=True)
+    print(json.dumps({"size": settings.size, "vocab": args.vocab or 1888,
+                      "precision": plans[names[0]]["precision"],
+                      "cpu_s": medians, "ratios": ratios, "trained_tokens": tokens}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

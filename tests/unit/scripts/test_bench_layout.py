@@ -1,0 +1,27 @@
+"""scripts/bench_layout.py on the small model: the layouts of a mode hold the same trained
+tokens and give the same losses, and the JSON line carries a ratio for each comparison."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+import bench_layout  # noqa: E402
+
+
+def test_small_run_compares_the_layouts_on_the_same_examples(capsys) -> None:
+    assert bench_layout.main(["--size", "small", "--steps", "2", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    found = json.loads(lines[-1])
+    tokens = found["trained_tokens"]
+    names = list(bench_layout.LAYOUTS)
+    assert tokens[names[0]] == tokens[names[1]] and tokens[names[2]] == tokens[names[3]]
+    assert len(found["ratios"]) == 3 and all(r > 0 for r in found["ratios"].values())
+    differences = [float(m) for m in re.findall(r"loss difference ([0-9.e+-]+)", "\n".join(lines))]
+    assert len(differences) == 3 and max(differences) < 1e-4
