@@ -38,22 +38,15 @@ LAYOUTS = {
     "packed, per document (sdpa_varlen)": ("packed", ["kernels.attention=sdpa_varlen"]),
 }
 FULL_LOGITS = "unpacked, padding-free rows, logits at every position"
-DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
-def load_model(model_dir: Path, attention: str, plan: dict, settings: workload.Settings):
+def load_model(model_dir: Path, plan: dict, settings: workload.Settings):
     """The model with LoRA as finetune sets it up (seeded, so every layout gets the same)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    from finetune.kernels.varlen_sdpa import register_varlen_sdpa
-
-    register_varlen_sdpa()
     torch.manual_seed(settings.seed)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, DTYPES[plan["base_dtype"]]),
-        attn_implementation=attention)
+    model = workload.load_side_model(model_dir, plan)
     return get_peft_model(model, LoraConfig(
         r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
         target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -67,9 +60,10 @@ def run_layout(model, batches: list[dict], plan: dict, *,
 
     import torch
 
+    from finetune.kernels import TORCH_DTYPES
     from finetune.train.loss import causal_lm_loss, trained_tokens
 
-    autocast = (torch.autocast("cpu", dtype=getattr(torch, DTYPES[plan["precision"]]))
+    autocast = (torch.autocast("cpu", dtype=TORCH_DTYPES[plan["precision"]])
                 if plan["autocast"] else nullcontext())
     losses = []
     start = time.process_time()
@@ -113,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             plans[name], _ = workload.dump_batches(overrides, args.steps, work / name)
             batches[name] = [torch.load(p, weights_only=True)
                              for p in sorted((work / name).glob("*.pt"))]
-            models[name] = load_model(work / "model", plans[name]["attention"], plans[name],
-                                      settings)
+            models[name] = load_model(work / "model", plans[name], settings)
         free = list(LAYOUTS)[1]
         batches[FULL_LOGITS], plans[FULL_LOGITS] = batches[free], plans[free]
         models[FULL_LOGITS] = models[free]

@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from bench_workload import load_side_model, read_side
 
 
 def main(argv: list[str]) -> int:
@@ -31,21 +31,15 @@ def main(argv: list[str]) -> int:
     import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    from finetune.kernels.varlen_sdpa import VARLEN_SDPA, register_varlen_sdpa
+    from finetune.kernels import TORCH_DTYPES
 
-    settings = json.loads((workdir / "settings.json").read_text(encoding="utf-8"))
-    plan = json.loads((workdir / "plan.json").read_text(encoding="utf-8"))[mode]
+    settings, plan = read_side(workdir, mode)
     files = sorted((workdir / "batches" / mode).glob("*.pt"))
     random.seed(settings["seed"])
     np.random.seed(settings["seed"])
     torch.manual_seed(settings["seed"])
-    if plan["attention"] == VARLEN_SDPA:  # the attention function itself, no framework
-        register_varlen_sdpa()
-    model = AutoModelForCausalLM.from_pretrained(
-        workdir / "model", dtype=getattr(torch, DTYPES[plan["base_dtype"]]),
-        attn_implementation=plan["attention"]).to(plan["device"])
+    model = load_side_model(workdir / "model", plan).to(plan["device"])
     model = get_peft_model(model, LoraConfig(
         r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
         target_modules="all-linear", bias="none", task_type="CAUSAL_LM"),
@@ -54,8 +48,7 @@ def main(argv: list[str]) -> int:
     optimizer = torch.optim.AdamW(trainable, lr=settings["lr"], betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=0.0, fused=plan["optimizer"] == "adamw_fused",
                                   foreach=plan["optimizer"] == "adamw_foreach")
-    precision = getattr(torch, DTYPES[plan["precision"]])
-    autocast = (torch.autocast(device_type=plan["device"], dtype=precision)
+    autocast = (torch.autocast(device_type=plan["device"], dtype=TORCH_DTYPES[plan["precision"]])
                 if plan["autocast"] else nullcontext())
     model.train()
     step_ends, step_cpu, losses, first_unix = [], [], [], None

@@ -5,8 +5,8 @@
 MODE `default` runs SFTTrainer with its defaults (padded batches); `packed` with its own packing
 (`packing=True`: best-fit-decreasing, padding-free rows). Set to match finetune's run: the model
 folder loaded in the kernel plan's base dtype with the plan's attention (transformers' `sdpa`
-where the plan picks finetune's `sdpa_varlen`, see bench_workload.trl_attention), LoRA r/alpha on every
-linear layer, AdamW (TRL's default, fused), the learning rate (constant, no warmup), gradient
+where the plan picks finetune's `sdpa_varlen`, see bench_workload.trl_attention), LoRA r/alpha
+on every linear layer, AdamW (TRL's default, fused), the learning rate (constant, no warmup), gradient
 clipping at 1.0, max_length = data.max_seq_len, the micro-batch size, the precision (bf16
 autocast when the plan picks it), the loss on assistant tokens only, and gradient checkpointing
 off (finetune's default; SFTConfig turns it on by default, which would cost TRL a third more
@@ -25,9 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_workload import real_tokens
-
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from bench_workload import load_side_model, read_side, real_tokens
 
 
 def sft_config_kwargs(settings: dict, plan: dict, *, packing: bool, output_dir: Path,
@@ -54,17 +52,15 @@ def main(argv: list[str]) -> int:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from finetune.metrics.flops import document_lengths
 
-    settings = json.loads((workdir / "settings.json").read_text(encoding="utf-8"))
-    plan = json.loads((workdir / "plan.json").read_text(encoding="utf-8"))[mode]
+    settings, plan = read_side(workdir, mode)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    model = AutoModelForCausalLM.from_pretrained(
-        workdir / "model", dtype=getattr(torch, DTYPES[plan["base_dtype"]]),
-        attn_implementation=plan.get("trl_attention", plan["attention"]))
+    model = load_side_model(workdir / "model", plan,
+                            attention=plan.get("trl_attention", plan["attention"]))
     dataset = load_dataset("json", data_files=str(workdir / "data.jsonl"), split="train")
     step_tokens: list[int] = []
     step_padded: list[int] = []

@@ -288,6 +288,29 @@ def offered(decision) -> list[str]:
                                 if r.reason.startswith("supported")]
 
 
+def read_side(workdir: Path, mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a side reads from the workdir: settings.json, and the plan of `mode` (packed or
+    unpacked) from plan.json."""
+    settings = json.loads((workdir / "settings.json").read_text(encoding="utf-8"))
+    plan = json.loads((workdir / "plan.json").read_text(encoding="utf-8"))[mode]
+    return settings, plan
+
+
+def load_side_model(model_dir: Path, plan: dict[str, Any], attention: str | None = None):
+    """The workdir's model in the plan's base dtype with `attention` (the plan's when None);
+    finetune's `sdpa_varlen` is registered with transformers first when it is asked for."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.kernels import TORCH_DTYPES
+    from finetune.kernels.varlen_sdpa import VARLEN_SDPA, register_varlen_sdpa
+
+    attention = attention or plan["attention"]
+    if attention == VARLEN_SDPA:
+        register_varlen_sdpa()
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=TORCH_DTYPES[plan["base_dtype"]], attn_implementation=attention)
+
+
 def trl_attention(attention: str) -> str:
     """The attention TRL runs with: the plan's, except that finetune's own `sdpa_varlen` (SDPA
     called once per document) becomes transformers' `sdpa`, the SDPA a TRL user has."""
