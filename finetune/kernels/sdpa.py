@@ -159,17 +159,17 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kv_h, groups, s, d).reshape(b, kv_h * groups, s, d)
 
 
-def sdpa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """F.scaled_dot_product_attention as transformers calls it without a mask (GQA native on
-    torch 2.5+, repeated kv heads before)."""
-    if _TORCH_SDPA_GQA:
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=True
-        )
+def sdpa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, *,
+                 mask: torch.Tensor | None = None, causal: bool = True,
+                 dropout: float = 0.0) -> torch.Tensor:
+    """F.scaled_dot_product_attention as transformers calls it (GQA native on torch 2.5+,
+    repeated kv heads before); causal without a mask unless told otherwise."""
     groups = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(
-        q, repeat_kv(k, groups), repeat_kv(v, groups), is_causal=True, scale=scale
-    )
+    if groups > 1 and not _TORCH_SDPA_GQA:
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    extra = {"enable_gqa": True} if groups > 1 and _TORCH_SDPA_GQA else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          scale=scale, dropout_p=dropout, **extra)
 
 
 def cudnn_sdpa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -19,9 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from finetune.kernels.sdpa import _TORCH_SDPA_GQA, repeat_kv
+from finetune.kernels.sdpa import sdpa_forward
 
 VARLEN_SDPA = "sdpa_varlen"
 
@@ -46,17 +45,6 @@ def document_lengths(position_ids: torch.Tensor | None, length: int) -> list[int
         return None
     starts = torch.nonzero(row == 0).flatten().tolist()
     return [end - start for start, end in zip(starts, [*starts[1:], length], strict=True)]
-
-
-def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-          mask: torch.Tensor | None, causal: bool, scale: float | None,
-          dropout: float) -> torch.Tensor:
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1 and not _TORCH_SDPA_GQA:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    extra = {"enable_gqa": True} if groups > 1 and _TORCH_SDPA_GQA else {}
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
-                                          scale=scale, dropout_p=dropout, **extra)
 
 
 def causal_padding_mask(padding: torch.Tensor | None, q_len: int, k_len: int,
@@ -102,10 +90,10 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         if padding is None and (window is None or kl <= window) and (
                 ql == kl or ql == 1 or not causal):
             # A whole causal row, one decoded token (it sees every cached key), no causality.
-            return _sdpa(q, k, v, mask=None, causal=causal and ql == kl > 1, scale=scaling,
-                         dropout=dropout)
+            return sdpa_forward(q, k, v, scaling, causal=causal and ql == kl > 1,
+                                dropout=dropout)
         mask = causal_padding_mask(padding, ql, kl, q.device, causal=causal, window=window)
-        return _sdpa(q, k, v, mask=mask, causal=False, scale=scaling, dropout=dropout)
+        return sdpa_forward(q, k, v, scaling, mask=mask, causal=False, dropout=dropout)
 
     if lengths is not None:
         parts = [attend(q, k, v, None)
