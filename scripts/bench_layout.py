@@ -1,6 +1,7 @@
 """Batch layouts against each other: padded rows vs padding-free rows (unpacked), and packed rows
-with a block-diagonal 4D mask (`sdpa`) vs one SDPA call per document (`sdpa_varlen`); and
-finetune's loss (LM head only where a trained token is predicted) vs logits at every position.
+with a block-diagonal 4D mask (`sdpa`) vs one SDPA call per document (`sdpa_varlen`); finetune's
+loss (LM head only where a trained token is predicted) vs logits at every position; and
+finetune's fused LoRA forward (`kernels.lora=fused`) vs peft's own.
 
     python scripts/bench_layout.py [--size medium] [--steps 8] [--repeats 3] [--precision plan]
                                    [--vocab N]
@@ -14,7 +15,8 @@ layout's first `--steps` micro-batches and prints the median CPU seconds, the ra
 whether the two layouts of a mode gave the same losses; one JSON line last. The fifth case runs
 the padding-free batches through the model's own loss path (logits at every position, as
 without finetune's `causal_lm_loss`); `--vocab 128256` gives the model Llama 3's vocabulary
-size, where that projection weighs.
+size, where that projection weighs. Every case runs finetune's fused LoRA forward but the sixth,
+which runs the packed per-document batches through peft's forward (`kernels.lora=peft`).
 """
 
 from __future__ import annotations
@@ -38,18 +40,24 @@ LAYOUTS = {
     "packed, per document (sdpa_varlen)": ("packed", ["kernels.attention=sdpa_varlen"]),
 }
 FULL_LOGITS = "unpacked, padding-free rows, logits at every position"
+PEFT_FORWARD = "packed, per document, peft's LoRA forward"
 
 
-def load_model(model_dir: Path, plan: dict, settings: workload.Settings):
-    """The model with LoRA as finetune sets it up (seeded, so every layout gets the same)."""
+def load_model(model_dir: Path, plan: dict, settings: workload.Settings, lora: str = "fused"):
+    """The model with LoRA as finetune sets it up (seeded, so every layout gets the same), with
+    the `lora` forward (fused | peft)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from finetune.kernels import apply_lora_kernel
+
     torch.manual_seed(settings.seed)
     model = workload.load_side_model(model_dir, plan)
-    return get_peft_model(model, LoraConfig(
+    model = get_peft_model(model, LoraConfig(
         r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
         target_modules="all-linear", task_type="CAUSAL_LM"))
+    apply_lora_kernel(model, lora)
+    return model
 
 
 def run_layout(model, batches: list[dict], plan: dict, *,
@@ -108,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             batches[name] = [torch.load(p, weights_only=True)
                              for p in sorted((work / name).glob("*.pt"))]
             models[name] = load_model(work / "model", plans[name], settings)
-        free = list(LAYOUTS)[1]
+        free, per_document = list(LAYOUTS)[1], list(LAYOUTS)[3]
         batches[FULL_LOGITS], plans[FULL_LOGITS] = batches[free], plans[free]
         models[FULL_LOGITS] = models[free]
-        names = [*LAYOUTS, FULL_LOGITS]
+        batches[PEFT_FORWARD], plans[PEFT_FORWARD] = batches[per_document], plans[per_document]
+        models[PEFT_FORWARD] = load_model(work / "model", plans[per_document], settings, "peft")
+        names = [*LAYOUTS, FULL_LOGITS, PEFT_FORWARD]
         for name in names:  # warm-up: one batch each
             run_layout(models[name], batches[name][:1], plans[name],
                        full_logits=name == FULL_LOGITS)
@@ -130,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {medians[name]:.2f} CPU-s for {args.steps} micro-batches "
               f"(runs {', '.join(f'{s:.2f}' for s in seconds[name])})", flush=True)
     ratios = {}
-    for slow, fast in ((names[0], names[1]), (names[2], names[3]), (names[4], names[1])):
+    for slow, fast in ((names[0], names[1]), (names[2], names[3]), (names[4], names[1]),
+                       (names[5], names[3])):
         ratios[f"{slow} / {fast}"] = medians[slow] / medians[fast]
         diff = max(abs(a - b) for a, b in zip(losses[slow], losses[fast], strict=True))
         print(f"{slow} / {fast}: {medians[slow] / medians[fast]:.3f}; largest per-batch loss "

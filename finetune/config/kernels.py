@@ -27,6 +27,7 @@ class KernelsConfig:
     attention: str = "auto"  # e.g. sdpa, flash_attention_2
     optimizer: str = "auto"  # e.g. adamw_fused, adamw_8bit
     fused_ops: str = "auto"  # e.g. liger
+    lora: str = "auto"  # e.g. peft (peft's own LoRA forward instead of the fused one)
     compile: str = "auto"  # e.g. off (torch.compile)
     precision: str = "auto"  # e.g. bf16
     collective: str = "auto"  # e.g. nccl

@@ -1,9 +1,15 @@
 """Kernel choice per op family, in three steps: `plan(profile, cfg, packing=...) -> KernelPlan`
 chooses (its environment applied before its self-checks; each choice explained),
-`apply_env` / `apply_fused_ops` carry the plan out on this process, and `format_plan_table`
+`apply_env` / `apply_fused_ops` / `apply_lora_kernel` carry the plan out on this process, and `format_plan_table`
 shows it."""
 
-from finetune.kernels.apply import apply_env, apply_env_vars, apply_fused_ops, route_sdpa
+from finetune.kernels.apply import (
+    apply_env,
+    apply_env_vars,
+    apply_fused_ops,
+    apply_lora_kernel,
+    route_sdpa,
+)
 from finetune.kernels.attention import (
     ATTENTION,
     AttentionCandidate,
@@ -41,6 +47,7 @@ __all__ = [
     "apply_env",
     "apply_env_vars",
     "apply_fused_ops",
+    "apply_lora_kernel",
     "build_optimizer",
     "check_choices",
     "default_registries",

@@ -8,6 +8,8 @@ The planner only decides; everything here changes process state. Order matters:
 2. `apply_env(plan)` once the plan is final: the variables again (a no-op when unchanged), TF32,
    and the SDPA routing of cuDNN attention (`plan.cudnn_sdpa`), before the model is built.
 3. `apply_fused_ops(model, plan.fused_ops)` on the loaded model, before adapters are attached.
+4. `apply_lora_kernel(model, plan.lora)` once the adapters are attached, before the model is
+   wrapped or sharded.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 from finetune.hardware.arch import AMD_TF32_EMULATED, is_amd
 from finetune.kernels.fused_ops import LIGER_OPS
 from finetune.kernels.kernel_plan import KernelPlan
+from finetune.kernels.lora import LORA
+from finetune.kernels.lora_linear import fuse_lora_layers
 from finetune.kernels.sdpa import CUDNN_FIRST, CUDNN_UNMASKED_ONLY
 
 logger = logging.getLogger(__name__)
@@ -152,3 +156,24 @@ def apply_fused_ops(model: torch.nn.Module, ops: Sequence[str]) -> list[str]:
     )
     logger.info("fused_ops: liger applied to %s (%s)", model_type, ", ".join(ops))
     return list(ops)
+
+
+def apply_lora_kernel(model: torch.nn.Module, choice: str) -> int:
+    """Carry out `plan.lora` on a model whose adapters are attached: `fused` gives every plain
+    LoRA linear layer the fused forward (`finetune.kernels.lora_linear`), `peft` leaves peft's.
+    Returns the number of layers fused (0 for a model without LoRA layers).
+
+    Raises:
+        ValueError: a choice that is not a LoRA candidate.
+    """
+    if choice not in LORA:
+        raise ValueError(f"unknown LoRA kernel {choice!r}; known: {', '.join(LORA.names())}")
+    if choice != "fused":
+        return 0
+    fused, other = fuse_lora_layers(model)
+    if fused:
+        logger.info("lora: fused forward on %d LoRA linear layers", fused)
+    if other:
+        logger.info("lora: %d LoRA layers keep peft's forward (not plain LoRA over nn.Linear)",
+                    other)
+    return fused

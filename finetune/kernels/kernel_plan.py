@@ -17,7 +17,7 @@ from finetune.hardware.profile import HardwareProfile
 from finetune.kernels.registry import FamilyDecision, ModelFacts
 
 FAMILIES: tuple[str, ...] = (
-    "attention", "optimizer", "fused_ops", "compile", "precision", "collective"
+    "attention", "optimizer", "fused_ops", "lora", "compile", "precision", "collective"
 )
 # Precision names used in kernel_plan.json and ModelFacts.dtype -> torch dtypes.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -128,6 +128,11 @@ class KernelPlan:
     def fused_ops(self) -> tuple[str, ...]:
         """The Liger ops to patch into the model (see `apply_fused_ops`); () for none."""
         return tuple(self.kernels["fused_ops"].details["ops"])
+
+    @property
+    def lora(self) -> str:
+        """How LoRA linear layers compute: fused | peft (see `apply_lora_kernel`)."""
+        return self.choice("lora")
 
     def to_dict(self) -> dict[str, Any]:
         """{"hardware": {...}, "kernels": {family: {...}}, "env": {...}}."""

@@ -1,7 +1,7 @@
 """`plan(profile, cfg) -> KernelPlan`: one decision per op family, each with its reason.
 
 Order of decisions: precision first (attention depends on the dtype), then the environment
-the plan needs, then attention, optimizer, fused ops, compile and collective. `auto` takes the
+the plan needs, then attention, optimizer, fused ops, LoRA, compile and collective. `auto` takes the
 best-ranked supported candidate that passes its self-check; any other value is honoured when
 supported and raises `KernelOverrideError` when not - never silently replaced. Attention is
 ranked per architecture family and per packing mode (`plan(..., packing=True)`).
@@ -38,6 +38,7 @@ from finetune.kernels.collective import COLLECTIVE
 from finetune.kernels.compilation import COMPILE
 from finetune.kernels.fused_ops import FUSED_OPS, fused_ops_details
 from finetune.kernels.kernel_plan import FAMILIES, KernelPlan
+from finetune.kernels.lora import LORA
 from finetune.kernels.optimizer import OPTIMIZER, OptimizerCandidate
 from finetune.kernels.precision import PRECISION, precision_details, precision_env
 from finetune.kernels.registry import (
@@ -63,6 +64,7 @@ class KernelRegistries:
     attention: Registry[AttentionCandidate]
     optimizer: Registry[OptimizerCandidate]
     fused_ops: Registry[Candidate]
+    lora: Registry[Candidate]
     compile: Registry[Candidate]
     precision: Registry[Candidate]
     collective: Registry[Candidate]
@@ -74,13 +76,14 @@ def default_registries() -> KernelRegistries:
         attention=ATTENTION.copy(),
         optimizer=OPTIMIZER.copy(),
         fused_ops=FUSED_OPS.copy(),
+        lora=LORA.copy(),
         compile=COMPILE.copy(),
         precision=PRECISION.copy(),
         collective=COLLECTIVE.copy(),
     )
 
 
-_BUILTIN = KernelRegistries(ATTENTION, OPTIMIZER, FUSED_OPS, COMPILE, PRECISION, COLLECTIVE)
+_BUILTIN = KernelRegistries(ATTENTION, OPTIMIZER, FUSED_OPS, LORA, COMPILE, PRECISION, COLLECTIVE)
 
 
 def _machine(profile: HardwareProfile) -> str:
@@ -256,6 +259,7 @@ def plan(
     if skip is None:
         logger.debug("kernel self-checks took %.2fs", time.perf_counter() - started)
     fused_ops = _select("fused_ops", regs.fused_ops, cfg.fused_ops, profile, facts)
+    lora = _select("lora", regs.lora, cfg.lora, profile, facts)
     compile_ = _select("compile", regs.compile, cfg.compile, profile, facts)
     collective = _select("collective", regs.collective, cfg.collective, profile, facts)
 
@@ -280,6 +284,7 @@ def plan(
         "fused_ops": _decision(
             "fused_ops", fused_ops, fused_ops_details(profile, fused_ops.candidate.name, flce)
         ),
+        "lora": _decision("lora", lora, {}),
         "compile": _decision("compile", compile_, {}),
         "precision": _decision(
             "precision", precision, precision_details(profile, precision.candidate.name)

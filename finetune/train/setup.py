@@ -2,9 +2,9 @@
 
 `plan_kernels(cfg)` detects the hardware, chooses the kernels and applies the plan's
 environment; `setup(cfg, plan, ...)` then builds, in this order, the accelerator, the model
-(attention and dtypes from the plan, fused ops, activation checkpointing, adapter, compile), the
-tokenizer, the data, the optimizer and schedule, the recipe's extra models and the loggers, and
-returns them as `Components`. The order is part of the contract: the seed is set before the
+(attention and dtypes from the plan, fused ops, activation checkpointing, adapter, the LoRA
+forward, compile), the tokenizer, the data, the optimizer and schedule, the recipe's extra
+models and the loggers, and returns them as `Components`. The order is part of the contract: the seed is set before the
 adapter's random init, so a run is reproducible.
 """
 
@@ -24,7 +24,14 @@ from finetune.config.schema import RunConfig
 from finetune.data import build_data
 from finetune.data.collate import mask_bytes
 from finetune.errors import ConfigError
-from finetune.kernels import KernelPlan, apply_env, apply_fused_ops, build_optimizer, plan
+from finetune.kernels import (
+    KernelPlan,
+    apply_env,
+    apply_fused_ops,
+    apply_lora_kernel,
+    build_optimizer,
+    plan,
+)
 from finetune.models import (
     context_length,
     load_model,
@@ -141,6 +148,7 @@ def _build_model(cfg: RunConfig, kernel_plan: KernelPlan) -> torch.nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = apply_adapter(model, cfg.peft)
+    apply_lora_kernel(model, kernel_plan.lora)
     if kernel_plan.compile:
         model.compile()  # in place: parameter names and state_dict keys stay unchanged
     return model

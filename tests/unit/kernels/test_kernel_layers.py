@@ -13,18 +13,19 @@ from pathlib import Path
 import pytest
 
 KERNELS = Path(__file__).resolve().parents[3] / "finetune" / "kernels"
-FAMILY_MODULES = ("attention", "optimizer", "precision", "fused_ops", "collective",
+FAMILY_MODULES = ("attention", "optimizer", "precision", "fused_ops", "lora", "collective",
                   "compilation")
 # Module -> the finetune.kernels modules it may import.
 ALLOWED: dict[str, set[str]] = {
     "registry": set(),
     "sdpa": {"registry"},  # SDPA backend facts, shared by attention and apply
     "varlen_sdpa": {"sdpa"},  # the sdpa_varlen attention function transformers calls
+    "lora_linear": set(),  # the fused LoRA forward apply patches in
     **{name: {"registry"} for name in FAMILY_MODULES},
     "attention": {"registry", "sdpa", "varlen_sdpa"},
     "kernel_plan": {"registry"},
     "selfcheck": {"registry", "attention", "optimizer", "kernel_plan"},
-    "apply": {"kernel_plan", "fused_ops", "sdpa"},
+    "apply": {"kernel_plan", "fused_ops", "lora", "lora_linear", "sdpa"},
     # The planner calls apply's environment step before its self-checks (see planner.py).
     "planner": {"registry", "kernel_plan", "selfcheck", "apply", "sdpa", *FAMILY_MODULES},
     "table": {"kernel_plan", "planner"},

@@ -1,5 +1,6 @@
 """scripts/bench_layout.py on the small model: the layouts of a mode hold the same trained
-tokens and give the same losses, and the JSON line carries a ratio for each comparison."""
+tokens and give the same losses (peft's LoRA forward and the fused one too), and the JSON line
+carries a ratio for each comparison."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def test_small_run_compares_the_layouts_on_the_same_examples(capsys) -> None:
     tokens = found["trained_tokens"]
     names = list(bench_layout.LAYOUTS)
     assert tokens[names[0]] == tokens[names[1]] and tokens[names[2]] == tokens[names[3]]
-    assert len(found["ratios"]) == 3 and all(r > 0 for r in found["ratios"].values())
+    assert tokens[bench_layout.PEFT_FORWARD] == tokens[names[3]]
+    assert len(found["ratios"]) == 4 and all(r > 0 for r in found["ratios"].values())
     differences = [float(m) for m in re.findall(r"loss difference ([0-9.e+-]+)", "\n".join(lines))]
-    assert len(differences) == 3 and max(differences) < 1e-4
+    assert len(differences) == 4 and max(differences) < 1e-4

@@ -72,3 +72,22 @@ def test_weights_that_train_stay_fp32_on_a_bf16_plan(recipe: str, trained_dtype:
               if not p.requires_grad}
     assert trained == {trained_dtype}
     assert frozen == (set() if recipe == "full_sft" else {"bfloat16"})
+
+
+@pytest.mark.parametrize(("peft", "lora", "per_layer"), [("lora", "auto", 7), ("lora", "peft", 0),
+                                                         ("dora", "auto", 0)])
+def test_the_model_gets_the_plan_s_lora_forward(peft: str, lora: str, per_layer: int,
+                                                tiny_model_dir) -> None:
+    """kernels.lora=auto (fused) reaches every LoRA linear of the run's model; peft keeps peft's
+    forward, and so does DoRA, which the fused path does not cover."""
+    from finetune.config.kernels import KernelsConfig
+    from finetune.hardware import profile_by_name
+    from finetune.kernels import plan
+    from finetune.kernels.lora_linear import fused_lora_class
+    from finetune.train.setup import _build_model
+
+    kernel_plan = plan(profile_by_name("cpu"), KernelsConfig(lora=lora))
+    cfg = compose_run_config("lora_sft", [f"peft={peft}"])
+    model = _build_model(cfg, kernel_plan)
+    fused = sum(type(m) is fused_lora_class() for m in model.modules())
+    assert fused == per_layer * model.config.num_hidden_layers  # q, k, v, o, gate, up, down
