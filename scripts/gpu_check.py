@@ -20,6 +20,7 @@ Sections, in order:
   gemm          a bf16 8192^3 matmul in TFLOP/s against the profile's peak
   loss_parity   a few training steps per attention implementation from the same seed
   liger         Liger on vs off: loss, gradients and peak memory
+  lora_forward  finetune's fused LoRA forward vs peft's: loss, gradients, step time, memory
   adamw         fused vs foreach AdamW parameters over N steps, fp32 and fp16 + GradScaler
   tf32          the TF32 state after the plan's environment is applied, against the plan
   selfcheck     the attention self-checks at seq 2048, head_dim 128, and a masked call at
@@ -56,8 +57,8 @@ BUDGET_S = 340.0
 # Seconds per section on a GPU (half that with --dry-run).
 SECTION_BUDGETS: dict[str, float] = {
     "versions": 5, "plan": 25, "sdpa_backend": 10, "leak": 30, "memory": 30, "gemm": 10,
-    "loss_parity": 25, "liger": 25, "adamw": 15, "tf32": 2, "selfcheck": 20, "lora": 120,
-    "multi_gpu": 90,
+    "loss_parity": 25, "liger": 25, "lora_forward": 20, "adamw": 15, "tf32": 2, "selfcheck": 20,
+    "lora": 120, "multi_gpu": 90,
 }
 FLASH_DISTRIBUTIONS = ("flash-attn", "flash-attn-3", "flash-attn-4")
 OTHER_DISTRIBUTIONS = ("liger-kernel", "bitsandbytes", "triton", "pytorch-triton-rocm",
@@ -589,6 +590,57 @@ def section_liger(ctx: Context, out: dict[str, Any]) -> None:
                 "peak_gib_off": mem_off, "peak_gib_on": mem_on})
 
 
+def section_lora_forward(ctx: Context, out: dict[str, Any]) -> None:
+    """finetune's fused LoRA forward against peft's on the parity model (LoRA r=16 on every
+    linear layer, non-zero B): loss, gradients, forward + backward time and peak memory."""
+    from contextlib import nullcontext
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.kernels import apply_lora_kernel
+
+    shape = ctx.sizes.parity_model
+    attn = ctx.plan.attn_implementation
+    state = {k: v.clone() for k, v in llama(ctx, shape, attn).state_dict().items()}
+    ids = torch.randint(0, shape[4], (2, ctx.sizes.parity_seq), device=ctx.device)
+    autocast = (torch.autocast(ctx.device, dtype=ctx.dtype) if ctx.dtype != torch.float32
+                else nullcontext())
+    results = {}
+    for choice in ("peft", "fused"):
+        model = get_peft_model(llama(ctx, shape, attn, state=state),
+                               LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+                               autocast_adapter_dtype=True)
+        torch.manual_seed(1)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        out[f"{choice}_layers"] = apply_lora_kernel(model, choice)
+        times = []
+        reset_peak(ctx)
+        for _ in range(ctx.sizes.parity_steps + 2):
+            model.zero_grad(set_to_none=True)
+            sync(ctx)
+            start = time.perf_counter()
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            sync(ctx)
+            times.append(time.perf_counter() - start)
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters()
+                           if p.requires_grad])
+        results[choice] = (loss.item(), grads, statistics.median(times[2:]), peak_gib(ctx))
+        del model
+    (loss_peft, g_peft, t_peft, mem_peft), (loss_fused, g_fused, t_fused, mem_fused) = (
+        results["peft"], results["fused"])
+    out.update({"loss_peft": loss_peft, "loss_fused": loss_fused,
+                "loss_diff": abs(loss_fused - loss_peft),
+                "grad_cosine": torch.nn.functional.cosine_similarity(g_fused, g_peft, dim=0).item(),
+                "step_s_peft": round(t_peft, 5), "step_s_fused": round(t_fused, 5),
+                "speedup": round(t_peft / t_fused, 3),
+                "peak_gib_peft": mem_peft, "peak_gib_fused": mem_fused})
+
+
 def _adamw_run(ctx: Context, fused: bool, dtype: Any, scaler: bool) -> list[Any]:
     """Parameters after N AdamW steps on matmul losses (autocast in `dtype`; with a grad
     scaler, one step overflows on purpose and must be skipped alike)."""
@@ -880,6 +932,9 @@ def validation_section(report: dict[str, Any], json_path: Path) -> str:
         "lora": lambda s: (f"{s.get('median_tokens_per_s')} tok/s, MFU {s.get('median_mfu')}, "
                            f"peak {s.get('peak_memory_gb')} GB"),
         "tf32": lambda s: f"planned {s.get('planned')}, consistent {s.get('consistent')}",
+        "lora_forward": lambda s: (f"fused/peft step {s.get('speedup')}x, grad cosine "
+                                   f"{s.get('grad_cosine')}, peak {s.get('peak_gib_fused')} vs "
+                                   f"{s.get('peak_gib_peft')} GiB"),
     }
     for name, section in report.items():
         if isinstance(section, dict) and "status" in section:
@@ -933,6 +988,7 @@ def main(argv: list[str] | None = None) -> int:
         ("gemm", lambda out: section_gemm(ctx, out)),
         ("loss_parity", lambda out: section_loss_parity(ctx, out)),
         ("liger", lambda out: section_liger(ctx, out)),
+        ("lora_forward", lambda out: section_lora_forward(ctx, out)),
         ("adamw", lambda out: section_adamw(ctx, out)),
         ("tf32", lambda out: section_tf32(ctx, out)),
         ("selfcheck", lambda out: section_selfcheck(ctx, out)),

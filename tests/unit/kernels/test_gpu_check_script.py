@@ -38,7 +38,7 @@ def dry_run(gpu_check, tmp_path_factory) -> tuple[dict, Path]:
 def test_dry_run_runs_every_in_process_section(dry_run) -> None:
     report, doc = dry_run
     for name in ("versions", "plan", "sdpa_backend", "leak", "memory", "gemm", "loss_parity",
-                 "adamw", "tf32", "selfcheck"):
+                 "lora_forward", "adamw", "tf32", "selfcheck"):
         assert report[name]["status"] == "ok", (name, report[name])
     assert report["liger"]["status"].startswith("skipped: ")
     assert report["lora"]["status"].startswith("skipped: --dry-run")
@@ -57,6 +57,10 @@ def test_dry_run_findings(dry_run) -> None:
         assert leak["isolated"] and leak["logits_error_if_leaking"] > 0.1
     assert "flex_attention" in report["leak"]["unsupported"]  # no backward on CPU: named
     assert report["loss_parity"]["sdpa"]["max_diff_vs_eager"] < 1e-4
+    lora = report["lora_forward"]
+    layers = 7 * 2  # the CPU parity model: 2 layers of q, k, v, o, gate, up, down
+    assert lora["fused_layers"] == layers and lora["peft_layers"] == 0
+    assert lora["loss_diff"] < 1e-5 and lora["grad_cosine"] > 0.9999
     assert all(case["match"] for case in report["adamw"].values() if isinstance(case, dict))
     assert report["tf32"]["consistent"] is True
     assert report["selfcheck"]["sdpa"] == "passed"
