@@ -4,7 +4,7 @@ loss (LM head only where a trained token is predicted) vs logits at every positi
 finetune's fused LoRA forward (`kernels.lora=fused`) vs peft's own.
 
     python scripts/bench_layout.py [--size medium] [--steps 8] [--repeats 3] [--precision plan]
-                                   [--vocab N]
+                                   [--vocab N] [--profile]
 
 Builds scripts/bench.py's workload (random-init Llama, lognormal chat rows), then lets
 finetune's data pipeline collate the same examples four ways (`data.padding_free=off` with
@@ -17,6 +17,8 @@ the padding-free batches through the model's own loss path (logits at every posi
 without finetune's `causal_lm_loss`); `--vocab 128256` gives the model Llama 3's vocabulary
 size, where that projection weighs. Every case runs finetune's fused LoRA forward but the sixth,
 which runs the packed per-document batches through peft's forward (`kernels.lora=peft`).
+`--profile` then runs torch.profiler over finetune's packed batches (the fourth case) and prints
+each kind of op's share of the CPU time: matrix products, SDPA, and the other ops by name.
 """
 
 from __future__ import annotations
@@ -87,6 +89,26 @@ def run_layout(model, batches: list[dict], plan: dict, *,
     return seconds, losses
 
 
+def op_shares(model, batches: list[dict], plan: dict) -> dict[str, float]:
+    """Share of the profiled CPU time (self time, %) of matrix products, SDPA and each other op
+    over one forward + backward of `batches`; the largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_layout(model, batches, plan)
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    shares: dict[str, float] = {}
+    for event in events:
+        name = event.key
+        if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"):
+            name = "matrix products"
+        elif "scaled_dot_product" in name:
+            name = "SDPA"
+        shares[name] = shares.get(name, 0.0) + 100 * event.self_cpu_time_total / total
+    return dict(sorted(shares.items(), key=lambda item: -item[1]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["small", "medium"], default="medium")
@@ -95,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["plan", "bf16", "fp32"], default="plan")
     parser.add_argument("--vocab", type=int, help="the model's vocabulary size (default: the "
                                                   "tiny tokenizer's 1,888)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile finetune's packed batches: each op's share of time")
     args = parser.parse_args(argv)
     import torch
 
@@ -133,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                                           full_logits=name == FULL_LOGITS)
                 seconds[name].append(spent)
                 losses[name] = found
+        shares = (op_shares(models[per_document], batches[per_document], plans[per_document])
+                  if args.profile else None)
     medians = {name: statistics.median(found) for name, found in seconds.items()}
     tokens = {name: sum(int((b["labels"] != -100).sum()) for b in batches[name])
               for name in names}
@@ -146,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         diff = max(abs(a - b) for a, b in zip(losses[slow], losses[fast], strict=True))
         print(f"{slow} / {fast}: {medians[slow] / medians[fast]:.3f}; largest per-batch loss "
               f"difference {diff:.2e}", flush=True)
+    if shares is not None:
+        top = [f"{name} {share:.1f}%" for name, share in shares.items() if share >= 0.5]
+        print(f"{per_document}, share of CPU time: {', '.join(top)}", flush=True)
     print(json.dumps({"size": settings.size, "vocab": args.vocab or 1888,
                       "precision": plans[names[0]]["precision"],
-                      "cpu_s": medians, "ratios": ratios, "trained_tokens": tokens}))
+                      "cpu_s": medians, "ratios": ratios, "trained_tokens": tokens,
+                      **({"op_shares": shares} if shares is not None else {})}))
     return 0
 
 

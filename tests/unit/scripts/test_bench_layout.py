@@ -17,7 +17,8 @@ import bench_layout  # noqa: E402
 
 
 def test_small_run_compares_the_layouts_on_the_same_examples(capsys) -> None:
-    assert bench_layout.main(["--size", "small", "--steps", "2", "--repeats", "1"]) == 0
+    assert bench_layout.main(["--size", "small", "--steps", "2", "--repeats", "1",
+                              "--profile"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     found = json.loads(lines[-1])
     tokens = found["trained_tokens"]
@@ -27,3 +28,6 @@ def test_small_run_compares_the_layouts_on_the_same_examples(capsys) -> None:
     assert len(found["ratios"]) == 4 and all(r > 0 for r in found["ratios"].values())
     differences = [float(m) for m in re.findall(r"loss difference ([0-9.e+-]+)", "\n".join(lines))]
     assert len(differences) == 4 and max(differences) < 1e-4
+    shares = found["op_shares"]
+    assert abs(sum(shares.values()) - 100) < 1e-6
+    assert shares["matrix products"] > 10 and shares["SDPA"] > 0
