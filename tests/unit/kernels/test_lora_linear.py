@@ -209,19 +209,26 @@ def test_unknown_lora_choice_is_refused_before_any_work() -> None:
         check_choices(KernelsConfig(lora="fast"))
 
 
-def test_tiny_llama_loss_and_gradients_match_peft(tiny_model_dir: Path) -> None:
-    """The whole model: every projection of a Llama through the fused path."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tiny_llama_loss_and_gradients_match_peft(tiny_model_dir: Path,
+                                                  checkpointing: bool) -> None:
+    """The whole model: every projection of a Llama through the fused path, also when
+    activation checkpointing recomputes the forward in backward."""
     from transformers import AutoModelForCausalLM
 
     def build() -> torch.nn.Module:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
                                                  target_modules="all-linear"))
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)
-        return model
+        return model.train()  # checkpointing recomputes in training mode only
 
     reference, fused = build(), build()
     fused.load_state_dict(reference.state_dict())
@@ -230,8 +237,13 @@ def test_tiny_llama_loss_and_gradients_match_peft(tiny_model_dir: Path) -> None:
     ids = torch.randint(3, 200, (2, 24))
     losses = []
     for model in (reference, fused):
+        calls: list[int] = []
+        q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+        hook = q_proj.register_forward_hook(lambda *_, found=calls: found.append(1))
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        hook.remove()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
         losses.append(loss.detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
     for name, grad in _grads(reference).items():
