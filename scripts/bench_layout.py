@@ -18,7 +18,8 @@ without finetune's `causal_lm_loss`); `--vocab 128256` gives the model Llama 3's
 size, where that projection weighs. Every case runs finetune's fused LoRA forward but the sixth,
 which runs the packed per-document batches through peft's forward (`kernels.lora=peft`).
 `--profile` then runs torch.profiler over finetune's packed batches (the fourth case) and prints
-each kind of op's share of the CPU time: matrix products, SDPA, and the other ops by name.
+each kind of op's share of the wall time (median of `--repeats` profiled runs): matrix products,
+SDPA, the other ops by name, and what ran outside aten ops.
 """
 
 from __future__ import annotations
@@ -89,24 +90,34 @@ def run_layout(model, batches: list[dict], plan: dict, *,
     return seconds, losses
 
 
-def op_shares(model, batches: list[dict], plan: dict) -> dict[str, float]:
-    """Share of the profiled CPU time (self time, %) of matrix products, SDPA and each other op
-    over one forward + backward of `batches`; the largest first."""
+def op_shares(model, batches: list[dict], plan: dict, repeats: int) -> dict[str, float]:
+    """Share (%) of the wall time of a forward + backward of `batches` spent in matrix
+    products, in SDPA, in each other aten op (self time, on the calling thread) and outside
+    aten ops (Python, autograd bookkeeping, the profiler itself): the median over `repeats`
+    profiled runs, the largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run_layout(model, batches, plan)
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-    total = sum(e.self_cpu_time_total for e in events)
-    shares: dict[str, float] = {}
-    for event in events:
-        name = event.key
-        if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"):
-            name = "matrix products"
-        elif "scaled_dot_product" in name:
-            name = "SDPA"
-        shares[name] = shares.get(name, 0.0) + 100 * event.self_cpu_time_total / total
-    return dict(sorted(shares.items(), key=lambda item: -item[1]))
+    runs: list[dict[str, float]] = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            run_layout(model, batches, plan)
+            wall_us = (time.perf_counter() - start) * 1e6
+        shares: dict[str, float] = {}
+        for event in prof.key_averages():
+            name = event.key
+            if not name.startswith("aten::"):
+                continue
+            if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"):
+                name = "matrix products"
+            elif "scaled_dot_product" in name:
+                name = "SDPA"
+            shares[name] = shares.get(name, 0.0) + 100 * event.self_cpu_time_total / wall_us
+        shares["outside aten ops"] = max(0.0, 100 - sum(shares.values()))
+        runs.append(shares)
+    medians = {name: statistics.median(run.get(name, 0.0) for run in runs)
+               for name in {name for run in runs for name in run}}
+    return dict(sorted(medians.items(), key=lambda item: -item[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                                           full_logits=name == FULL_LOGITS)
                 seconds[name].append(spent)
                 losses[name] = found
-        shares = (op_shares(models[per_document], batches[per_document], plans[per_document])
-                  if args.profile else None)
+        shares = (op_shares(models[per_document], batches[per_document], plans[per_document],
+                            args.repeats) if args.profile else None)
     medians = {name: statistics.median(found) for name, found in seconds.items()}
     tokens = {name: sum(int((b["labels"] != -100).sum()) for b in batches[name])
               for name in names}
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
               f"difference {diff:.2e}", flush=True)
     if shares is not None:
         top = [f"{name} {share:.1f}%" for name, share in shares.items() if share >= 0.5]
-        print(f"{per_document}, share of CPU time: {', '.join(top)}", flush=True)
+        print(f"{per_document}, share of the wall time: {', '.join(top)}", flush=True)
     print(json.dumps({"size": settings.size, "vocab": args.vocab or 1888,
                       "precision": plans[names[0]]["precision"],
                       "cpu_s": medians, "ratios": ratios, "trained_tokens": tokens,

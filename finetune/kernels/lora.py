@@ -3,7 +3,7 @@
 `fused` (finetune.kernels.lora_linear) adds the adapter's low-rank update inside the frozen
 projection's output with one `addmm_`, instead of peft's separate scale and add over the output.
 It is plain torch, so it runs on every device; measured on a 2-core CPU it made a LoRA training
-step of a 30M Llama 1.08-1.11x faster (scripts/bench_layout.py). `peft` keeps peft's own
+step of a 30M Llama 1.08-1.18x faster (scripts/bench_layout.py). `peft` keeps peft's own
 forward. Either way the parameters, the state dict and the saved adapter are peft's.
 """
 

@@ -29,5 +29,6 @@ def test_small_run_compares_the_layouts_on_the_same_examples(capsys) -> None:
     differences = [float(m) for m in re.findall(r"loss difference ([0-9.e+-]+)", "\n".join(lines))]
     assert len(differences) == 4 and max(differences) < 1e-4
     shares = found["op_shares"]
-    assert abs(sum(shares.values()) - 100) < 1e-6
+    # One profiled run: its ops and what ran outside them make up its whole wall time.
+    assert abs(sum(shares.values()) - 100) < 1e-6 and shares["outside aten ops"] >= 0
     assert shares["matrix products"] > 10 and shares["SDPA"] > 0
