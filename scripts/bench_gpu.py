@@ -7,7 +7,8 @@ The model is a random-init bf16 Llama with meta-llama/Meta-Llama-3-8B's shape (e
 LM head at the full 128,256 rows; the tiny tokenizer uses the first ids), LoRA r=16 on every
 linear layer, packed rows of 2048 tokens. The baseline is finetune with the kernel plan's own
 choices; each variant changes one family: every other attention candidate the plan offers,
-Liger fused ops flipped (on <-> off), the other AdamW (fused <-> foreach). TRL's SFTTrainer runs
+Liger fused ops flipped (on <-> off), peft's LoRA forward instead of finetune's fused one, the
+other AdamW (fused <-> foreach). TRL's SFTTrainer runs
 with its packing and with its defaults on the plan's attention. Each run is a fresh process;
 per run: real tokens/s (counted as on CPU), MFU (finetune.metrics.flops' model FLOPs of the
 step's documents over the hardware profile's peak bf16 FLOP/s) and peak device memory
@@ -58,6 +59,9 @@ def gpu_variants(plan: dict) -> list[Variant]:
         flipped = "none" if fused[0] == "liger" else "liger"
         variants.append(Variant(f"finetune, fused_ops {flipped}", packed,
                                 (f"kernels.fused_ops={flipped}",)))
+    for other in offered["lora"][1:]:
+        variants.append(Variant(f"finetune, LoRA forward {other}", packed,
+                                (f"kernels.lora={other}",)))
     for other in ("adamw_fused", "adamw_foreach"):
         if other != optimizer[0] and other in optimizer:
             variants.append(Variant(f"finetune, optimizer {other}", packed,

@@ -335,7 +335,7 @@ def plan_summary(kernel_plan) -> dict[str, Any]:
             "isolation": kernel_plan.packing_isolation if kernel_plan.packing else None,
             "device": device_type(hardware),
             "offered": {family: offered(kernel_plan.kernels[family])
-                        for family in ("attention", "fused_ops", "optimizer")},
+                        for family in ("attention", "fused_ops", "lora", "optimizer")},
             "hardware": {"name": hardware.name, "vendor": hardware.vendor,
                          "torch": hardware.torch, "cpu_bf16": hardware.cpu_bf16,
                          "cpu_amx": hardware.cpu_amx,

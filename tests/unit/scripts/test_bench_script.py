@@ -382,6 +382,7 @@ def test_gpu_variants_change_one_family_at_a_time(h200_plan: dict) -> None:
                  if v.overrides and v.overrides[0].startswith("kernels.attention=")]
     assert attention == offered["attention"][1:] and "sdpa" in attention
     assert ("kernels.fused_ops=none",) in [v.overrides for v in variants]
+    assert ("kernels.lora=peft",) in [v.overrides for v in variants]
     assert ("kernels.optimizer=adamw_foreach",) in [v.overrides for v in variants]
     assert [v.side for v in variants[-2:]] == [("trl", "packed"), ("trl", "unpacked")]
     assert len({v.slug for v in variants}) == len(variants)
