@@ -125,8 +125,9 @@ def describe_source(source: Path | str) -> TrainedSource:
     return TrainedSource("model", text)
 
 
-def load_trained_model(source: Path | str, *, dtype=None):
-    """Return (model, tokenizer) for a run dir, a checkpoint dir, an adapter folder or a model.
+def load_trained_model(source: Path | str, *, dtype=None, attention: str = "sdpa"):
+    """Return (model, tokenizer) for a run dir, a checkpoint dir, an adapter folder or a model,
+    loaded with transformers' `attention` implementation.
 
     A run dir uses its `final/`; a checkpoint dir rebuilds the adapter and loads its trainable
     weights; a folder with adapter_config.json loads through peft (a QLoRA adapter onto the
@@ -148,7 +149,7 @@ def load_trained_model(source: Path | str, *, dtype=None):
     if found.adapter and found.kind != "checkpoint":
         adapter_cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         base_cfg = ModelConfig(name_or_path=adapter_cfg["base_model_name_or_path"])
-        base = load_model(base_cfg, attn_implementation="sdpa", dtype=dtype)
+        base = load_model(base_cfg, attn_implementation=attention, dtype=dtype)
         model = PeftModel.from_pretrained(base, str(path))
         from transformers import AutoTokenizer
 
@@ -159,12 +160,12 @@ def load_trained_model(source: Path | str, *, dtype=None):
             raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
         run = _read_run_config(path)
         model_cfg = ModelConfig(**run["model"])
-        model = apply_adapter(load_model(model_cfg, attn_implementation="sdpa", dtype=dtype),
+        model = apply_adapter(load_model(model_cfg, attn_implementation=attention, dtype=dtype),
                               PeftConfig(**run["peft"]))
         load_trainable(model, load_file(str(path / "trainable.safetensors")), path)
         return model, load_tokenizer(model_cfg)
     model_cfg = ModelConfig(name_or_path=str(path))  # a model, or a full fine-tune's final/
-    return load_model(model_cfg, attn_implementation="sdpa", dtype=dtype), \
+    return load_model(model_cfg, attn_implementation=attention, dtype=dtype), \
         load_tokenizer(model_cfg)
 
 

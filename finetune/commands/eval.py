@@ -69,6 +69,20 @@ def eval_data_config(run_config: dict | None, overrides: list[str]):
     return cfg, what
 
 
+def eval_attention() -> str:
+    """The attention a training run on this machine would load for unpacked rows
+    (kernels.attention=auto, resolved by the planner without its self-checks). Where it keeps
+    documents apart in one row (sdpa_varlen on CPUs, FlashAttention), the examples are scored
+    in padding-free rows, as in training: same losses, no compute spent on padding."""
+    from finetune.config.kernels import KernelsConfig
+    from finetune.hardware import detect
+    from finetune.kernels import plan
+
+    kernel_plan = plan(detect(), KernelsConfig(), run_selfcheck=False,
+                       prepare_env=lambda env: None)
+    return kernel_plan.attn_implementation
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the evaluation (a table, or one JSON object with --json)."""
     from finetune.adapters.export import describe_source
@@ -81,20 +95,24 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size={args.batch_size} must be at least 1.")
     data_cfg, what = eval_data_config(describe_source(args.source).run_config(), args.overrides)
     check_settings(data_cfg)
-    loaded = load_for_inference(args.source)
-    data = build_data(data_cfg, loaded.tokenizer, attention="sdpa", seed=0,
+    attention = eval_attention()
+    loaded = load_for_inference(args.source, attention=attention)
+    data = build_data(data_cfg, loaded.tokenizer, attention=attention, seed=0,
                       micro_batch_size=args.batch_size,
                       max_context=context_length(loaded.model.config))
     result = evaluate_loss(loaded.model, data.val_batches(args.max_batches), loaded.device)
     report = {"source": str(args.source), "kind": loaded.source.kind, "data": what,
               **result.to_dict(), "max_seq_len": data.stats.max_seq_len,
-              "template": data.stats.template, "device": str(loaded.device)}
+              "template": data.stats.template, "device": str(loaded.device),
+              "attention": attention, "padding_free": data.stats.padding_free}
     if args.json:
         print(json.dumps(report))
         return 0
     print(f"eval {args.source} ({loaded.source.kind}) on {what}")
     print(f"  rows {result.rows}  tokens {result.tokens}  trained tokens {result.trained_tokens}"
           f"  (max_seq_len {data.stats.max_seq_len}, template: {data.stats.template})")
+    layout = "padding-free rows" if data.stats.padding_free else "padded rows"
+    print(f"  attention {attention}, {layout}")
     if result.loss is None:
         print("  no trained tokens: nothing to measure")
     else:

@@ -45,16 +45,17 @@ def inference_device() -> tuple[torch.device, torch.dtype]:
 
 
 def load_for_inference(source: Path | str, *, device: torch.device | None = None,
-                       dtype: torch.dtype | None = None) -> Loaded:
+                       dtype: torch.dtype | None = None, attention: str = "sdpa") -> Loaded:
     """Load `source` (see finetune.adapters.export.describe_source) on `device` (default:
-    `inference_device()`), with the run's chat template. Errors: ConfigError (exit code 2) for
-    a folder that is not a model, CheckpointError for an unusable checkpoint."""
+    `inference_device()`) with transformers' `attention` implementation and the run's chat
+    template. Errors: ConfigError (exit code 2) for a folder that is not a model,
+    CheckpointError for an unusable checkpoint."""
     from finetune.data.template import resolve_template
 
     found = describe_source(source)
     best_device, best_dtype = inference_device()
     device, dtype = device or best_device, dtype or best_dtype
-    model, tokenizer = load_trained_model(source, dtype=dtype)
+    model, tokenizer = load_trained_model(source, dtype=dtype, attention=attention)
     run_config = found.run_config()
     if found.kind == "checkpoint" and run_config is not None:
         template, origin = resolve_template(tokenizer, run_config["data"].get("chat_template"))

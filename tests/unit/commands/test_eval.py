@@ -60,7 +60,7 @@ def test_every_row_of_data_path_is_evaluated(capsys, tiny_model_dir: Path, rows_
     assert report["data"] == f"every row of {rows_file}"
     assert report["loss"] > 0 and report["perplexity"] == pytest.approx(math.exp(report["loss"]))
     assert dispatch(["eval", str(tiny_model_dir), f"data.path={rows_file}",
-                     f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+                     f"data.cache_dir={tmp_path / 'cache'}", "--batch-size", "4"]) == 0
     text = capsys.readouterr().out
     assert "rows 10" in text and f"perplexity {report['perplexity']:.3f}" in text
 
@@ -120,3 +120,24 @@ def test_examples_are_counted_in_padded_packed_and_padding_free_rows() -> None:
     packed = Collator(pad_id=0, isolation="block_mask_4d")([docs[:2], docs[2:]])
     for batch in (padded, flat, packed):
         assert sorted(scored_document_lengths(batch)) == [3, 4]
+
+
+def test_eval_scores_padding_free_rows_where_the_plan_s_attention_keeps_them_apart(
+        capsys, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, rows_file: Path,
+        tmp_path: Path) -> None:
+    """On a CPU the plan's attention is sdpa_varlen, so eval scores padding-free rows; forced to
+    padded sdpa rows, the same examples give the same loss and counts."""
+    import finetune.commands.eval as eval_command
+
+    args = ["eval", str(tiny_model_dir), f"data.path={rows_file}",
+            f"data.cache_dir={tmp_path / 'cache'}", "--json", "--batch-size", "4"]
+    assert dispatch(args) == 0
+    free = json.loads(capsys.readouterr().out)
+    assert free["attention"] == "sdpa_varlen" and free["padding_free"] is True
+    monkeypatch.setattr(eval_command, "eval_attention", lambda: "sdpa")
+    assert dispatch(args) == 0
+    padded = json.loads(capsys.readouterr().out)
+    assert padded["attention"] == "sdpa" and padded["padding_free"] is False
+    assert (free["rows"], free["tokens"], free["trained_tokens"]) == (
+        padded["rows"], padded["tokens"], padded["trained_tokens"])
+    assert free["loss"] == pytest.approx(padded["loss"], rel=1e-5)
