@@ -16,6 +16,7 @@ the 2D padding mask it gives the flash-attention implementations (`flash_attenti
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -45,6 +46,34 @@ def document_lengths(position_ids: torch.Tensor | None, length: int) -> list[int
         return None
     starts = torch.nonzero(row == 0).flatten().tolist()
     return [end - start for start, end in zip(starts, [*starts[1:], length], strict=True)]
+
+
+class _LengthsOfLastRow:
+    """`document_lengths` of the last row seen, reused while the same `position_ids` tensor,
+    unchanged, comes back: every layer of one forward passes the same tensor, and reading the
+    lengths to the host is a device sync on a GPU. Held by weak reference, so a new tensor
+    (even at a freed one's address) is never mistaken for it; an in-place change bumps the
+    tensor's version and is read again."""
+
+    def __init__(self) -> None:
+        self._row: weakref.ref[torch.Tensor] | None = None
+        self._version = -1
+        self._length = -1
+        self._lengths: list[int] | None = None
+
+    def __call__(self, position_ids: torch.Tensor | None, length: int) -> list[int] | None:
+        if position_ids is None:
+            return None
+        if (self._row is not None and self._row() is position_ids
+                and self._version == position_ids._version and self._length == length):
+            return self._lengths
+        lengths = document_lengths(position_ids, length)
+        self._row, self._version = weakref.ref(position_ids), position_ids._version
+        self._length, self._lengths = length, lengths
+        return lengths
+
+
+_row_lengths = _LengthsOfLastRow()
 
 
 def causal_padding_mask(padding: torch.Tensor | None, q_len: int, k_len: int,
@@ -80,7 +109,7 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     q_len, k_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = kwargs.get("sliding_window")
-    lengths = (document_lengths(kwargs.get("position_ids"), q_len)
+    lengths = (_row_lengths(kwargs.get("position_ids"), q_len)
                if attention_mask is None and causal and q_len == k_len and query.shape[0] == 1
                else None)
 

@@ -70,6 +70,34 @@ def test_document_lengths_only_for_one_row_that_starts_a_document() -> None:
     assert document_lengths(torch.arange(4).repeat(2, 1), 4) is None  # padded rows
 
 
+def test_lengths_are_read_once_per_row_not_once_per_layer(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layer gets the same position_ids: the lengths are read from it once (a device
+    sync on a GPU); a changed or new tensor, even with equal values, is read again."""
+    import finetune.kernels.varlen_sdpa as varlen
+
+    reads = []
+    original = varlen.document_lengths
+    monkeypatch.setattr(varlen, "document_lengths",
+                        lambda *a: reads.append(1) or original(*a))
+    model = _tiny(tiny_model_dir, VARLEN_SDPA)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]])
+    ids = torch.arange(3, 15)[None]
+    with torch.no_grad():
+        first = model(input_ids=ids, position_ids=positions).logits
+        assert len(reads) == 1 and model.config.num_hidden_layers > 1
+        model(input_ids=ids, position_ids=positions)
+        assert len(reads) == 1  # the same tensor, unchanged
+        model(input_ids=ids, position_ids=positions.clone())
+        assert len(reads) == 2  # equal values, another tensor
+        positions[0, 4:] = torch.arange(8)  # in place: now two documents
+        merged = model(input_ids=ids, position_ids=positions).logits
+        assert len(reads) == 3
+    # The third document now continues the second: its tokens see the second's.
+    assert not torch.allclose(merged[0, 7:], first[0, 7:], atol=1e-4)
+    torch.testing.assert_close(merged[0, :7], first[0, :7])
+
+
 def test_masks_never_leave_a_query_without_a_key() -> None:
     padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     mask = causal_padding_mask(padding, 5, 5, torch.device("cpu"))
