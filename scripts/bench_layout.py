@@ -37,7 +37,8 @@ import bench_workload as workload
 from bench import PRESETS
 
 LAYOUTS = {
-    "unpacked, padded rows (sdpa)": ("unpacked", ["data.padding_free=off", "kernels.attention=sdpa"]),
+    "unpacked, padded rows (sdpa)": ("unpacked",
+                                     ["data.padding_free=off", "kernels.attention=sdpa"]),
     "unpacked, padding-free rows (sdpa_varlen)": ("unpacked", ["kernels.attention=sdpa_varlen"]),
     "packed, 4D mask (sdpa)": ("packed", ["kernels.attention=sdpa"]),
     "packed, per document (sdpa_varlen)": ("packed", ["kernels.attention=sdpa_varlen"]),

@@ -99,17 +99,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_attention(run: Any) -> str:
-    """The attention a run of `run` would load on this machine (kernels.attention=auto is
-    resolved by the kernel planner, without its self-checks), which decides the batch layout."""
-    from finetune.hardware import detect
-    from finetune.kernels import plan
-
-    kernel_plan = plan(detect(), run.kernels, run_selfcheck=False, packing=run.data.packing,
-                       prepare_env=lambda env: None)
-    return kernel_plan.attn_implementation
-
-
 def main(argv: list[str]) -> int:
     """Run `finetune data inspect` with `argv` (the arguments after `inspect`)."""
     try:
@@ -119,11 +108,13 @@ def main(argv: list[str]) -> int:
     from finetune.config.compose import compose_run_config
     from finetune.models import context_length, load_model_config, load_tokenizer
     from finetune.train.recipe import load_recipe
+    from finetune.train.setup import planned_attention
 
     try:
         run = compose_run_config(args.recipe, args.overrides)
         tokenizer = load_tokenizer(run.model)
-        report, text = inspect_data(run.data, tokenizer, attention=_run_attention(run),
+        attention = planned_attention(run.kernels, packing=run.data.packing)
+        report, text = inspect_data(run.data, tokenizer, attention=attention,
                                     seed=run.seed, micro_batch_size=run.trainer.micro_batch_size,
                                     max_context=context_length(load_model_config(run.model)),
                                     pairs=load_recipe(run.recipe).pairs)

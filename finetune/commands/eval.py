@@ -70,17 +70,13 @@ def eval_data_config(run_config: dict | None, overrides: list[str]):
 
 
 def eval_attention() -> str:
-    """The attention a training run on this machine would load for unpacked rows
-    (kernels.attention=auto, resolved by the planner without its self-checks). Where it keeps
-    documents apart in one row (sdpa_varlen on CPUs, FlashAttention), the examples are scored
-    in padding-free rows, as in training: same losses, no compute spent on padding."""
+    """The attention a training run on this machine would load for unpacked rows. Where it
+    keeps documents apart in one row (sdpa_varlen on CPUs, FlashAttention), the examples are
+    scored in padding-free rows, as in training: same losses, no compute spent on padding."""
     from finetune.config.kernels import KernelsConfig
-    from finetune.hardware import detect
-    from finetune.kernels import plan
+    from finetune.train.setup import planned_attention
 
-    kernel_plan = plan(detect(), KernelsConfig(), run_selfcheck=False,
-                       prepare_env=lambda env: None)
-    return kernel_plan.attn_implementation
+    return planned_attention(KernelsConfig(), packing=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """Kernel choice per op family, in three steps: `plan(profile, cfg, packing=...) -> KernelPlan`
 chooses (its environment applied before its self-checks; each choice explained),
-`apply_env` / `apply_fused_ops` / `apply_lora_kernel` carry the plan out on this process, and `format_plan_table`
-shows it."""
+`apply_env` / `apply_fused_ops` / `apply_lora_kernel` carry the plan out on this process, and
+`format_plan_table` shows it."""
 
 from finetune.kernels.apply import (
     apply_env,

@@ -35,7 +35,8 @@ def _plain(layer: Any) -> bool:
             and all(b.bias is None for b in layer.lora_B.values()))
 
 
-def fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+def fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any,
+                       **kwargs: Any) -> torch.Tensor | None:
     """The fused forward of a peft `lora.Linear` over an `nn.Linear`, or None where peft's own
     forward must run instead (see the module docstring)."""
     if args or kwargs or layer.disable_adapters or layer.merged:

@@ -4,8 +4,8 @@
 environment; `setup(cfg, plan, ...)` then builds, in this order, the accelerator, the model
 (attention and dtypes from the plan, fused ops, activation checkpointing, adapter, the LoRA
 forward, compile), the tokenizer, the data, the optimizer and schedule, the recipe's extra
-models and the loggers, and returns them as `Components`. The order is part of the contract: the seed is set before the
-adapter's random init, so a run is reproducible.
+models and the loggers, and returns them as `Components`. The order is part of the contract:
+the seed is set before the adapter's random init, so a run is reproducible.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from finetune.adapters import apply_adapter
 from finetune.adapters.qlora import check_qlora, quantization_config
+from finetune.config.kernels import KernelsConfig
 from finetune.config.schema import RunConfig
 from finetune.data import build_data
 from finetune.data.collate import mask_bytes
@@ -79,6 +80,17 @@ def plan_kernels(cfg: RunConfig) -> KernelPlan:
         check_qlora(kernel_plan.hardware)
     apply_env(kernel_plan)
     return kernel_plan
+
+
+def planned_attention(kernels: KernelsConfig, *, packing: bool) -> str:
+    """The attention a run with `kernels` would load on this machine (kernels.attention=auto
+    resolved by the planner, without its self-checks and without touching the environment):
+    it decides the batch layout that `finetune data inspect` shows and `finetune eval` scores."""
+    from finetune.hardware import detect
+
+    kernel_plan = plan(detect(), kernels, run_selfcheck=False, packing=packing,
+                       prepare_env=lambda env: None)
+    return kernel_plan.attn_implementation
 
 
 def choose_strategy_for(cfg: RunConfig, recipe: Recipe, kernel_plan: KernelPlan):
