@@ -21,7 +21,7 @@ from finetune.data.encode import Encoder
 from finetune.data.errors import DataError
 from finetune.data.held_out import held_out_batches
 from finetune.data.ingest import SourceTokens, source_key
-from finetune.data.length import choose_max_seq_len, cut_rows, warn_if_many_cut
+from finetune.data.length import choose_max_seq_len, context_hint, cut_rows, warn_if_many_cut
 from finetune.data.packing import pack_documents, packing_efficiency
 from finetune.data.sampler import TrainBatches
 from finetune.data.sources import Source
@@ -64,11 +64,12 @@ def build_in_memory(cfg: DataConfig, sources: list[Source], weights: list[float]
                     val_sources: list[Source], encoder: Encoder, collator: Collator, *,
                     tokenizer_hash: str, seed: int, micro_batch_size: int, rank: int,
                     world_size: int, isolation: str | None, template_from: str,
-                    auto_cap: int | None = None) -> InMemoryData:
+                    auto_cap: int | None = None, context: int | None = None) -> InMemoryData:
     """Tokenize (or load) every source, split, mix, pack and order it (see the module).
     `tokenizer_hash` is ingest.tokenizer_fingerprint of the tokenizer and template in use.
     With `auto_cap` (data.max_seq_len=auto), the rows were encoded with that limit (the model's
-    context) and are cut here to the chosen length (finetune.data.length).
+    context) and are cut here to the chosen length (finetune.data.length). `context` is the
+    model's context length, if known (what a truncation hint may advise).
     Raises DataError when no training row is left."""
     def encode(source: Source) -> SourceTokens:
         return encoder.encode_source(source, cfg, source_key(source, cfg, tokenizer_hash))
@@ -92,7 +93,7 @@ def build_in_memory(cfg: DataConfig, sources: list[Source], weights: list[float]
                                          for s, (_, v) in zip(loaded, splits, strict=True)])
     train_rows = TokenizedRows.concat(_mixture(train_parts, weights, seed))
     if not len(train_rows):
-        raise _empty_error(loaded, cfg)
+        raise _empty_error(loaded, cfg, context)
     units = _units(train_rows, cfg.packing, cfg.max_seq_len)
     val_units = _units(val_rows, cfg.packing, cfg.max_seq_len)
     fingerprint = hashlib.sha256(repr(([s.key for s in loaded], [s.key for s in val_loaded],
@@ -106,7 +107,7 @@ def build_in_memory(cfg: DataConfig, sources: list[Source], weights: list[float]
     totals = RowCounts()
     for s in loaded + val_loaded:
         totals.merge(s.counts)
-    warn_if_many_cut(totals, cfg.max_seq_len, length_from)
+    warn_if_many_cut(totals, cfg.max_seq_len, length_from, context=context)
     return InMemoryData(train, stats, val_rows, val_units, micro_batch_size=micro_batch_size,
                         rank=rank, world_size=world_size)
 
@@ -141,7 +142,7 @@ def _units(rows: TokenizedRows, packing: bool, max_seq_len: int) -> list[list[in
     return pack_documents(rows.lengths, max_seq_len) if packing else None
 
 
-def _empty_error(loaded: list[SourceTokens], cfg: DataConfig) -> DataError:
+def _empty_error(loaded: list[SourceTokens], cfg: DataConfig, context: int | None) -> DataError:
     counts = RowCounts()
     for s in loaded:
         counts.merge(s.counts)
@@ -149,8 +150,9 @@ def _empty_error(loaded: list[SourceTokens], cfg: DataConfig) -> DataError:
     where = ", ".join(s.source.spec for s in loaded)
     return DataError(f"no usable training rows in {where}: {counts.read} read, "
                      f"{sum(counts.skipped.values())} skipped ({reasons}), {counts.dropped} dropped "
-                     f"(data.truncation={cfg.truncation}, data.max_seq_len={cfg.max_seq_len}). "
-                     + (f"First problem: {counts.first_skips[0]}" if counts.first_skips else ""))
+                     f"(data.truncation={cfg.truncation}, data.max_seq_len={cfg.max_seq_len})."
+                     + context_hint(counts, cfg.max_seq_len, context)
+                     + (f" First problem: {counts.first_skips[0]}" if counts.first_skips else ""))
 
 
 def _stats(cfg: DataConfig, loaded: list[SourceTokens], train_rows: TokenizedRows,

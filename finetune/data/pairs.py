@@ -8,8 +8,10 @@ conversation given whole in `chosen` and `rejected`, every turn before the last 
 (which must then be the same in both); the last assistant turn is the completion.
 
 The rules of a row (BOS, EOS, data.truncation, no trained token left) are the encoder's, applied
-to each sequence; when one of a pair is dropped or refused the whole pair is. `check_pair_settings`
-refuses the data settings that cannot give pairs, before any data is read.
+to each sequence; when one of a pair is dropped or refused the whole pair is. A pair whose two
+sequences are identical (the same answer twice, or two empty answers) is left out and counted as
+skipped: its DPO gradient is exactly zero. Counts are of pairs, never of sequences.
+`check_pair_settings` refuses the data settings that cannot give pairs, before any data is read.
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ from finetune.data.encode import Encoder
 from finetune.data.errors import BadRow, DataError, RowOrigin
 from finetune.data.formats import ASSISTANT, Example, converter_for
 from finetune.data.ingest import SourceTokens, batches_of, examples_from
+from finetune.data.length import recount_cut
 from finetune.data.sources import Source
 from finetune.data.tokenized import RowCounts, TokenizedRows, reject
 
 logger = logging.getLogger(__name__)
 
 PAIR_FORMAT = "preference"
-PAIR_KEY_VERSION = 1  # bump when the same source and settings give other pair tokens
+PAIR_KEY_VERSION = 2  # bump when the same source and settings give other pair tokens
+IDENTICAL = "identical_pair"  # the skip reason of a pair whose two answers encode the same
+IDENTICAL_MESSAGE = ("'chosen' and 'rejected' give the same completion, so the pair carries no "
+                     "preference signal")
 
 
 def check_pair_settings(cfg: DataConfig) -> None:
@@ -122,28 +128,54 @@ def encode_pair_source(encoder: Encoder, source: Source, cfg: DataConfig,
 
 def _encode_pairs(encoder: Encoder, pairs: list[tuple[Example, Example, RowOrigin]],
                   counts: RowCounts) -> TokenizedRows:
-    """The pairs' rows, interleaved; `counts` gets the truncated sequences and the dropped or
-    skipped pairs. The whole batch is encoded at once; only when a sequence was left out are
-    the pairs encoded one by one, to keep whole pairs."""
+    """The pairs' rows, interleaved, without the pairs that carry no signal; `counts` counts
+    pairs: truncated (a sequence cut, the pair kept), dropped, skipped. The whole batch is
+    encoded at once; only when a sequence was cut or left out are the pairs encoded one by one,
+    to count and keep whole pairs."""
     items = [(example, origin) for chosen, rejected, origin in pairs
              for example in (chosen, rejected)]
     scratch = RowCounts()
     rows = encoder.encode(items, scratch)
-    if len(rows) == len(items):
-        counts.truncated += scratch.truncated
-        return rows
-    kept = []
+    if len(rows) == len(items) and not scratch.truncated:
+        return drop_identical(rows, counts, [origin for _, _, origin in pairs])
+    kept, origins = [], []
     for chosen, rejected, origin in pairs:
         one = RowCounts()
         got = encoder.encode([(chosen, origin), (rejected, origin)], one)
-        whole = len(got) == 2
-        if not whole and not one.skipped:
-            counts.dropped += 1
-        one.dropped = 0  # counted per pair, above
-        counts.merge(one)
-        if whole:
+        if len(got) == 2:
+            counts.truncated += int(one.truncated > 0)
             kept.append(got)
-    return TokenizedRows.concat(kept)
+            origins.append(origin)
+        elif not one.skipped:
+            counts.dropped += 1
+        one.truncated = one.dropped = 0  # counted per pair, above
+        counts.merge(one)
+    return drop_identical(TokenizedRows.concat(kept), counts, origins)
+
+
+def identical_pairs(rows: TokenizedRows) -> np.ndarray:
+    """For each pair of `rows`, whether its two sequences are the same tokens with the same
+    trained flags: the DPO loss of such a pair is constant, its gradient exactly zero."""
+    lengths, starts = rows.lengths, rows.offsets[:-1]
+    same = lengths[0::2] == lengths[1::2]
+    for i in np.flatnonzero(same):
+        a, b, n = int(starts[2 * i]), int(starts[2 * i + 1]), int(lengths[2 * i])
+        same[i] = (np.array_equal(rows.tokens[a:a + n], rows.tokens[b:b + n])
+                   and np.array_equal(rows.trained[a:a + n], rows.trained[b:b + n]))
+    return same
+
+
+def drop_identical(rows: TokenizedRows, counts: RowCounts,
+                   origins: list[RowOrigin]) -> TokenizedRows:
+    """`rows` without the pairs whose chosen and rejected sequences are identical; each is
+    counted as skipped (IDENTICAL, whatever data.on_bad_row says: the row is not malformed, it
+    just teaches nothing), the first ones with their origin (`origins`: one per pair)."""
+    same = identical_pairs(rows)
+    if not same.any():
+        return rows
+    for i in np.flatnonzero(same):
+        reject(BadRow(IDENTICAL, IDENTICAL_MESSAGE), origins[i], counts, "skip")
+    return select_pairs(rows, np.flatnonzero(~same))
 
 
 def pair_lengths(rows: TokenizedRows) -> np.ndarray:
@@ -162,7 +194,8 @@ def cut_pairs(rows: TokenizedRows, length: int, truncation: str,
               counts: RowCounts) -> TokenizedRows:
     """`rows` (pairs) under max_seq_len=`length`, as if encoded with it: a sequence over it is
     cut (truncate) or its pair dropped (drop); a pair with a sequence left without a trained
-    token is dropped. What was cut or dropped is added to `counts`."""
+    token is dropped, one whose sequences are identical once cut is skipped. `counts` are the
+    pairs' as encoded with a longer limit; each pair stays counted once (length.recount_cut)."""
     lengths = rows.lengths
     over = lengths > length
     if not over.any():
@@ -174,15 +207,18 @@ def cut_pairs(rows: TokenizedRows, length: int, truncation: str,
         kept_lengths = lengths
     else:
         kept_lengths = np.minimum(lengths, length)
-        counts.truncated += int(over.sum())
         for i in np.flatnonzero(over):
             a = int(starts[i])
             if not rows.trained[a:a + length].any():
                 keep[i // 2] = False
-    counts.dropped += int((~keep).sum())
     index = np.stack([2 * np.flatnonzero(keep), 2 * np.flatnonzero(keep) + 1], 1).reshape(-1)
     n = kept_lengths[index]
     offsets = np.zeros(len(index) + 1, np.int64)
     np.cumsum(n, out=offsets[1:])
     gather = np.repeat(starts[index] - offsets[:-1], n) + np.arange(offsets[-1], dtype=np.int64)
-    return TokenizedRows(rows.tokens[gather], rows.trained[gather], offsets)
+    cut = TokenizedRows(rows.tokens[gather], rows.trained[gather], offsets)
+    same = identical_pairs(cut)  # cut within the answers' shared start
+    kept_over = (over[0::2] | over[1::2])[keep] & ~same
+    recount_cut(counts, kept_over=int(kept_over.sum()), removed=int((~keep).sum()))
+    counts.skipped[IDENTICAL] += int(same.sum())
+    return select_pairs(cut, np.flatnonzero(~same)) if same.any() else cut

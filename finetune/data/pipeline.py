@@ -21,7 +21,7 @@ from finetune.data.encode import FastEncoder, TokenCache, default_cache_dir
 from finetune.data.errors import DataError
 from finetune.data.in_memory import InMemoryData, build_in_memory
 from finetune.data.ingest import tokenizer_fingerprint
-from finetune.data.length import AUTO, UNKNOWN_CONTEXT
+from finetune.data.length import AUTO, UNKNOWN_CONTEXT, check_length_fits
 from finetune.data.packing import packing_isolation
 from finetune.data.pairs import check_pair_settings
 from finetune.data.preference import PreferenceData, build_preference_data
@@ -46,6 +46,7 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
     answers of each pair (finetune.data.preference). Raises DataError for bad data or
     settings."""
     check_settings(cfg)
+    check_length_fits(cfg.max_seq_len, max_context)
     if pairs:
         check_pair_settings(cfg)
     auto_cap = None
@@ -84,7 +85,7 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
             cfg, sources, val_sources, encoder, collator,
             tokenizer_hash=tokenizer_fingerprint(tokenizer, template), seed=seed,
             micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
-            template_from=template_from, auto_cap=auto_cap)
+            template_from=template_from, auto_cap=auto_cap, context=max_context)
     elif cfg.streaming:
         data = StreamingData(cfg, sources, weights, val_sources, encoder, collator, seed=seed,
                              micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
@@ -94,7 +95,8 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
                                tokenizer_hash=tokenizer_fingerprint(tokenizer, template),
                                seed=seed, micro_batch_size=micro_batch_size, rank=rank,
                                world_size=world_size, isolation=isolation,
-                               template_from=template_from, auto_cap=auto_cap)
+                               template_from=template_from, auto_cap=auto_cap,
+                               context=max_context)
     data.chat_template = template
     data.stats.padding_free = padding_free
     return data

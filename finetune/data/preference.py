@@ -32,8 +32,10 @@ from finetune.data.encode import Encoder
 from finetune.data.errors import DataError
 from finetune.data.in_memory import SPLIT_SEED
 from finetune.data.ingest import SourceTokens, source_key
-from finetune.data.length import choose_max_seq_len, warn_if_many_cut
+from finetune.data.length import choose_max_seq_len, context_hint, warn_if_many_cut
 from finetune.data.pairs import (
+    IDENTICAL,
+    IDENTICAL_MESSAGE,
     PAIR_FORMAT,
     check_pair_settings,
     cut_pairs,
@@ -159,11 +161,14 @@ class PreferenceData:
 def build_preference_data(cfg: DataConfig, sources: list[Source], val_sources: list[Source],
                           encoder: Encoder, collator: Collator, *, tokenizer_hash: str,
                           seed: int, micro_batch_size: int, rank: int, world_size: int,
-                          template_from: str, auto_cap: int | None = None) -> PreferenceData:
+                          template_from: str, auto_cap: int | None = None,
+                          context: int | None = None) -> PreferenceData:
     """Encode (or load) the pairs of every source, cut them to the length in force, hold some
     out and order the rest. `encoder` must train only the last assistant turn (the completion).
     With `auto_cap` (data.max_seq_len=auto) the pairs were encoded with that limit and are cut
-    to the length 99% of pairs fit in. Raises DataError when no training pair is left."""
+    to the length 99% of pairs fit in; `context` is the model's context length, if known.
+    Pairs whose two answers are identical are left out with a warning. Raises DataError when no
+    training pair is left, or none carries a preference signal."""
     check_pair_settings(cfg)
 
     def encode(source: Source) -> SourceTokens:
@@ -192,9 +197,13 @@ def build_preference_data(cfg: DataConfig, sources: list[Source], val_sources: l
     counts = RowCounts()
     for s in loaded + val_loaded:
         counts.merge(s.counts)
+    where = ", ".join(s.source.spec for s in loaded)
     if not len(train_rows):
-        where = ", ".join(s.source.spec for s in loaded)
-        raise _no_pairs(where, counts, cfg)
+        read = RowCounts()
+        for s in loaded:
+            read.merge(s.counts)
+        raise _no_pairs(where, read, cfg, context)
+    warn_identical(counts, ", ".join(s.source.spec for s in loaded + val_loaded))
     fingerprint = hashlib.sha256(repr(([s.key for s in loaded], [s.key for s in val_loaded],
                                        cfg.val_split, PAIR_FORMAT)).encode()).hexdigest()
     train = PairBatches(train_rows, _pair_units(len(train_rows) // 2), PairCollator(collator),
@@ -212,10 +221,10 @@ def build_preference_data(cfg: DataConfig, sources: list[Source], val_sources: l
                   "read": s.counts.read, "skipped": sum(s.counts.skipped.values()),
                   "from_cache": s.from_cache} for s in loaded])
     logger.info("data: %d preference pairs (%d tokens, %d trained), %d held out; skipped %d, "
-                "truncated %d sequences, dropped %d pairs", stats.rows, stats.tokens,
+                "truncated %d, dropped %d pairs", stats.rows, stats.tokens,
                 stats.trained_tokens, stats.val_rows, stats.skipped_rows, stats.truncated_rows,
                 stats.dropped_rows)
-    warn_if_many_cut(counts, cfg.max_seq_len, length_from)
+    warn_if_many_cut(counts, cfg.max_seq_len, length_from, context=context, unit="pairs")
     return PreferenceData(train, stats, val_rows, micro_batch_size=micro_batch_size, rank=rank,
                           world_size=world_size)
 
@@ -227,10 +236,40 @@ def _split(n: int, val_split: float) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _no_pairs(where: str, counts: RowCounts, cfg: DataConfig) -> DataError:
+def _identical_examples(counts: RowCounts) -> str:
+    found = [s.removesuffix(f": {IDENTICAL_MESSAGE}") for s in counts.first_skips
+             if s.endswith(IDENTICAL_MESSAGE)]
+    return f" (e.g. {', '.join(found[:3])})" if found else ""
+
+
+def warn_identical(counts: RowCounts, where: str) -> None:
+    """Warn with the count and the first file:line of pairs left out as identical."""
+    same = counts.skipped.get(IDENTICAL, 0)
+    if same:
+        logger.warning("%d of %d pairs in %s have the same 'chosen' and 'rejected' completion%s: "
+                       "such a pair carries no preference signal (its DPO gradient is exactly "
+                       "0), so these are left out and counted as skipped (%s). Give them a "
+                       "rejected answer that differs from the chosen one.", same, counts.read,
+                       where, _identical_examples(counts), IDENTICAL)
+
+
+def _no_pairs(where: str, counts: RowCounts, cfg: DataConfig,
+              context: int | None) -> DataError:
+    same = counts.skipped.get(IDENTICAL, 0)
+    if same:
+        others = counts.read - same
+        return DataError(
+            f"no preference pair in {where} carries a signal: in {same} of the {counts.read} "
+            f"pairs read, 'chosen' and 'rejected' give the same completion"
+            f"{_identical_examples(counts)} (two empty answers are the same too), so DPO would "
+            f"train with a gradient of exactly 0 on every step"
+            + (f"; the other {others} were skipped or dropped" if others else "")
+            + ". Give each row a rejected answer that differs from its chosen one.")
     reasons = ", ".join(f"{k}: {v}" for k, v in counts.skipped.items()) or "none"
     first = f" First problem: {counts.first_skips[0]}" if counts.first_skips else ""
     return DataError(f"no usable preference pairs in {where}: {counts.read} rows read, "
                      f"{sum(counts.skipped.values())} skipped ({reasons}), {counts.dropped} pairs "
                      f"dropped (data.truncation={cfg.truncation}, data.max_seq_len="
-                     f"{cfg.max_seq_len}).{first}")
+                     f"{cfg.max_seq_len})."
+                     f"{context_hint(counts, cfg.max_seq_len, context, unit='pairs')}"
+                     f"{first}")

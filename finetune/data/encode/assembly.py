@@ -95,7 +95,6 @@ def assemble(batch: TokenBatch, counts: RowCounts, *, bos: int | None, eos: int 
             counts.dropped += int(over.sum())
         else:
             n = np.minimum(n, max_seq_len)
-            counts.truncated += int(over.sum())
     if train_all:
         row = np.arange(m)
         a, b = np.ones(m, np.int64), n
@@ -109,6 +108,7 @@ def assemble(batch: TokenBatch, counts: RowCounts, *, bos: int | None, eos: int 
         counts.dropped += 1
         logger.debug("%s: no trained tokens left after truncation; dropped", batch.origins[k])
     keep &= trained_rows
+    counts.truncated += int((over & keep).sum())  # a cut row then dropped counts as dropped only
 
     kept = np.flatnonzero(keep)
     out_starts = np.zeros(m, np.int64)  # each kept row's first token in the output

@@ -5,7 +5,8 @@ fingerprint (each file's path, size and mtime, or the `datasets` fingerprint), t
 (its full serialisation, special tokens and the chat template in use) and the settings (format,
 columns, max_seq_len, truncation, train_on, on_bad_row). An entry is written into a temporary
 folder and renamed into place, so a crash or a concurrent rank never leaves a half-written
-entry; `meta.json` is written last.
+entry; `meta.json` is written last. Entries are kept apart by ENTRY_VERSION too, so an entry
+whose row counts follow older rules is never read back.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from finetune.data.tokenized import TokenizedRows
 logger = logging.getLogger(__name__)
 
 _ARRAYS = ("tokens", "trained", "offsets")
+ENTRY_VERSION = 2  # bump when the same key's entry means other things (2: each row counted once)
 
 
 def default_cache_dir(setting: Any = None) -> Path:
@@ -41,8 +43,11 @@ class TokenCache:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def _folder(self, key: str) -> Path:
+        return self.root / f"{key}.v{ENTRY_VERSION}"
+
     def load(self, key: str) -> tuple[TokenizedRows, dict] | None:
-        folder = self.root / key
+        folder = self._folder(key)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
             return None
@@ -55,7 +60,7 @@ class TokenCache:
         return TokenizedRows(*arrays), meta
 
     def store(self, key: str, rows: TokenizedRows, meta: dict) -> Path | None:
-        target = self.root / key
+        target = self._folder(key)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))

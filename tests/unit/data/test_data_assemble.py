@@ -76,7 +76,8 @@ def assemble_rows(encoder: OffsetEncoder, batch, encoded, counts: RowCounts) -> 
             ids, spans = insert_eos(ids, spans, origin, encoder.eos)
             shift = 0
         n = len(ids)
-        if n > max_len:
+        cut = n > max_len
+        if cut:
             if encoder.truncation == "error":
                 raise DataError(f"{origin}: {n} tokens, longer than data.max_seq_len="
                                 f"{max_len}; raise data.max_seq_len or set "
@@ -86,7 +87,6 @@ def assemble_rows(encoder: OffsetEncoder, batch, encoded, counts: RowCounts) -> 
                 continue
             n = max_len
             del ids[n:]
-            counts.truncated += 1
         base, kept = len(flat), len(starts)
         for a, b, _ in ((0, n - shift, False),) if encoder.train_all else spans:
             a, b = max(a + shift, 1), min(b + shift, n)  # the first token is never a target
@@ -94,8 +94,9 @@ def assemble_rows(encoder: OffsetEncoder, batch, encoded, counts: RowCounts) -> 
                 starts.append(base + a)
                 ends.append(base + b)
         if len(starts) == kept:
-            counts.dropped += 1
+            counts.dropped += 1  # a cut row then dropped counts as dropped only
             continue
+        counts.truncated += cut
         flat.extend(ids)
         offsets.append(len(flat))
     marks = np.zeros(len(flat) + 1, dtype=np.int32)
