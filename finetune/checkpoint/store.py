@@ -169,45 +169,75 @@ def finish_checkpoint(output_dir: Path, step: int) -> Path:
     return final
 
 
-def state_bytes(state: TrainerState) -> int:
-    """About how many bytes this rank writes for `state` (tensors; JSON and config are small;
-    a sharded tensor counts this rank's part)."""
-    def tensors(node: object) -> int:
+# What a checkpoint writes beyond the tensors' own bytes, measured on the tiny model's
+# sharded and replicated saves and rounded up: per tensor, its record in a shard file (torch.save
+# adds about 1.7 KB) and its entry in DCP's metadata (about 0.4 KB); per rank, its RNG files (the
+# Python state as JSON is about 22 KB); once, the progress JSON, config.yaml, kernel_plan.json
+# and the manifest.
+TENSOR_OVERHEAD = 3 * 1024
+RANK_OVERHEAD = 64 * 1024
+FIXED_OVERHEAD = 2**20
+
+
+def state_bytes(state: TrainerState, *, main: bool = True) -> int:
+    """About how many bytes this rank writes into a checkpoint of `state`; summed over the
+    ranks, the checkpoint's size (a little above it, never below).
+
+    Every rank writes its part of a sharded state (`shards`: the weights and optimizer state
+    of its shards, counted locally) and its RNG files; the main rank also writes the whole
+    tensors of a replicated run (`trainable`, `optimizer`), the scheduler, the scaler and the
+    small files.
+    """
+    def tensors(node: object) -> tuple[int, int]:  # (bytes, count)
         if isinstance(node, torch.Tensor):
             local = node.to_local() if hasattr(node, "to_local") else node
-            return local.numel() * local.element_size()
-        if isinstance(node, dict):
-            return sum(tensors(v) for v in node.values())
-        if isinstance(node, list | tuple):
-            return sum(tensors(v) for v in node)
-        return 0
+            return local.numel() * local.element_size(), 1
+        children = (node.values() if isinstance(node, dict)
+                    else node if isinstance(node, list | tuple) else ())
+        sizes = [tensors(child) for child in children]
+        return sum(b for b, _ in sizes), sum(n for _, n in sizes)
 
-    return tensors([state.trainable, state.optimizer, state.scheduler, state.scaler,
-                    state.shards]) + 2**20
+    parts: list[object] = [state.shards, list(state.rng.values())]
+    if main:
+        parts += [state.trainable, state.optimizer, state.scheduler, state.scaler]
+    size, count = tensors(parts)
+    return (size + count * TENSOR_OVERHEAD + RANK_OVERHEAD
+            + (FIXED_OVERHEAD if main else 0))
 
 
-def check_free_space(directory: Path, needed: int, what: str) -> None:
-    """DiskFullError before writing `needed` bytes under `directory` when they cannot fit."""
-    free = shutil.disk_usage(directory).free
+def check_free_space(directory: Path, needed: int, what: str, free: int | None = None) -> None:
+    """DiskFullError before writing `needed` bytes under `directory` when they cannot fit.
+    `free`: the free bytes already measured (by one rank, for all of them)."""
+    free = shutil.disk_usage(directory).free if free is None else free
     if free < needed:
-        raise disk_full(directory, needed, what)
+        raise disk_full(directory, needed, what, free=free)
 
 
-def disk_full(directory: Path, needed: int | None, what: str) -> DiskFullError:
-    """The error for a write of `what` under `directory` that does not fit."""
-    free = shutil.disk_usage(directory).free
+def disk_full(directory: Path, needed: int | None, what: str, *, free: int | None = None,
+              keeps: str = "Earlier checkpoints are intact.",
+              fix: str = "Free some space (or lower trainer.keep_last_n), then continue with "
+                         "resume=auto.") -> DiskFullError:
+    """The error for a write of `what` under `directory` that does not fit: the MB needed and
+    free, what is still intact (`keeps`) and what to do (`fix`)."""
+    free = shutil.disk_usage(directory).free if free is None else free
     size = f"about {needed / 1e6:.1f} MB" if needed else "more space"
     return DiskFullError(
         f"not enough disk space to write {what} in {directory}: it needs {size} and "
-        f"{free / 1e6:.1f} MB are free. Earlier checkpoints are intact. Free some space (or "
-        "lower trainer.keep_last_n), then continue with resume=auto.")
+        f"{free / 1e6:.1f} MB are free. {keeps} {fix}")
 
 
 def is_disk_full(exc: BaseException) -> bool:
     """True for an error raised because a write ran out of space (ENOSPC/EDQUOT, or a
-    safetensors write cut short)."""
+    safetensors write cut short), also when torch.distributed.checkpoint reports it as one
+    rank's failure among its CheckpointException's `failures`."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):  # rank -> (exception, traceback summary)
+        for failure in failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, BaseException) and is_disk_full(inner):
+                return True
     cause = exc.__cause__ or exc.__context__
     return cause is not None and is_disk_full(cause)
 

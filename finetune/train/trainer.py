@@ -184,8 +184,9 @@ class Trainer:
         """Save this step (every rank takes part); the path on rank 0, None elsewhere.
 
         A step already saved by this run (or resumed from) is not written twice. Running out of
-        disk space raises DiskFullError, with the temporary folder removed and every earlier
-        checkpoint intact.
+        disk space, on any rank, raises the same DiskFullError on every rank (checked before
+        writing against what all ranks will write, or met while writing), with the temporary
+        folder removed and every earlier checkpoint intact.
         """
         step = self.state.step
         if step == self._saved_step:
@@ -194,29 +195,37 @@ class Trainer:
         state = self.state_dict()
         root = store.checkpoints_root(self.run_dir)
         root.mkdir(parents=True, exist_ok=True)
-        store.check_free_space(root, store.state_bytes(state), f"checkpoint step {step}")
+        what = f"checkpoint step {step}"
+        # Rank 0 measures the free space, every rank adds what it writes: one decision for all.
+        free = shutil.disk_usage(root).free if self.is_main else 0
+        needed, free = (int(v) for v in self._reduce(
+            [store.state_bytes(state, main=self.is_main), free]))
+        store.check_free_space(root, needed, what, free=free)
         tmp = store.tmp_dir_for(self.run_dir, step)
-        try:
+        path = None
+
+        def main_files() -> None:
             if self.is_main:
                 store.prepare_tmp(self.run_dir, step)
                 store.write_state(tmp, state, config_yaml=self.config_yaml,
                                   kernel_plan=self.kernel_plan.to_dict())
-            self.acc.wait_for_everyone()
+
+        def rank_files() -> None:
             rank = self.acc.process_index
             store.write_rank_rng(tmp, rank, state.rng[rank])
-            if state.shards is not None:
-                self.engine.save_shards(state.shards, tmp)
-            self.acc.wait_for_everyone()
-        except Exception as exc:
+
+        def shards() -> None:
+            self.engine.save_shards(state.shards, tmp)
+
+        def finish() -> None:
+            nonlocal path
             if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if store.is_disk_full(exc):
-                raise store.disk_full(root, store.state_bytes(state),
-                                      f"checkpoint step {step}") from None
-            raise
-        path = None
+                path = store.finish_checkpoint(self.run_dir, step)
+
+        stages = [main_files, rank_files, *([shards] if state.shards is not None else []), finish]
+        for stage in stages:  # each ends with every rank knowing whether any rank failed
+            self._save_stage(stage, tmp, root, needed, what)
         if self.is_main:
-            path = store.finish_checkpoint(self.run_dir, step)
             removed = store.apply_retention(self.run_dir, self.cfg.trainer.keep_last_n,
                                             self.state.best_step)
             size_mb = store.checkpoint_bytes(path) / 1e6
@@ -227,6 +236,31 @@ class Trainer:
         self._saved_step = step
         self._last_save_time = time.monotonic()
         return path
+
+    def _save_stage(self, stage, tmp: Path, root: Path, needed: int, what: str) -> None:
+        """Run one stage of a save on this rank, then learn in one collective (in place of a
+        barrier) whether any rank failed. Then every rank stops the same way: DiskFullError
+        when any rank ran out of space, else this rank's own error, else a TrainingError
+        pointing at the other ranks' logs; rank 0 removes the temporary folder first."""
+        failure = None
+        try:
+            stage()
+        except BaseException as exc:  # torch.distributed.checkpoint raises a BaseException
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            failure = exc
+        failed, full = self._reduce([float(failure is not None),
+                                     float(failure is not None and store.is_disk_full(failure))])
+        if not failed:
+            return
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise store.disk_full(root, needed, what) from None
+        if failure is not None:
+            raise failure
+        raise TrainingError(f"{what} could not be written: another rank failed (its error is in "
+                            f"{self.run_dir / 'logs'}). Earlier checkpoints are intact.")
 
     # ------------------------------------------------------------ the loop
 

@@ -223,5 +223,10 @@ def test_state_bytes_counts_every_tensor() -> None:
         optimizer={"state": {0: {"m": torch.zeros(5, dtype=torch.bfloat16)}},  # 10 bytes
                    "param_groups": [{"lr": 0.1}]},
         scheduler={"last_epoch": 3}, scaler={"scale": torch.tensor(2.0 ** 16)},  # 4 bytes
-        progress={"step": 3})
-    assert store.state_bytes(state) == 54 + 2**20  # plus a margin for JSON, config and plan
+        progress={"step": 3}, rng={1: ({"torch": torch.zeros(8, dtype=torch.uint8)}, {})})
+    per_tensor, per_rank = store.TENSOR_OVERHEAD, store.RANK_OVERHEAD
+    # The main rank writes the whole tensors, its RNG and the small files (JSON, config, plan).
+    assert store.state_bytes(state) == (54 + 8 + 4 * per_tensor + per_rank
+                                        + store.FIXED_OVERHEAD)
+    # Another rank of a replicated run writes only its RNG files.
+    assert store.state_bytes(state, main=False) == 8 + per_tensor + per_rank
