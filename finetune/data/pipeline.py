@@ -26,7 +26,7 @@ from finetune.data.packing import packing_isolation
 from finetune.data.pairs import check_pair_settings
 from finetune.data.preference import PreferenceData, build_preference_data
 from finetune.data.settings import check_settings, mixture_weights
-from finetune.data.sources import path_list, resolve_source
+from finetune.data.sources import Source, path_list, resolve_source, shared_source
 from finetune.data.streaming import StreamingData
 from finetune.data.template import resolve_template
 from finetune.data.train_data import TrainData
@@ -38,13 +38,14 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
                micro_batch_size: int, rank: int = 0, world_size: int = 1,
                mask_dtype: torch.dtype = torch.float32,
                max_context: int | None = None, pairs: bool = False,
-               device: torch.device | str = "cpu") -> TrainData:
+               device: torch.device | str = "cpu", held_out_apart: bool = True) -> TrainData:
     """Build the data for one rank. `attention` is the resolved attention implementation (it
     decides how packed documents are isolated); `mask_dtype` is the dtype of a 4D packed mask
     (the model's compute dtype); `max_context` the model's context length, the upper bound of
     data.max_seq_len=auto. With `pairs`, the data is preference pairs whose batches hold both
-    answers of each pair (finetune.data.preference). Raises DataError for bad data or
-    settings."""
+    answers of each pair (finetune.data.preference). With `held_out_apart` (training), a
+    data.val_path that reads a file data.path reads too is refused. Raises DataError for bad
+    data or settings."""
     check_settings(cfg)
     check_length_fits(cfg.max_seq_len, max_context)
     if pairs:
@@ -79,6 +80,8 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
     val_sources = ([resolve_source(spec, **options, key="data.val_path")
                     for spec in path_list(cfg.val_path, "data.val_path")]
                    if cfg.val_path is not None else [])
+    if held_out_apart:
+        check_held_out_apart(sources, val_sources, cfg)
     data: StreamingData | InMemoryData | PreferenceData
     if pairs:
         data = build_preference_data(
@@ -100,6 +103,18 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
     data.chat_template = template
     data.stats.padding_free = padding_free
     return data
+
+
+def check_held_out_apart(sources: list[Source], val_sources: list[Source],
+                         cfg: DataConfig) -> None:
+    """Refuse held-out data that is training data too: its loss would not be held out."""
+    shared = shared_source(sources, val_sources)
+    if shared is not None:
+        raise DataError(
+            f"data.val_path={cfg.val_path} and data.path={cfg.path} both read {shared}: the "
+            "held-out loss would be measured on rows the model trains on. Give data.val_path a "
+            "file of its own, or leave it unset (data.val_path=null) to hold out a share of "
+            f"data.path instead (data.val_split, now {cfg.val_split}; e.g. data.val_split=0.05).")
 
 
 def use_padding_free(cfg: DataConfig, attention: str, *, pairs: bool = False) -> bool:

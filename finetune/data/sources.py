@@ -244,3 +244,26 @@ def resolve_source(spec: str, *, split: str, json_key: str | None, text_unit: st
                             f"{', '.join('builtin:' + k for k in known)}")
         return FileSource(spec, [path], json_key=json_key, text_unit=text_unit)
     return FileSource(spec, _files_for(spec, key), json_key=json_key, text_unit=text_unit)
+
+
+def shared_source(train: list[Source], held_out: list[Source]) -> str | None:
+    """A file or dataset that both `train` and `held_out` read (the same file however it is
+    named: links and relative paths included), as the held-out side names it; None if none."""
+    seen = {key for source in train for key, _ in _identities(source)}
+    for source in held_out:
+        for key, name in _identities(source):
+            if key in seen:
+                return name
+    return None
+
+
+def _identities(source: Source) -> list[tuple[tuple, str]]:
+    """(what identifies it, its name) of each file or dataset `source` reads."""
+    if isinstance(source, HFSource):
+        local = Path(source.name).expanduser()
+        name = str(local.resolve()) if local.is_dir() else source.name
+        return [(("hf", name, source.split), source.spec)]
+    if isinstance(source, FileSource):
+        return [((st.st_dev, st.st_ino), str(path))
+                for path, st in ((p, p.stat()) for p in source.files)]
+    return []

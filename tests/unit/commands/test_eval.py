@@ -39,7 +39,8 @@ def test_loss_equals_the_models_own_loss_over_the_trained_tokens(tiny_model_dir:
     tokenizer = build_tiny_tokenizer()
     cfg = DataConfig(path=str(rows_file), val_path=str(rows_file), max_seq_len=64,
                      cache_dir=str(tmp_path / "cache"))
-    data = build_data(cfg, tokenizer, attention="sdpa", seed=0, micro_batch_size=10)
+    data = build_data(cfg, tokenizer, attention="sdpa", seed=0, micro_batch_size=10,
+                      held_out_apart=False)  # as `finetune eval` does
     (batch,) = data.val_batches()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     result = evaluate_loss(model, [batch], torch.device("cpu"))
