@@ -224,5 +224,6 @@ def explain_config_error(exc: BaseException, overrides: list[str]) -> ConfigErro
                            "Give a value of the type the schema expects.")
     first = text.splitlines()[0] if text else type(exc).__name__
     if "Could not find" in text or "not found in" in text or "Could not load" in text:
-        return ConfigError(f"{first}. Run `finetune ls` to see the config groups and options.")
+        return ConfigError(f"{first.rstrip('.')}. Run `finetune ls` to see the config groups "
+                           "and options.")
     return ConfigError(f"invalid config or override ({' '.join(overrides)}): {first}")
