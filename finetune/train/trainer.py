@@ -35,6 +35,10 @@ from finetune.train.state import LoopState
 
 logger = logging.getLogger(__name__)
 
+# Optimizer settings a resume takes from the run's config, not from the checkpoint's
+# param_groups (optimizer.load_state_dict restores those with the moments).
+CONFIGURED_HPARAMS = ("initial_lr", "weight_decay", "betas", "eps")
+
 
 @dataclass
 class LoopResult:
@@ -119,12 +123,12 @@ class Trainer:
         belongs to another model or adapter shape."""
         from accelerate.utils import set_seed
 
-        configured = [group["initial_lr"] for group in self.optimizer.param_groups]
+        configured = [{key: group[key] for key in CONFIGURED_HPARAMS if key in group}
+                      for group in self.optimizer.param_groups]
         self.engine.load_state(self.parts.unwrapped, self.optimizer, source, state.trainable,
                                state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
-        if configured != list(self.scheduler.base_lrs):
-            self._use_learning_rates(configured)
+        self._use_configured_hparams(configured)
         if state.scaler is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(state.scaler)
         self.data.train.load_state_dict(state.progress["data"])
@@ -139,17 +143,25 @@ class Trainer:
                            "seeding it from seed+rank+step", self.acc.process_index)
             set_seed(self.cfg.seed + self.acc.process_index + self.state.step)
 
-    def _use_learning_rates(self, base_lrs: list[float]) -> None:
-        """optim.lr changed on resume: the loaded schedule keeps its position (step) but scales
-        the configured rates, not the checkpoint's."""
-        self.scheduler.base_lrs = list(base_lrs)
+    def _use_configured_hparams(self, configured: list[dict]) -> None:
+        """The loaded optimizer and schedule carry the checkpoint's settings; every step after a
+        resume uses this run's: its peak rates, weight decay, betas and eps, and its schedule
+        (`trainer.max_steps`, warmup, shape) evaluated at the checkpoint's position."""
+        loaded = [group["lr"] for group in self.optimizer.param_groups]
+        if [c["initial_lr"] for c in configured] != list(self.scheduler.base_lrs):
+            logger.info("learning rate from the config, not the checkpoint: %s",
+                        [c["initial_lr"] for c in configured])
         step = self.scheduler.last_epoch
-        for group, base, factor in zip(self.optimizer.param_groups, base_lrs,
-                                       self.scheduler.lr_lambdas, strict=True):
-            group["initial_lr"] = base
-            group["lr"] = base * factor(step)
+        for group, settings, factor in zip(self.optimizer.param_groups, configured,
+                                           self.scheduler.lr_lambdas, strict=True):
+            group.update(settings)
+            group["lr"] = settings["initial_lr"] * factor(step)
+        self.scheduler.base_lrs = [c["initial_lr"] for c in configured]
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        logger.info("learning rate from the config, not the checkpoint: %s", base_lrs)
+        now = self.scheduler._last_lr
+        if now != loaded:
+            logger.info("learning rate at step %d from this run's schedule: %.3g (the "
+                        "checkpoint's schedule gave %.3g)", step, now[0], loaded[0])
 
     # ------------------------------------------------------------ helpers
 
