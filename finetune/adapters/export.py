@@ -5,15 +5,16 @@ weights."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from finetune.checkpoint.files import new_temp_path, share_as_umask_allows
 from finetune.config.schema import ModelConfig, PeftConfig
 from finetune.errors import CheckpointError, ConfigError
 
@@ -26,19 +27,34 @@ def export_final(model, tokenizer, run_dir: Path, *, chat_template: str | None =
     the tokenizer with `chat_template` (the template the run trained with, so that the result
     generates as it was trained, also when the tokenizer came without one). `weights`: the
     trained weights gathered from a sharded run's shards (the model's own otherwise). An
-    existing final/ is replaced only once the new one is complete."""
+    existing final/ is replaced only once the new one is complete. Folder and files get the
+    umask's permissions, as checkpoints do. Running out of space raises DiskFullError (exit
+    code 1) with the temporary folder removed and checkpoints and any earlier final/ intact."""
     final = run_dir / "final"
     if chat_template is not None and tokenizer.chat_template != chat_template:
         if tokenizer.chat_template:
             logger.info("final/: saving the chat template used in training (data.chat_template) "
                         "instead of the tokenizer's own")
         tokenizer.chat_template = chat_template
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run_dir))
-    if weights is None:
-        model.save_pretrained(tmp, safe_serialization=True)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-    tokenizer.save_pretrained(tmp)
+    tmp = new_temp_path(run_dir, ".final-", folder=True)
+    try:
+        if weights is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        share_as_umask_allows(tmp)
+    except Exception as exc:
+        from finetune.checkpoint.store import disk_full, is_disk_full
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise disk_full(run_dir, _weight_bytes(model, weights), "final/",
+                            keeps="The checkpoints (and any earlier final/) are intact.",
+                            fix="Free some space, then run the same command with resume=auto: "
+                                "it continues from the newest checkpoint and writes final/.") \
+                from None
+        raise
     if final.exists():
         old = run_dir / ".final-old"
         shutil.rmtree(old, ignore_errors=True)
@@ -48,6 +64,20 @@ def export_final(model, tokenizer, run_dir: Path, *, chat_template: str | None =
     else:
         tmp.rename(final)
     return final
+
+
+def _weight_bytes(model, weights: dict | None = None) -> int:
+    """About how many bytes saving `model` writes: its trainable weights when it is an adapter
+    (or `weights`), all its weights otherwise, plus a margin for the tokenizer and configs."""
+    import torch
+
+    from finetune.checkpoint.trainable import trainable_state
+
+    if weights is None:
+        adapter = hasattr(model, "peft_config")
+        weights = trainable_state(model) if adapter else model.state_dict()
+    return sum(t.numel() * t.element_size() for t in weights.values()
+               if isinstance(t, torch.Tensor)) + 2**20
 
 
 def _read_run_config(path: Path) -> dict:
@@ -187,37 +217,72 @@ def merge_to_folder(source: Path | str, out_dir: Path | str) -> Path:
     in the run's 16-bit compute dtype (bf16, or fp16 for an fp16 run), which is logged, since
     merging into the 4-bit weights would round the adapter's update away. ConfigError (exit
     code 2) when `source` has no adapter to merge (a full fine-tune's final/ is already a
-    complete model) or OUT_DIR is not empty.
+    complete model), OUT_DIR is not empty or cannot be written; DiskFullError (exit code 1)
+    when the disk fills. A failure leaves nothing behind: no OUT_DIR, no temporary folder, no
+    parent folder it created. The folder and files get the umask's permissions.
     """
     import torch
     from peft import PeftModel
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"OUT_DIR {out} is not empty; not overwriting it. Choose a new folder.")
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"OUT_DIR {out} is not an empty folder; not overwriting it. Choose a "
+                          "new folder.")
     found = describe_source(source)
     if not found.adapter:
         raise ConfigError(f"{source} has no adapter to merge: it is a complete model already "
                           "(a full fine-tune's final/, a merged folder or a base model). Load it "
                           "directly with AutoModelForCausalLM.from_pretrained, or pass a LoRA "
                           "run, one of its checkpoints or an adapter folder.")
-    dtype = _merge_dtype(found)
-    if dtype != torch.float32:
-        logger.warning("%s is a QLoRA run: its adapter is merged into the base loaded in %s "
-                       "(not into the 4-bit NF4 weights it trained against); the merged model "
-                       "is saved in %s", source, str(dtype).removeprefix("torch."),
-                       str(dtype).removeprefix("torch."))
-    model, tokenizer = load_trained_model(source, dtype=dtype)
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    # Before the model loads: a place that cannot be written fails at once, leaving nothing.
+    made, tmp = _merge_folder(out)
+    model = None
     try:
+        dtype = _merge_dtype(found)
+        if dtype != torch.float32:
+            logger.warning("%s is a QLoRA run: its adapter is merged into the base loaded in %s "
+                           "(not into the 4-bit NF4 weights it trained against); the merged "
+                           "model is saved in %s", source, str(dtype).removeprefix("torch."),
+                           str(dtype).removeprefix("torch."))
+        model, tokenizer = load_trained_model(source, dtype=dtype)
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        share_as_umask_allows(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
-    finally:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(made):  # the parents this merge created, innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        from finetune.checkpoint.store import disk_full, is_disk_full
+
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            needed = _weight_bytes(model, model.state_dict()) if model is not None else None
+            raise disk_full(out.parent, needed, f"the merged model {out.name}",
+                            keeps="Nothing was written there.",
+                            fix="Free some space (or choose another disk for OUT_DIR), then "
+                                "merge again.") from None
+        raise
     return out
+
+
+def _merge_folder(out: Path) -> tuple[list[Path], Path]:
+    """Create OUT_DIR's missing parents and a temporary folder beside OUT_DIR: (the parents
+    created, the temporary folder). ConfigError (exit code 2), with nothing left behind, when
+    that place cannot be written (read-only, no permission, not a folder)."""
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()][::-1]
+    try:
+        for folder in made:
+            folder.mkdir()
+        return made, new_temp_path(out.parent, f".{out.name}-", folder=True)
+    except OSError as exc:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise ConfigError(f"cannot write the merged model to {out}: {exc.strerror or exc} "
+                          f"({out.parent}). Choose an OUT_DIR in a folder you can write.") \
+            from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -72,3 +73,36 @@ def publish_directory(tmp: Path, final: Path) -> None:
     """Rename a finished temporary directory into place and make the rename durable."""
     os.replace(tmp, final)
     fsync_path(final.parent)
+
+
+def new_temp_path(parent: Path, prefix: str, suffix: str = "", *, folder: bool = False) -> Path:
+    """Create a new, uniquely named empty file (or folder) in `parent` and return its path.
+
+    Unlike tempfile's mkstemp and mkdtemp, which make private files (0600) and folders (0700),
+    it honours the umask, as every other file a run writes does: a folder renamed into place
+    as a run's final/ or a merged model is readable by whoever may read the run's checkpoints.
+    OSError when `parent` cannot be written.
+    """
+    for _ in range(100):
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            if folder:
+                path.mkdir(mode=0o777)
+            else:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name like {prefix}*{suffix} in {parent}")
+
+
+def share_as_umask_allows(folder: Path) -> None:
+    """Give `folder`, and every file and folder in it, the permissions the umask allows (files
+    0644 and folders 0755 under umask 022). Libraries that write through a private temporary
+    file (safetensors' save_file makes its files 0600) would otherwise leave a model that
+    only its owner can read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

@@ -219,7 +219,9 @@ def disk_full(directory: Path, needed: int | None, what: str, *, free: int | Non
                          "resume=auto.") -> DiskFullError:
     """The error for a write of `what` under `directory` that does not fit: the MB needed and
     free, what is still intact (`keeps`) and what to do (`fix`)."""
-    free = shutil.disk_usage(directory).free if free is None else free
+    if free is None:  # measured where the folder is, or would be (it may have been removed)
+        existing = next(p for p in [Path(directory), *Path(directory).parents] if p.exists())
+        free = shutil.disk_usage(existing).free
     size = f"about {needed / 1e6:.1f} MB" if needed else "more space"
     return DiskFullError(
         f"not enough disk space to write {what} in {directory}: it needs {size} and "
