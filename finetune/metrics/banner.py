@@ -126,7 +126,8 @@ def summary_rows(summary: dict[str, Any], *, run_dir: Path, final: Path) -> list
         best = summary.get("best_eval_loss")
         rows.append(("eval loss", f"{summary['eval_loss']:.4f}"
                                   + (f" (best {best:.4f})" if best is not None else "")))
-    rows.append(("steps", f"{summary['steps']}, trained tokens: {summary['tokens_seen']}, "
+    pairs = f", pairs: {summary['pairs_seen']}" if summary.get("pairs_seen") else ""
+    rows.append(("steps", f"{summary['steps']}, trained tokens: {summary['tokens_seen']}{pairs}, "
                           f"time: {summary['elapsed_s']:.1f} s"))
     speed = summary.get("mean_tokens_per_s")
     if speed is not None:

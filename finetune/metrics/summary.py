@@ -62,6 +62,7 @@ def run_summary(progress: dict[str, Any], losses: list[float], data_stats: dict[
         "steps": progress["step"],
         "total_steps": total_steps,
         "tokens_seen": progress["tokens_seen"],
+        "pairs_seen": progress.get("pairs_seen") or None,  # None: not a preference recipe
         "elapsed_s": round(elapsed, 3),
         "trained_tokens_per_s": progress["tokens_seen"] / elapsed if elapsed else None,
         "mean_tokens_per_s": figures["mean_tokens_per_s"],

@@ -15,7 +15,8 @@ class LoopState:
     """Everything that advances with the steps and must survive a resume."""
 
     step: int = 0
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # trained tokens (with a label), in every recipe
+    pairs_seen: int = 0  # preference pairs scored (a pair recipe's loss items); 0 elsewhere
     elapsed_s: float = 0.0
     nan_skipped: int = 0
     best_eval_loss: float | None = None

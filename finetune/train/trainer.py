@@ -27,6 +27,7 @@ from finetune.train.loss import (
     WindowLoss,
     accumulate_gradients,
     accumulation_dtype,
+    trained_tokens,
 )
 from finetune.train.recipe import Recipe
 from finetune.train.setup import Components
@@ -80,6 +81,7 @@ class Trainer:
                                 if parts.extra_models else recipe.loss)
         self.recipe_metrics = recipe.metrics
         self.num_items = recipe.num_items
+        self.counts_pairs = recipe.pairs  # the loss's items are pairs: logged as `pairs`
         self.run_dir = run_dir
         self.total_steps = parts.total_steps
         self.state = LoopState()
@@ -313,19 +315,21 @@ class Trainer:
                     for _ in range(accum):
                         batch, self._data_state = feed.next()
                         micro.append(batch)
-                    counts = self._reduce([sum(self.num_items(b) for b in micro),
-                                           sum(_input_tokens(b) for b in micro)])
-                    window_tokens, input_tokens = int(counts[0]), int(counts[1])
+                    items = sum(self.num_items(b) for b in micro)
+                    trained = (items if self.num_items is trained_tokens
+                               else sum(trained_tokens(b) for b in micro))
+                    counts = self._reduce([items, trained, sum(_input_tokens(b) for b in micro)])
+                    window_items, window_trained, input_tokens = map(int, counts)
                     flops = self.monitor.step_flops(micro)  # from the CPU batches: no sync
                     on_device = [to_device(b, self.acc.device) for b in micro]
                     # accelerate's prepare() already wraps the model's forward in autocast.
                     window = accumulate_gradients(
-                        self.model, on_device, self.loss_fn, window_tokens=window_tokens,
+                        self.model, on_device, self.loss_fn, window_tokens=window_items,
                         backward=functools.partial(self.engine.backward, self.acc, self.model),
                         grad_scale=float(world),
                         no_sync=self.engine.no_sync(self.acc, self.model))
                     loss, extra, stop, time_due = self._read_window(
-                        window, window_tokens, preemption.requested is not None)
+                        window, window_items, preemption.requested is not None)
                     grad_norm = self.engine.clip_grad_norm(self.acc, self.trainable,
                                                            self.cfg.trainer.max_grad_norm)
                     skip = self._handle_non_finite(loss, grad_norm)
@@ -336,10 +340,12 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     dt = time.perf_counter() - t0
                     self.state.step += 1
-                    self.state.tokens_seen += window_tokens
+                    self.state.tokens_seen += window_trained
+                    if self.counts_pairs:
+                        self.state.pairs_seen += window_items
                     self.state.elapsed_s += dt
-                    self._log_step(loss, lr, grad_norm, window_tokens, input_tokens, dt, skip,
-                                   extra, feed.take_wait(), flops)
+                    self._log_step(loss, lr, grad_norm, window_trained, input_tokens, dt, skip,
+                                   extra, feed.take_wait(), flops, window_items)
                     self._maybe_eval()
                     if self.samples is not None:  # every rank: FSDP shards the forward
                         self.samples.maybe_write(self.state.step, self.parts.unwrapped,
@@ -363,7 +369,7 @@ class Trainer:
         tensor = torch.tensor(values, dtype=dtype, device=self.acc.device)
         return self.acc.reduce(tensor, reduction="sum").tolist()
 
-    def _read_window(self, window: WindowLoss, window_tokens: int,
+    def _read_window(self, window: WindowLoss, window_items: int,
                      preempt: bool) -> tuple[float, dict[str, float], bool, bool]:
         """The step's one read of device values: (loss, recipe metrics, stop, save-time due),
         summed over ranks in one collective. A signal on any rank stops every rank."""
@@ -385,7 +391,7 @@ class Trainer:
             values, preempt, time_due = values[:-2], values[-2] > 0, values[-1] > 0
         else:
             values = sums.tolist()
-        loss = values[0] / max(window_tokens, 1)
+        loss = values[0] / max(window_items, 1)
         return loss, dict(zip(self.recipe_metrics, values[1:], strict=True)), preempt, time_due
 
     def _maybe_eval(self) -> None:
@@ -405,13 +411,15 @@ class Trainer:
 
     def _log_step(self, loss: float, lr: float, grad_norm: float, trained: int,
                   input_tokens: int, dt: float, skipped: bool, extra: dict[str, float],
-                  data_wait_s: float, flops: float | None) -> None:
+                  data_wait_s: float, flops: float | None, items: int) -> None:
         if not self.is_main:
             return
         # The monitor adds tokens_per_s, mfu and peak_mem_gb.
         record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "trained_tokens": trained, "tokens": input_tokens, "step_time_s": dt,
                   "epoch": self._data_position()["epoch"], "data_wait_s": data_wait_s, **extra}
+        if self.counts_pairs:
+            record["pairs"] = items
         if skipped:
             record["skipped_non_finite"] = True
         self.monitor.step(record, flops=flops)
