@@ -45,6 +45,6 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("eval", "RUN_OR_MODEL [data.KEY=VALUE...] [--json]",
                     "loss, perplexity and token counts on a dataset (a run's held-out rows by "
                     "default), templated and masked as in training"),
-    "report": Command("report", "RUN_DIR [RUN_DIR...] [--plot OUT.png] [--json]",
+    "report": Command("report", "RUN_DIR [RUN_DIR...] [--plot OUT.png [--force]] [--json]",
                       "compare runs: config differences, loss, throughput, MFU, memory"),
 }

@@ -1,17 +1,21 @@
-"""`finetune report RUN_DIR [RUN_DIR...] [--plot OUT.png] [--json]`: compare runs.
+"""`finetune report RUN_DIR [RUN_DIR...] [--plot OUT.png [--force]] [--json]`: compare runs.
 
 Prints one row per run: the config values that differ between the runs, the final and best
-loss, mean tokens/s, mean MFU and peak memory. `--plot` overlays their loss curves in a PNG;
-`--json` prints the same comparison as JSON instead of the table.
+loss, mean tokens/s, mean MFU and peak memory. `--plot` overlays their loss curves in an image
+(never replacing an existing file without `--force`); `--json` prints the same comparison as
+JSON instead of the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from finetune.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,11 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run directories (a run's output_dir)")
     parser.add_argument("--plot", metavar="OUT.png", type=Path,
-                        help="also write the runs' loss curves, overlaid, to this PNG")
+                        help="also write the runs' loss curves, overlaid, to this image (.png, "
+                             ".pdf, .svg, ...; no extension: .png is added; a folder: "
+                             f"{PLOT_NAME} in it)")
+    parser.add_argument("--force", action="store_true",
+                        help="let --plot replace a file that already exists")
     parser.add_argument("--json", action="store_true",
                         help="print the comparison as JSON instead of a table")
 
 
+PLOT_NAME = "loss_curves.png"
 MAX_KEY_COLUMNS = 4
 MAX_LEGEND_KEYS = 2
 
@@ -74,17 +83,71 @@ def comparison_table(data: dict[str, Any]) -> Any:
     return table
 
 
+def plot_target(plot: Path, runs: list[str], *, force: bool) -> Path:
+    """The file `--plot PLOT` writes: PLOT, PLOT/loss_curves.png for an existing folder, or
+    PLOT.png when PLOT has no extension. ConfigError (exit code 2) for a format matplotlib cannot
+    write, a folder that does not exist, or a file that exists (a run's own report.png, or any
+    other) unless `force`."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    target = Path(plot).expanduser()
+    if target.is_dir():
+        target = target / PLOT_NAME
+    elif not target.suffix:
+        target = target.with_name(target.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if target.suffix[1:].lower() not in formats:
+        raise ConfigError(f"--plot {plot}: a plot cannot be written as {target.suffix}; use one "
+                          f"of .{', .'.join(sorted(formats))} (e.g. --plot loss.png).")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--plot {plot}: the folder {target.parent} does not exist; create "
+                          "it or choose another path.")
+    if target.exists() and not force:
+        owner = next((run for run in runs if Path(run).resolve() == target.parent.resolve()),
+                     None)
+        whose = f", a file of run {owner}" if owner else ""
+        raise ConfigError(f"--plot {plot}: {target} already exists{whose}; not overwriting it. "
+                          "Choose another path, or add --force to replace it.")
+    return target
+
+
+def _write_plot(runs: list[tuple[str, list]], target: Path) -> None:
+    """Draw into a new file beside `target`, then rename it into place: a failure leaves no
+    file behind and any earlier `target` as it was. ConfigError (exit code 2) when the folder
+    cannot be written, DiskFullError (exit code 1) when the disk is full."""
+    from finetune.checkpoint.files import new_temp_path
+    from finetune.checkpoint.store import disk_full, is_disk_full
+    from finetune.metrics.report import plot_losses
+
+    try:
+        tmp = new_temp_path(target.parent, f".{target.stem}-", target.suffix)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the plot to {target}: {exc.strerror or exc} "
+                          f"({target.parent}). Choose a path in a folder you can write.") \
+            from None
+    try:
+        plot_losses(runs, tmp)
+        os.replace(tmp, target)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full(target.parent, None, f"the plot {target.name}",
+                            keeps="No file was written.",
+                            fix="Free some space, or choose a path on another disk.") from None
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the comparison (and write the plot); exit code 0."""
     from finetune.metrics.compare import compare_runs, load_run
 
+    target = (plot_target(args.plot, args.runs, force=args.force)
+              if args.plot is not None else None)
     data = compare_runs(args.runs)
-    if args.plot is not None:
-        from finetune.metrics.report import plot_losses
-
+    if target is not None:
         labels = [_label(entry) for entry in data["runs"]]
-        plot_losses([(label, load_run(path).records)
-                     for label, path in zip(labels, args.runs, strict=True)], args.plot)
+        _write_plot([(label, load_run(path).records)
+                     for label, path in zip(labels, args.runs, strict=True)], target)
     if args.json:
         print(json.dumps(data, indent=2, default=str))
         return 0
@@ -94,6 +157,6 @@ def run(args: argparse.Namespace) -> int:
     console.print(comparison_table(data))
     if not data["config_differences"] and len(data["runs"]) > 1:
         plain(console, "the runs' configs are the same (apart from output_dir)")
-    if args.plot is not None:
-        plain(console, f"loss curves written to {args.plot}")
+    if target is not None:
+        plain(console, f"loss curves written to {target}")
     return 0
