@@ -27,6 +27,13 @@ class CheckpointError(FinetuneError):
     exit_code = 2
 
 
+class RendezvousError(FinetuneError):
+    """The nodes of a multi-node run did not meet within distributed.timeout_s (exit code 2:
+    the command lines or the network need fixing, the run itself has not started)."""
+
+    exit_code = 2
+
+
 class TrainingError(FinetuneError):
     """Training cannot continue (e.g. a NaN loss with trainer.on_nan=stop)."""
 

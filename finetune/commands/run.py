@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
         output_dir = Path(cfg.output_dir)
         if nodes is None:  # this machine alone: torchrun --standalone
             return launch_processes(args.nproc, args.recipe, overrides, output_dir)
-        return launch_processes(args.nproc, args.recipe, overrides, output_dir, nodes=nodes)
+        return launch_processes(args.nproc, args.recipe, overrides, output_dir, nodes=nodes,
+                                timeout_s=cfg.distributed.timeout_s)
     from finetune.train.run import run_recipe
 
     return run_recipe(cfg)

@@ -18,11 +18,13 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import ConfigError
+from finetune.train.rendezvous import launcher_env, read_report, rendezvous_conf, rendezvous_error
 from finetune.train.signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionHandler
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,8 @@ logger = logging.getLogger(__name__)
 # The module each rank runs: the `finetune` command, wrapped so that torchrun's failure summary
 # shows the exception that ended a rank (torch.distributed.elastic's error file).
 RANK_ENTRY_POINT = "finetune.commands.run"
+# torch.distributed.run, with a failed rendezvous reported in one paragraph (see that module)
+TORCHRUN_MODULE = "finetune.train.rendezvous"
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,13 @@ class Nodes:
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
 
-    def torchrun_flags(self, output_dir: Path) -> list[str]:
-        """torchrun's flags for this rendezvous. The default c10d rendezvous id is derived from
+    def torchrun_flags(self, output_dir: Path, timeout_s: int | None = None) -> list[str]:
+        """torchrun's flags for this rendezvous, which gives up after `timeout_s` (None:
+        torchrun's default, 600 s). The default c10d rendezvous id is derived from
         output_dir, which every node shares, so two runs on one endpoint never mix."""
         flags = [f"--nnodes={self.count}"]
+        if timeout_s is not None:
+            flags.append(f"--rdzv_conf={rendezvous_conf(self, timeout_s)}")
         if self.rdzv_endpoint is not None:
             run_id = self.rdzv_id or "finetune-" + hashlib.sha1(
                 str(output_dir).encode()).hexdigest()[:12]
@@ -113,19 +120,23 @@ def check_under_slurm(nodes: Nodes, environ: Mapping[str, str] = os.environ) -> 
 
 
 def torchrun_command(nproc: int, recipe: str, overrides: list[str], output_dir: Path,
-                     nodes: Nodes | None = None) -> list[str]:
+                     nodes: Nodes | None = None, timeout_s: int | None = None) -> list[str]:
     """The torchrun command line that runs the recipe on `nproc` processes of this machine,
-    alone (--standalone) or as one of `nodes`."""
-    rendezvous = ["--standalone"] if nodes is None else nodes.torchrun_flags(output_dir)
-    return [sys.executable, "-m", "torch.distributed.run", *rendezvous,
+    alone (--standalone) or as one of `nodes`, whose rendezvous waits `timeout_s` at most.
+    torchrun runs through finetune.train.rendezvous, which reports a failed rendezvous."""
+    rendezvous = (["--standalone"] if nodes is None
+                  else nodes.torchrun_flags(output_dir, timeout_s))
+    return [sys.executable, "-m", TORCHRUN_MODULE, *rendezvous,
             f"--nproc_per_node={nproc}", "-m", RANK_ENTRY_POINT, "run", recipe, *overrides]
 
 
 def launch_processes(nproc: int, recipe: str, overrides: list[str], output_dir: Path,
-                     nodes: Nodes | None = None) -> int:
+                     nodes: Nodes | None = None, timeout_s: int | None = None) -> int:
     """Run the recipe on `nproc` processes with torchrun; return the run's exit code.
 
-    `nodes`: this machine is one of several (None: this machine alone). torchrun runs in its
+    `nodes`: this machine is one of several (None: this machine alone); when they do not all
+    meet within `timeout_s` (distributed.timeout_s), or node 0's port is taken, this raises
+    RendezvousError or ConfigError (exit code 2) naming the address. torchrun runs in its
     own process group, so a terminal's Ctrl-C reaches only this process, which forwards one
     SIGTERM: each rank then finishes its step and the ranks save one checkpoint together. When
     a rank fails, torchrun stops the others (SIGTERM, then SIGKILL after its shutdown timeout,
@@ -133,9 +144,22 @@ def launch_processes(nproc: int, recipe: str, overrides: list[str], output_dir: 
     rank's exit 75 as a plain failure, so the preemption marker the run leaves in output_dir
     restores the documented exit code.
     """
-    command = torchrun_command(nproc, recipe, overrides, output_dir, nodes)
+    command = torchrun_command(nproc, recipe, overrides, output_dir, nodes, timeout_s)
     logger.info("starting %d process(es) on this machine: %s", nproc, " ".join(command[1:]))
-    proc = subprocess.Popen(command, start_new_session=True)
+    with tempfile.TemporaryDirectory(prefix="finetune-launch-") as scratch:
+        report = Path(scratch) / "rendezvous.json"
+        code = _wait_for(subprocess.Popen(command, start_new_session=True,
+                                          env=launcher_env(report)))
+        failure = read_report(report)
+    if failure is not None:
+        raise rendezvous_error(failure, nodes or Nodes(), timeout_s)
+    if code != 0 and (output_dir / PREEMPTED_MARKER).is_file():
+        return PREEMPTED_EXIT_CODE
+    return code
+
+
+def _wait_for(proc: subprocess.Popen) -> int:
+    """Wait for torchrun, passing a signal this process gets on to it as one SIGTERM."""
 
     def forward(_signum: int, _frame: object) -> None:
         proc.send_signal(signal.SIGTERM)
@@ -143,13 +167,10 @@ def launch_processes(nproc: int, recipe: str, overrides: list[str], output_dir: 
     previous = {sig: signal.signal(sig, forward)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
-        code = proc.wait()
+        return proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if code != 0 and (output_dir / PREEMPTED_MARKER).is_file():
-        return PREEMPTED_EXIT_CODE
-    return code
 
 
 def _int(text: str | None) -> int | None:

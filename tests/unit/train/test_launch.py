@@ -152,7 +152,7 @@ def test_multi_node_flags_reach_torchrun(cli: Callable[..., Result], launches: l
     assert nodes == Nodes(count=2, rank=1, master_addr="10.0.0.1", master_port=29511)
     command = torchrun_command(nproc, recipe, overrides, output_dir, nodes)
     assert "--standalone" not in command
-    start = command.index("torch.distributed.run") + 1
+    start = command.index(launch.TORCHRUN_MODULE) + 1
     assert command[start:command.index("-m", start)] == [
         "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29511",
         "--nproc_per_node=2"]
