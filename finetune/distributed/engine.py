@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -255,7 +256,8 @@ def load_shards(model: torch.nn.Module, optimizer, checkpoint: Path) -> None:
     _check_names(list(model_state), _saved_tensor_names(checkpoint), checkpoint)
     state = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR))
+        with _one_process_without_a_group() as alone:
+            dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR), no_dist=alone)
     except Exception as exc:  # DCP raises its own CheckpointException with every rank's error
         raise CheckpointError(f"checkpoint {checkpoint}: its shards could not be read "
                               f"({type(exc).__name__}: {str(exc)[:300]}). Resume from an earlier "
@@ -264,6 +266,22 @@ def load_shards(model: torch.nn.Module, optimizer, checkpoint: Path) -> None:
     # missing).
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"], options=_state_dict_options(strict=False))
+
+
+@contextlib.contextmanager
+def _one_process_without_a_group() -> Iterator[bool]:
+    """True when this process loads alone, without a process group (a sharded checkpoint
+    resumed on one process). DCP then warns that it is 'assuming the intent is to load in a
+    single process', even when told so (no_dist=True): that is the intent, and the warning is
+    silenced here."""
+    import torch.distributed as dist
+
+    alone = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        if alone:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled",
+                                    category=UserWarning)
+        yield alone
 
 
 def _saved_tensor_names(checkpoint: Path) -> dict[str, None]:

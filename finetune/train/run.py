@@ -84,7 +84,8 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
     # Each rank's own log file; only now, when no rank can mistake logs/ for an old run.
     with rank_log(run_dir, acc.process_index):
         try:  # until the first step, a failure leaves a fresh run's directory as it found it
-            resume = open_resume(run_dir, cfg.resume, config_dict(cfg), force=cfg.resume_force)
+            resume = open_resume(run_dir, cfg.resume, config_dict(cfg), force=cfg.resume_force,
+                                 world_size=acc.num_processes)
             monitor.print_plan()
             monitor.line(strategy.headline())  # `finetune validate` shows the whole estimate
             if strategy.fits is False:

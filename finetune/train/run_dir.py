@@ -146,13 +146,15 @@ class Resume:
 
 
 def open_resume(output_dir: Path, resume: str | None, config: dict, *,
-                force: bool) -> Resume | None:
+                force: bool, world_size: int | None = None) -> Resume | None:
     """Load and verify the checkpoint to resume from, and refuse config changes that would
-    make it another run (CheckpointError / ConfigError). None: start fresh."""
+    make it another run (CheckpointError / ConfigError). None: start fresh. `world_size`: the
+    resuming run's processes, compared with those that wrote the checkpoint."""
     path = find_resume_checkpoint(output_dir, resume)
     if path is None:
         return None
     checkpoint = store.load_checkpoint(path)
-    allowed, forced = check_resume_compatible(checkpoint.config_yaml, config, force=force,
-                                              checkpoint=str(checkpoint.path))
+    allowed, forced = check_resume_compatible(
+        checkpoint.config_yaml, config, force=force, checkpoint=str(checkpoint.path),
+        saved_world_size=checkpoint.state.progress.get("world_size"), world_size=world_size)
     return Resume(checkpoint, allowed, forced)

@@ -126,6 +126,13 @@ def test_fsdp2_lora_kill9_resume_exact_and_on_one_process(data_file: Path, lora_
            if a not in ("distributed=fsdp2", "trainer.micro_batch_size=2")]
     result = run_cli(*one, "trainer.micro_batch_size=4", "resume=auto")
     assert result.returncode == 0, result.stderr[-3000:]
+    # The change of processes is listed (the global batch stays 4: 2 x 2 -> 4 x 1), and
+    # torch's warning about loading without a process group is not shown.
+    assert "changed on resume: world size: 2 -> 1 processes" in result.stdout
+    assert "global batch" not in result.stdout
+    assert "torch.distributed is disabled" not in result.stdout + result.stderr
+    summary = json.loads((copy / "summary.json").read_text())
+    assert "world size: 2 -> 1 processes" in summary["resume_changes"]
     state = json.loads((copy / "checkpoints/step_0000006/trainer_state.json").read_text())
     assert state["world_size"] == 1 and state["data"]["position"] == STEPS * 4
     for key, value in _adapter(copy).items():
