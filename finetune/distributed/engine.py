@@ -294,10 +294,21 @@ def _saved_tensor_names(checkpoint: Path) -> dict[str, None]:
 
 
 def save_shards(shards: dict, directory: Path) -> None:
-    """Every rank: write this rank's part of `shards` into `directory/sharded` (collective)."""
+    """Every rank: write this rank's part of `shards` into `directory/sharded` (collective).
+    A failure on any rank raises DCP's CheckpointException on every rank; DCP's own log record
+    of it (every rank's traceback) is kept out of the rank logs, where the run's one-paragraph
+    error says what happened."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(shards, checkpoint_id=str(directory / SHARDED_DIR))
+    dcp_loggers = [log for name, log in logging.Logger.manager.loggerDict.items()
+                   if name.endswith("dcp_logger") and isinstance(log, logging.Logger)]
+    for dcp_logger in dcp_loggers:
+        dcp_logger.disabled = True
+    try:
+        dcp.save(shards, checkpoint_id=str(directory / SHARDED_DIR))
+    finally:
+        for dcp_logger in dcp_loggers:
+            dcp_logger.disabled = False
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
