@@ -11,7 +11,6 @@ checkpoint-then-exit, and hands the requeue back to submitit afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -20,11 +19,10 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import ConfigError
-from finetune.train.rendezvous import launcher_env, read_report, rendezvous_conf, rendezvous_error
+from finetune.train.rendezvous import Nodes, launcher_env, read_report, rendezvous_error
 from finetune.train.signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionHandler
 
 logger = logging.getLogger(__name__)
@@ -34,41 +32,6 @@ logger = logging.getLogger(__name__)
 RANK_ENTRY_POINT = "finetune.commands.run"
 # torch.distributed.run, with a failed rendezvous reported in one paragraph (see that module)
 TORCHRUN_MODULE = "finetune.train.rendezvous"
-
-
-@dataclass(frozen=True)
-class Nodes:
-    """How the machines of a multi-node run find each other (torchrun's rendezvous).
-
-    Static rendezvous: every node is given `rank` (0 .. count-1) and node 0's `master_addr`
-    and `master_port`. c10d rendezvous: every node gets the same `rdzv_endpoint` (HOST:PORT of
-    any one of them) and `rdzv_id`, and ranks are handed out as the nodes join.
-    """
-
-    count: int = 1
-    rank: int | None = None
-    master_addr: str | None = None
-    master_port: int | None = None
-    rdzv_endpoint: str | None = None
-    rdzv_id: str | None = None
-
-    def torchrun_flags(self, output_dir: Path, timeout_s: int | None = None) -> list[str]:
-        """torchrun's flags for this rendezvous, which gives up after `timeout_s` (None:
-        torchrun's default, 600 s). The default c10d rendezvous id is derived from
-        output_dir, which every node shares, so two runs on one endpoint never mix."""
-        flags = [f"--nnodes={self.count}"]
-        if timeout_s is not None:
-            flags.append(f"--rdzv_conf={rendezvous_conf(self, timeout_s)}")
-        if self.rdzv_endpoint is not None:
-            run_id = self.rdzv_id or "finetune-" + hashlib.sha1(
-                str(output_dir).encode()).hexdigest()[:12]
-            return [*flags, "--rdzv_backend=c10d", f"--rdzv_endpoint={self.rdzv_endpoint}",
-                    f"--rdzv_id={run_id}"]
-        flags.append(f"--node_rank={self.rank or 0}")
-        flags.append(f"--master_addr={self.master_addr or '127.0.0.1'}")
-        if self.master_port is not None:
-            flags.append(f"--master_port={self.master_port}")
-        return flags
 
 
 def check_nodes(nodes: Nodes, *, output_dir_given: bool) -> None:

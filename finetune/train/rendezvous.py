@@ -1,10 +1,11 @@
-"""torchrun, with a rendezvous that gives up in one paragraph when the nodes cannot meet.
+"""How the machines of a run meet (torchrun's rendezvous), and a meeting that gives up.
 
-`launch_processes` runs `python -m finetune.train.rendezvous TORCHRUN_ARGS...`, which is
-torch.distributed.run itself except for one thing: when the rendezvous fails (not every node
-came within the timeout, node 0's port is taken, the address never answered), what happened is
-written as JSON to the file named by $FINETUNE_RENDEZVOUS_REPORT and the process exits with
-REPORT_EXIT_CODE, without torchrun's traceback. The launcher then raises `rendezvous_error`,
+`Nodes` describes the rendezvous and gives torchrun its flags. `launch_processes` runs
+`python -m finetune.train.rendezvous TORCHRUN_ARGS...`, which is torch.distributed.run itself
+except for one thing: when the rendezvous fails (not every node came within the timeout, node
+0's port is taken, the address never answered), what happened is written as JSON to the file
+named by $FINETUNE_RENDEZVOUS_REPORT and the process exits with REPORT_EXIT_CODE, without
+torchrun's traceback. The launcher then raises `rendezvous_error`,
 which names the address, the nodes that came and what to check. Everything after the
 rendezvous (the ranks' output, torchrun's summary of a failed rank) is torchrun's own.
 
@@ -17,6 +18,7 @@ ranks log as the user's TORCH_CPP_LOG_LEVEL says.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -28,12 +30,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from finetune.errors import ConfigError, RendezvousError
-
-if TYPE_CHECKING:
-    from finetune.train.launch import Nodes
 
 REPORT_ENV = "FINETUNE_RENDEZVOUS_REPORT"
 RESTORE_LOG_LEVEL_ENV = "FINETUNE_RESTORE_CPP_LOG_LEVEL"
@@ -42,6 +41,41 @@ REPORT_EXIT_CODE = 2
 DEFAULT_MASTER_PORT = 29500  # torchrun's --master-port default
 # torchrun's read timeout for the c10d store (also how long a node tries to connect to it)
 C10D_READ_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """How the machines of a multi-node run find each other (torchrun's rendezvous).
+
+    Static rendezvous: every node is given `rank` (0 .. count-1) and node 0's `master_addr`
+    and `master_port`. c10d rendezvous: every node gets the same `rdzv_endpoint` (HOST:PORT of
+    any one of them) and `rdzv_id`, and ranks are handed out as the nodes join.
+    """
+
+    count: int = 1
+    rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_id: str | None = None
+
+    def torchrun_flags(self, output_dir: Path, timeout_s: int | None = None) -> list[str]:
+        """torchrun's flags for this rendezvous, which gives up after `timeout_s` (None:
+        torchrun's default, 600 s). The default c10d rendezvous id is derived from
+        output_dir, which every node shares, so two runs on one endpoint never mix."""
+        flags = [f"--nnodes={self.count}"]
+        if timeout_s is not None:
+            flags.append(f"--rdzv_conf={rendezvous_conf(self, timeout_s)}")
+        if self.rdzv_endpoint is not None:
+            run_id = self.rdzv_id or "finetune-" + hashlib.sha1(
+                str(output_dir).encode()).hexdigest()[:12]
+            return [*flags, "--rdzv_backend=c10d", f"--rdzv_endpoint={self.rdzv_endpoint}",
+                    f"--rdzv_id={run_id}"]
+        flags.append(f"--node_rank={self.rank or 0}")
+        flags.append(f"--master_addr={self.master_addr or '127.0.0.1'}")
+        if self.master_port is not None:
+            flags.append(f"--master_port={self.master_port}")
+        return flags
 
 
 @dataclass(frozen=True)
