@@ -1,20 +1,26 @@
 """`finetune generate MODEL_OR_RUN`: sample from a model or a fine-tuned run.
 
 One prompt (`--prompt`, streamed to the terminal as it is generated), a file of prompts
-(`--prompts FILE.jsonl`, completions written as JSON lines to `--out` or stdout), or a chat
-(`--interactive`). The chat template is the run's (or the model's); the same seed gives the same
-completion.
+(`--prompts FILE.jsonl`, run `--batch-size` at a time in left-padded batches, completions
+written as JSON lines in the file's order to `--out` or stdout), or a chat (`--interactive`).
+The chat template is the run's (or the model's); the same seed gives the same completion,
+whatever the batch size. `--out` is checked before the model loads and replaced only once every
+completion is written, so a failure leaves an earlier file there as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, FinetuneError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="chat in the terminal (/reset starts over, /exit or Ctrl-D quits)")
     parser.add_argument("--out", metavar="FILE.jsonl",
                         help="with --prompts: where the completions go (default: stdout)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
+                        help="with --prompts: prompts per generation call, left-padded "
+                             "(default 8; 1 runs them one at a time)")
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
@@ -59,7 +68,46 @@ def read_prompts(path: Path) -> list:
                               '{"role", "content"} messages), a "messages" list, or a JSON '
                               "string.")
         prompts.append(prompt)
+    if not prompts:
+        raise ConfigError(f"--prompts {path}: the file holds no prompt (it is empty or blank); "
+                          'give one JSON line per prompt, e.g. {"prompt": "Name a fruit."}.')
     return prompts
+
+
+@contextlib.contextmanager
+def replaced_on_success(path: Path) -> Iterator[TextIO]:
+    """A text file to write instead of `path`, renamed over it when the block ends without
+    an error and removed otherwise, so `path` is complete or as it was. The file is created on
+    entry, with the user's umask: ConfigError (exit code 2) naming `--out` there when `path`
+    cannot be written, before any costly work; FinetuneError (exit code 1) when the disk fills
+    up later."""
+    where = f"--out {path}"
+    if path.is_dir():
+        raise ConfigError(f"{where} is a folder; give a file, e.g. {path / 'completions.jsonl'}.")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{where}: the folder {path.parent} does not exist (or is not a "
+                          "folder); create it or choose another path.")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{where}: the file is read-only; make it writable or choose another "
+                          "path.")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot create a file in {path.parent} ({exc.strerror}); "
+                          "choose a writable path.") from None
+    try:
+        with open(descriptor, "w", encoding="utf-8") as out:
+            yield out
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise FinetuneError(f"{where}: writing the completions failed ({exc.strerror}); "
+                            f"{path} is as it was. Free some space or choose another "
+                            "path.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,27 +120,41 @@ def run(args: argparse.Namespace) -> int:
     sampling.check()
     if args.out and not args.prompts:
         raise ConfigError("--out goes with --prompts FILE.jsonl.")
-    prompts = read_prompts(Path(args.prompts)) if args.prompts else None
-    loaded = load_for_inference(args.source)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    chat = not args.no_chat_template
-    if prompts is not None:
-        target = (open(args.out, "w", encoding="utf-8") if args.out
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size} must be at least 1.")
+    if args.prompts is not None:
+        prompts = read_prompts(Path(args.prompts))
+        target = (replaced_on_success(Path(args.out)) if args.out
                   else contextlib.nullcontext(sys.stdout))
         with target as out:
-            for prompt in prompts:
-                text = generate_text(model, tokenizer, prompt, sampling, chat=chat)
-                out.write(json.dumps({"prompt": prompt, "completion": text},
-                                     ensure_ascii=False) + "\n")
-                out.flush()
+            _complete(args, prompts, sampling, out)
         if args.out:
             print(f"{len(prompts)} completions written to {args.out}", file=sys.stderr)
         return 0
+    loaded = load_for_inference(args.source)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    chat = not args.no_chat_template
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     if not args.interactive:
         generate_text(model, tokenizer, args.prompt, sampling, chat=chat, streamer=streamer)
         return 0
     return _chat(model, tokenizer, sampling, chat=chat, streamer=streamer)
+
+
+def _complete(args: argparse.Namespace, prompts: list, sampling, out: TextIO) -> None:
+    """Load the model and write `{"prompt", "completion"}` lines to `out`, a batch at a time."""
+    from finetune.evaluate import generate_texts, load_for_inference
+
+    loaded = load_for_inference(args.source)
+    batches = generate_texts(loaded.model, loaded.tokenizer, prompts, sampling,
+                             chat=not args.no_chat_template, batch_size=args.batch_size)
+    done = 0
+    for texts in batches:
+        for prompt, text in zip(prompts[done:done + len(texts)], texts, strict=True):
+            out.write(json.dumps({"prompt": prompt, "completion": text},
+                                 ensure_ascii=False) + "\n")
+        out.flush()
+        done += len(texts)
 
 
 def _chat(model, tokenizer, sampling, *, chat: bool, streamer) -> int:

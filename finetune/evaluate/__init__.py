@@ -3,7 +3,13 @@ and sample completions (`finetune eval`, `finetune generate`, samples.jsonl duri
 
 from finetune.evaluate.inference import Loaded, inference_device, load_for_inference
 from finetune.evaluate.perplexity import EvalResult, evaluate_loss
-from finetune.evaluate.sampling import SampleWriter, Sampling, generate_text, prompt_ids
+from finetune.evaluate.sampling import (
+    SampleWriter,
+    Sampling,
+    generate_text,
+    generate_texts,
+    prompt_ids,
+)
 
 __all__ = ["EvalResult", "Loaded", "SampleWriter", "Sampling", "evaluate_loss",
-           "generate_text", "inference_device", "load_for_inference", "prompt_ids"]
+           "generate_text", "generate_texts", "inference_device", "load_for_inference", "prompt_ids"]

@@ -2,8 +2,10 @@
 
 A prompt is a user message rendered with the chat template (the run's, when there is one) and
 the assistant header after it, or raw text for a model without a chat template. Generation is
-greedy at temperature 0; otherwise nucleus sampling at `temperature` and `top_p`, seeded before
-each prompt, so a prompt gives the same completion under the same seed whatever came before it.
+greedy at temperature 0; otherwise nucleus sampling at `temperature` and `top_p`, each prompt
+drawing from its own generator seeded with the seed, so a prompt gives the same completion under
+the same seed whatever came before it or shares its batch. `generate_texts` runs a list of
+prompts in left-padded batches, one `generate` call each.
 
 `SampleWriter` is the training-time use: every `eval.generate_every_n_steps` steps it writes the
 completions of fixed prompts to samples.jsonl, one JSON object a prompt.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,6 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, *, chat: bool = True,
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
-@torch.no_grad()
 def generate_text(model: Any, tokenizer: Any, prompt: Prompt, sampling: Sampling, *,
                   chat: bool = True, template: str | None = None, streamer: Any = None,
                   synced: bool = False) -> str:
@@ -72,20 +73,90 @@ def generate_text(model: Any, tokenizer: Any, prompt: Prompt, sampling: Sampling
     transformers.TextStreamer) receives the tokens as they are generated. `synced`: the model
     is sharded over the processes, which then all keep running forward passes until the
     longest completion is done (transformers' `synced_gpus`)."""
+    ids = prompt_ids(tokenizer, prompt, chat=chat, template=template)[0]
+    return _generate_rows(model, tokenizer, [ids], sampling, streamer=streamer, synced=synced)[0]
+
+
+def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[Prompt], sampling: Sampling,
+                   *, chat: bool = True, template: str | None = None, batch_size: int = 8,
+                   synced: bool = False) -> Iterator[list[str]]:
+    """The completions of `prompts`, in their order, a list per `generate` call of up to
+    `batch_size` left-padded prompts. Greedy completions are those of `generate_text` one
+    prompt at a time; a sampled one depends on its prompt and `sampling.seed` only, not on
+    the prompts batched with it (every row draws from its own generator, seeded alike), up to
+    the rounding of a padded batch. Every prompt is tokenized before the first batch runs, so
+    a prompt that cannot be (ConfigError) stops the call before any generation."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size={batch_size} must be at least 1.")
+    rows = [prompt_ids(tokenizer, prompt, chat=chat, template=template)[0] for prompt in prompts]
+    return (_generate_rows(model, tokenizer, rows[start:start + batch_size], sampling,
+                           synced=synced)
+            for start in range(0, len(rows), batch_size))
+
+
+class _SeededRows:
+    """A logits processor that samples each row's next token (`temperature`, then `top_p`, as
+    transformers' own warpers do) from that row's generator, and leaves only that token
+    possible, so greedy decoding takes it. A row's draws then never depend on the other rows
+    of its batch."""
+
+    def __init__(self, sampling: Sampling, rows: int, device: torch.device) -> None:
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        seed = (sampling.seed if sampling.seed is not None
+                else int(torch.randint(2**62, ())))  # unseeded: from the global stream
+        self.generators = [torch.Generator(device=device).manual_seed(seed)
+                           for _ in range(rows)]
+        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        probs = torch.softmax(scores, dim=-1)
+        tokens = torch.cat([torch.multinomial(row[None], 1, generator=generator)
+                            for row, generator in zip(probs, self.generators, strict=True)])
+        return torch.full_like(scores, -torch.inf).scatter_(1, tokens, 0.0)
+
+
+@torch.no_grad()
+def _generate_rows(model: Any, tokenizer: Any, rows: list[torch.Tensor], sampling: Sampling, *,
+                   streamer: Any = None, synced: bool = False) -> list[str]:
+    """The decoded completions of the prompts `rows` (1D ids), run as one left-padded batch."""
+    from transformers import LogitsProcessorList
+
+    if any(len(row) == 0 for row in rows):
+        raise ConfigError("a prompt is empty once tokenized: give it some text")
     device = next(model.parameters()).device
-    ids = prompt_ids(tokenizer, prompt, chat=chat, template=template).to(device)
-    if sampling.seed is not None:
-        torch.manual_seed(sampling.seed)
-    sample = sampling.temperature > 0
     config = getattr(model, "generation_config", None)
     eos = getattr(config, "eos_token_id", None) or tokenizer.eos_token_id
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                         max_new_tokens=sampling.max_new_tokens, do_sample=sample,
-                         temperature=sampling.temperature if sample else None,
-                         top_p=sampling.top_p if sample else None, top_k=None,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                         streamer=streamer, synced_gpus=synced)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    sample = sampling.temperature > 0
+    processors = (LogitsProcessorList([_SeededRows(sampling, len(rows), device)]) if sample
+                  else None)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         max_new_tokens=sampling.max_new_tokens, do_sample=False,
+                         temperature=None, top_p=None, top_k=None, logits_processor=processors,
+                         pad_token_id=pad, eos_token_id=eos, streamer=streamer,
+                         synced_gpus=synced)
+    stops = set(eos if isinstance(eos, list) else [eos])
+    return [tokenizer.decode(_through_first(tail.tolist(), stops), skip_special_tokens=True)
+            for tail in out[:, width:]]
+
+
+def _through_first(tokens: list[int], stops: set[int]) -> list[int]:
+    """`tokens` up to and including the first of `stops`: what follows it in a batch is the
+    padding of a row that finished before the others."""
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:i + 1]
+    return tokens
 
 
 def _rng_kept(device: torch.device):
