@@ -126,6 +126,8 @@ class TrainedSource:
 def describe_source(source: Path | str) -> TrainedSource:
     """Say what `source` is (see TrainedSource). ConfigError (exit code 2) for a folder or path
     that holds no model; CheckpointError for a run directory that has no final/ yet."""
+    from finetune.checkpoint.weights import holds_weights
+
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "final").is_dir():
@@ -134,18 +136,20 @@ def describe_source(source: Path | str) -> TrainedSource:
         if (path / "adapter_config.json").is_file():
             parent = path.parent if (path.parent / "config.yaml").is_file() else None
             return TrainedSource("adapter", path, parent, adapter=True)
-        if (path / "trainable.safetensors").is_file():
+        if holds_weights(path):  # a checkpoint of any strategy (single, ddp, fsdp2, deepspeed)
             method = str(_read_run_config(path).get("peft", {}).get("method"))
             return TrainedSource("checkpoint", path, path, adapter=method != "none")
         if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+            steps = sorted((path / "checkpoints").glob("step_*"))
+            which = (f"one of its checkpoints, e.g. {steps[-1]}" if steps else
+                     "one of its checkpoints/step_NNNNNNN directories (it has none yet)")
             raise CheckpointError(f"{path} looks like a run directory without final/ (the run "
-                                  "did not finish?). Pass one of its checkpoints/step_NNNNNNN "
-                                  "directories.")
+                                  f"did not finish?). Pass {which}.")
         if not (path / "config.json").is_file():
             raise ConfigError(
                 f"{path} is not a model: it has no config.json (a model folder), "
-                "adapter_config.json (an adapter), final/ (a run) or trainable.safetensors (a "
-                "checkpoint). Pass a run directory, one of its checkpoints/step_NNNNNNN, a "
+                "adapter_config.json (an adapter), final/ (a run) or the weights of a "
+                "checkpoint (trainable.safetensors, sharded/ or deepspeed/). Pass a run directory, one of its checkpoints/step_NNNNNNN, a "
                 "merged or downloaded model folder, a hub id, or tiny.")
         return TrainedSource("model", path)
     text = str(source)
@@ -166,11 +170,11 @@ def load_trained_model(source: Path | str, *, dtype=None, attention: str = "sdpa
     """
     import torch
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     from finetune.adapters.lora import apply_adapter
     from finetune.checkpoint.files import verify_manifest
     from finetune.checkpoint.trainable import load_trainable
+    from finetune.checkpoint.weights import checkpoint_weights
     from finetune.models import load_model, load_tokenizer
 
     dtype = dtype or torch.float32
@@ -192,7 +196,7 @@ def load_trained_model(source: Path | str, *, dtype=None, attention: str = "sdpa
         model_cfg = ModelConfig(**run["model"])
         model = apply_adapter(load_model(model_cfg, attn_implementation=attention, dtype=dtype),
                               PeftConfig(**run["peft"]))
-        load_trainable(model, load_file(str(path / "trainable.safetensors")), path)
+        load_trainable(model, checkpoint_weights(path), path)
         return model, load_tokenizer(model_cfg)
     model_cfg = ModelConfig(name_or_path=str(path))  # a model, or a full fine-tune's final/
     return load_model(model_cfg, attn_implementation=attention, dtype=dtype), \
