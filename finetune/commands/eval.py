@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.source, attention=attention)
     data = build_data(data_cfg, loaded.tokenizer, attention=attention, seed=0,
                       micro_batch_size=args.batch_size,
-                      max_context=context_length(loaded.model.config), held_out_apart=False)
+                      max_context=context_length(loaded.model.config), held_out_apart=False,
+                      evaluating=True)
     result = evaluate_loss(loaded.model, data.val_batches(args.max_batches), loaded.device)
     report = {"source": str(args.source), "kind": loaded.source.kind, "data": what,
               **result.to_dict(), "max_seq_len": data.stats.max_seq_len,

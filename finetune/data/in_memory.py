@@ -64,12 +64,15 @@ def build_in_memory(cfg: DataConfig, sources: list[Source], weights: list[float]
                     val_sources: list[Source], encoder: Encoder, collator: Collator, *,
                     tokenizer_hash: str, seed: int, micro_batch_size: int, rank: int,
                     world_size: int, isolation: str | None, template_from: str,
-                    auto_cap: int | None = None, context: int | None = None) -> InMemoryData:
+                    auto_cap: int | None = None, context: int | None = None,
+                    evaluating: bool = False) -> InMemoryData:
     """Tokenize (or load) every source, split, mix, pack and order it (see the module).
     `tokenizer_hash` is ingest.tokenizer_fingerprint of the tokenizer and template in use.
     With `auto_cap` (data.max_seq_len=auto), the rows were encoded with that limit (the model's
     context) and are cut here to the chosen length (finetune.data.length). `context` is the
-    model's context length, if known (what a truncation hint may advise).
+    model's context length, if known (what a truncation hint may advise). `evaluating`: only
+    the held-out rows will be used (`finetune eval`), so the log line and the truncation
+    warning speak of those alone.
     Raises DataError when no training row is left."""
     def encode(source: Source) -> SourceTokens:
         return encoder.encode_source(source, cfg, source_key(source, cfg, tokenizer_hash))
@@ -103,10 +106,14 @@ def build_in_memory(cfg: DataConfig, sources: list[Source], weights: list[float]
                          fingerprint=fingerprint[:16])
     stats = _stats(cfg, loaded + val_loaded, train_rows, units, len(val_rows), isolation,
                    template_from, length_from)
-    logger.info("data: %s", _summary(stats))
+    # Evaluating a held-out file: its own counts; held-out rows split off data.path: the
+    # counts of the files they come from.
+    counted = (val_loaded or loaded) if evaluating else loaded + val_loaded
     totals = RowCounts()
-    for s in loaded + val_loaded:
+    for s in counted:
         totals.merge(s.counts)
+    logger.info("data: %s", _evaluated(stats, val_rows, totals, bool(val_loaded))
+                if evaluating else _summary(stats))
     warn_if_many_cut(totals, cfg.max_seq_len, length_from, context=context)
     return InMemoryData(train, stats, val_rows, val_units, micro_batch_size=micro_batch_size,
                         rank=rank, world_size=world_size)
@@ -176,6 +183,15 @@ def _stats(cfg: DataConfig, loaded: list[SourceTokens], train_rows: TokenizedRow
         sources=[{"path": s.source.spec, "format": s.format, "examples": len(s.rows),
                   "read": s.counts.read, "skipped": sum(s.counts.skipped.values()),
                   "from_cache": s.from_cache} for s in loaded])
+
+
+def _evaluated(stats: DataStats, val_rows: TokenizedRows, counts: RowCounts,
+               own_file: bool) -> str:
+    where = "" if own_file else " (counts of the whole files they are held out from)"
+    return (f"{stats.format}, {len(val_rows)} examples to evaluate ({int(val_rows.offsets[-1])} "
+            f"tokens, {int(np.count_nonzero(val_rows.trained))} trained); of {counts.read} rows "
+            f"read{where}: skipped {sum(counts.skipped.values())}, truncated {counts.truncated}, "
+            f"dropped {counts.dropped}")
 
 
 def _summary(stats: DataStats) -> str:

@@ -38,14 +38,16 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
                micro_batch_size: int, rank: int = 0, world_size: int = 1,
                mask_dtype: torch.dtype = torch.float32,
                max_context: int | None = None, pairs: bool = False,
-               device: torch.device | str = "cpu", held_out_apart: bool = True) -> TrainData:
+               device: torch.device | str = "cpu", held_out_apart: bool = True,
+               evaluating: bool = False) -> TrainData:
     """Build the data for one rank. `attention` is the resolved attention implementation (it
     decides how packed documents are isolated); `mask_dtype` is the dtype of a 4D packed mask
     (the model's compute dtype); `max_context` the model's context length, the upper bound of
     data.max_seq_len=auto. With `pairs`, the data is preference pairs whose batches hold both
     answers of each pair (finetune.data.preference). With `held_out_apart` (training), a
-    data.val_path that reads a file data.path reads too is refused. Raises DataError for bad
-    data or settings."""
+    data.val_path that reads a file data.path reads too is refused. `evaluating` (finetune
+    eval): only the held-out rows will be used, and the data's log line counts those alone.
+    Raises DataError for bad data or settings."""
     check_settings(cfg)
     check_length_fits(cfg.max_seq_len, max_context)
     if pairs:
@@ -99,7 +101,7 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, attention: str, seed: int,
                                seed=seed, micro_batch_size=micro_batch_size, rank=rank,
                                world_size=world_size, isolation=isolation,
                                template_from=template_from, auto_cap=auto_cap,
-                               context=max_context)
+                               context=max_context, evaluating=evaluating)
     data.chat_template = template
     data.stats.padding_free = padding_free
     return data
