@@ -21,11 +21,14 @@ import os
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.errors import ConfigError, FinetuneError
+from finetune.train.signals import PREEMPTED_EXIT_CODE, PreemptionHandler
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -183,13 +186,33 @@ def run(args: argparse.Namespace) -> int:
         from finetune.train.launch import launch_processes
 
         output_dir = Path(cfg.output_dir)
-        if nodes is None:  # this machine alone: torchrun --standalone
-            return launch_processes(args.nproc, args.recipe, overrides, output_dir)
-        return launch_processes(args.nproc, args.recipe, overrides, output_dir, nodes=nodes,
-                                timeout_s=cfg.distributed.timeout_s)
+        with _run_dir_lock_for_ranks(output_dir, nodes):
+            if nodes is None:  # this machine alone: torchrun --standalone
+                return launch_processes(args.nproc, args.recipe, overrides, output_dir)
+            return launch_processes(args.nproc, args.recipe, overrides, output_dir,
+                                    nodes=nodes, timeout_s=cfg.distributed.timeout_s)
     from finetune.train.run import run_recipe
 
     return run_recipe(cfg)
+
+
+@contextmanager
+def _run_dir_lock_for_ranks(output_dir: Path, nodes: Nodes | None) -> Iterator[None]:
+    """The launcher on the machine of global rank 0 (this machine alone, or node 0 of a static
+    rendezvous) holds the run directory's lock for as long as its ranks run, so a second run
+    is refused before it starts any process; its ranks are told who holds it. With a c10d
+    rendezvous nobody knows in advance where rank 0 runs, and rank 0 itself takes the lock."""
+    from finetune.train.run_dir import LOCK_OWNER_ENV, RunDirLock
+
+    if nodes is not None and (nodes.rdzv_endpoint is not None or (nodes.rank or 0) != 0):
+        yield
+        return
+    with RunDirLock(output_dir):
+        os.environ[LOCK_OWNER_ENV] = str(os.getpid())
+        try:
+            yield
+        finally:
+            os.environ.pop(LOCK_OWNER_ENV, None)
 
 
 def _take_rank_from_srun() -> None:
@@ -230,12 +253,27 @@ def _resume_requeued(cfg: RunConfig, *, submitit_job: bool = False) -> bool:
 
 @dataclass(frozen=True)
 class SweepJob:
-    """What one sweep job hands back to Hydra's launcher (as its JobReturn's return value)."""
+    """What one sweep job hands back to Hydra's launcher (as its JobReturn's return value).
+    `state`: how it ended when not simply by its exit code ("not started", "already done")."""
 
     num: int
     overrides: str
     exit_code: int
     error: str | None = None
+    state: str | None = None
+
+
+class _SweepStop:
+    """The job of an in-process sweep during which a stop signal came (Ctrl-C, SIGTERM,
+    SIGUSR1: the job saved a checkpoint, or had just finished): the jobs after it do not
+    start, so a signal stops the sweep."""
+
+    stopped_in: int | None = None
+
+
+def _finished_run(run_dir: Path) -> bool:
+    """A run that wrote its final model and summary (summary.json is written last)."""
+    return (run_dir / "summary.json").is_file() and (run_dir / "final").is_dir()
 
 
 def run_sweep_job(dict_cfg: DictConfig) -> SweepJob:
@@ -261,10 +299,21 @@ def run_sweep_job(dict_cfg: DictConfig) -> SweepJob:
         cfg = to_run_config(dict_cfg)
         base = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.recipe)
         cfg.output_dir = str(base / f"job{job.num}")
+        if _SweepStop.stopped_in is not None:
+            return SweepJob(job.num, job.override_dirname, PREEMPTED_EXIT_CODE,
+                            state="not started")
         _resume_requeued(cfg, submitit_job=under_submitit)
+        if cfg.resume == "auto" and _finished_run(Path(cfg.output_dir)):
+            print(f"[sweep job {job.num}] {job.override_dirname}: finished before, in "
+                  f"{cfg.output_dir}; kept as it is", flush=True)
+            return SweepJob(job.num, job.override_dirname, 0, state="already done")
         print(f"[sweep job {job.num}] {job.override_dirname} -> {cfg.output_dir}", flush=True)
         if not under_submitit:
-            return SweepJob(job.num, job.override_dirname, run_recipe(cfg))
+            PreemptionHandler.last_signal = None
+            code = run_recipe(cfg)
+            if code == PREEMPTED_EXIT_CODE or PreemptionHandler.last_signal is not None:
+                _SweepStop.stopped_in = job.num
+            return SweepJob(job.num, job.override_dirname, code)
         from finetune.train.launch import SchedulerPreemption
 
         with SchedulerPreemption() as preemption:
@@ -323,6 +372,7 @@ def sweep(recipe: str, overrides: list[str]) -> int:
         print(f"sweep: submitting the jobs; they write to {sweep_dir}/jobN and print to "
               f"{sweep_dir}/.submitit/JOB_ID/; this command waits for them", flush=True)
     GlobalHydra.instance().clear()
+    _SweepStop.stopped_in = None
     try:
         with warnings.catch_warnings(), initialize_config_dir(
                 config_dir=str(config_dir), version_base=None, job_name=f"finetune-{config_name}"):
@@ -352,13 +402,17 @@ def sweep(recipe: str, overrides: list[str]) -> int:
         GlobalHydra.instance().clear()
     results = [_sweep_job_result(job) for job in _job_returns(returns)]
     for result in results:
-        state = {0: "done", 75: "preempted (75)"}.get(result.exit_code,
-                                                      f"failed ({result.exit_code})")
+        state = result.state or {0: "done", PREEMPTED_EXIT_CODE: "preempted (75)"}.get(
+            result.exit_code, f"failed ({result.exit_code})")
         print(f"[sweep job {result.num}] {result.overrides}: {state}")
     for result in results:
         if result.error:
             print(f"error: job {result.num} ({result.overrides}): {result.error}",
                   file=sys.stderr)
+    if _SweepStop.stopped_in is not None:
+        print(f"sweep stopped by a signal during job {_SweepStop.stopped_in}: the same "
+              "command with resume=auto keeps the finished jobs, continues a stopped one from "
+              "its checkpoint and runs the jobs that did not start", file=sys.stderr)
     return max((result.exit_code for result in results), default=0)
 
 

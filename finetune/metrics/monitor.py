@@ -18,6 +18,7 @@ device synchronisation to a step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from rich.console import Console
 
 from finetune.adapters.lora import count_parameters
 from finetune.config.schema import RunConfig
+from finetune.errors import ConfigError
 from finetune.kernels import KernelPlan, format_plan_table
 from finetune.metrics.banner import key_settings, print_end, print_plan, print_rows, summary_rows
 from finetune.metrics.display import StepDisplay, make_console, make_display, plain, wants_live
@@ -116,10 +118,20 @@ class RunMonitor:
             if key:
                 tracker.resume(self._resumed.get(key))
         plan = self.kernel_plan.to_dict()
-        self.accelerator.init_trackers(self.cfg.logger.project,
-                                       config={**config, "kernel_plan": plan})
-        for tracker in self.accelerator.trackers:
-            tracker.describe(plan)
+        try:
+            self.accelerator.init_trackers(self.cfg.logger.project,
+                                           config={**config, "kernel_plan": plan})
+            for tracker in self.accelerator.trackers:
+                tracker.describe(plan)
+        except Exception as exc:
+            self._abandon_trackers()
+            names = ", ".join(str(name) for name in self.cfg.logger.trackers())
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise ConfigError(
+                f"the tracker ({names}) did not start: {detail[:400]}. The run stopped before "
+                "its first step and left output_dir as it found it. Fix the tracker's settings "
+                "(logger.* keys, its environment variables such as WANDB_MODE, its server's "
+                "address), or run without it: logger=console.") from None
 
     # ------------------------------------------------------------------ each step
 
@@ -231,3 +243,12 @@ class RunMonitor:
         self._finished = True
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+    def _abandon_trackers(self) -> None:
+        """After a failed start: close what did start, and never finish the rest (a tracker
+        that did not start has nothing to finish)."""
+        self._finished = True
+        for tracker in self.accelerator.trackers:
+            with contextlib.suppress(Exception):
+                tracker.finish()
+        self.accelerator.trackers = []

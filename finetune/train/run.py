@@ -9,6 +9,8 @@ Each step lives in its own module: the kernel plan in `finetune.kernels` (throug
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from finetune.adapters.export import export_final
@@ -29,6 +31,7 @@ from finetune.train.rank_log import rank_log
 from finetune.train.recipe import Recipe, load_recipe
 from finetune.train.run_dir import (
     FreshRunDir,
+    RunDirLock,
     check_output_dir,
     default_output_dir,
     open_resume,
@@ -56,11 +59,21 @@ def check_before_work(cfg: RunConfig, recipe: Recipe) -> None:
 
 
 def run_training(cfg: RunConfig, recipe: Recipe) -> int:
-    """Train `recipe` as configured; return the exit code (0, or PREEMPTED_EXIT_CODE)."""
+    """Train `recipe` as configured; return the exit code (0, or PREEMPTED_EXIT_CODE).
+
+    Global rank 0 holds the run directory's lock from before the directory is checked until
+    the run ends, so a second run into it is refused (one launched by `finetune run --nproc`
+    already holds it through its launcher)."""
     check_before_work(cfg, recipe)
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.recipe)
     fresh_dir = FreshRunDir(run_dir, cfg.resume)
-    check_output_dir(run_dir, cfg.resume)
+    lock = RunDirLock(run_dir) if os.environ.get("RANK", "0") == "0" else nullcontext()
+    with lock:
+        check_output_dir(run_dir, cfg.resume)
+        return _train(cfg, recipe, run_dir, fresh_dir)
+
+
+def _train(cfg: RunConfig, recipe: Recipe, run_dir: Path, fresh_dir: FreshRunDir) -> int:
     # Built before any work, so a missing tracker package stops the run at once; accelerate
     # takes the trackers with the Accelerator, and monitor.start starts them.
     trackers = build_trackers(cfg.logger, run_dir)
@@ -106,23 +119,25 @@ def run_training(cfg: RunConfig, recipe: Recipe) -> int:
                                                    config_yaml=config_yaml(cfg),
                                                    kernel_plan=kernel_plan.to_dict())
             acc.wait_for_everyone()
+            if resume is not None:
+                monitor.line(f"resumed from {resume.checkpoint.path} at step "
+                             f"{trainer.state.step}")
+                for change in resume.allowed_changes:
+                    monitor.line(f"  changed on resume: {change}")
+                for change in resume.forced_changes:
+                    monitor.line(f"  FORCED on resume (resume_force=true): {change}")
+            # The trackers start here: one that fails (a bad URI, no key) also leaves no trace.
+            monitor.start(parts.unwrapped, total_steps=parts.total_steps,
+                          start_step=trainer.state.step, data_stats=parts.data.stats.to_dict(),
+                          config=config_dict(cfg),
+                          resumed=resume.checkpoint.state.progress if resume else None)
         except BaseException:
             monitor.close()
             if acc.is_main_process:
                 fresh_dir.restore()
             raise
-        if resume is not None:
-            monitor.line(f"resumed from {resume.checkpoint.path} at step {trainer.state.step}")
-            for change in resume.allowed_changes:
-                monitor.line(f"  changed on resume: {change}")
-            for change in resume.forced_changes:
-                monitor.line(f"  FORCED on resume (resume_force=true): {change}")
 
         try:
-            monitor.start(parts.unwrapped, total_steps=parts.total_steps,
-                          start_step=trainer.state.step, data_stats=parts.data.stats.to_dict(),
-                          config=config_dict(cfg),
-                          resumed=resume.checkpoint.state.progress if resume else None)
             result = trainer.fit()
             if result.stopped_by == "preempted":
                 if acc.is_main_process:

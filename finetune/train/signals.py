@@ -22,7 +22,12 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class PreemptionHandler:
-    """Installs the handlers on enter and restores the previous ones on exit."""
+    """Installs the handlers on enter and restores the previous ones on exit.
+
+    `last_signal` (class-wide) keeps the latest signal any loop of this process received, even
+    when that loop ended at its last step anyway: a sweep stops on it."""
+
+    last_signal: int | None = None
 
     def __init__(self) -> None:
         self.requested: int | None = None
@@ -34,6 +39,7 @@ class PreemptionHandler:
                         "checkpoints are intact.\n".encode())
             os._exit(128 + signum)
         self.requested = signum
+        PreemptionHandler.last_signal = signum
         os.write(2, f"\n{signal.Signals(signum).name} received: finishing this step, saving a "
                     "checkpoint, then exiting (send it again to exit at once).\n".encode())
 
