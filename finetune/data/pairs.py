@@ -33,7 +33,9 @@ from finetune.data.tokenized import RowCounts, TokenizedRows, reject
 logger = logging.getLogger(__name__)
 
 PAIR_FORMAT = "preference"
-PAIR_KEY_VERSION = 2  # bump when the same source and settings give other pair tokens
+# Bump when the same source and settings give other pair tokens. Pairs left out (identical
+# answers) change the number of pairs, which a resume checks on its own.
+PAIR_KEY_VERSION = 1
 IDENTICAL = "identical_pair"  # the skip reason of a pair whose two answers encode the same
 IDENTICAL_MESSAGE = ("'chosen' and 'rejected' give the same completion, so the pair carries no "
                      "preference signal")
