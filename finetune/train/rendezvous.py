@@ -210,6 +210,7 @@ def main(argv: list[str]) -> int:
 
     if os.environ.pop(RESTORE_LOG_LEVEL_ENV, None) is not None:
         os.environ.pop("TORCH_CPP_LOG_LEVEL", None)  # the ranks log as the user asked
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.rendezvous import registry
     from torch.distributed.run import main as torchrun
 
@@ -221,6 +222,8 @@ def main(argv: list[str]) -> int:
         if not _write_report(exc.failure):
             raise
         return REPORT_EXIT_CODE
+    except SignalException as exc:  # the launcher passed on a stop signal; the ranks saved
+        return 128 + int(exc.sigval)  # and exited, and the launcher reports how the run ended
     return 0
 
 

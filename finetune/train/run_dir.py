@@ -43,9 +43,7 @@ def default_output_dir(recipe: str) -> Path:
 def check_output_dir(output_dir: Path, resume: str | None) -> None:
     """Refuse an output_dir that is a file, that cannot be written, or that holds an existing
     run when no resume was asked for. Leaves the file system as it found it."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputDirError(f"output_dir={output_dir} is a file, not a directory. Choose "
-                             "another output_dir (or remove the file).")
+    _refuse_a_file(output_dir)
     if resume is None and holds_files(output_dir):
         raise OutputDirError(
             f"output_dir={output_dir} already holds files (a previous run?). Nothing was "
@@ -67,6 +65,12 @@ def _check_writable(output_dir: Path) -> None:
         for path in missing:  # innermost first
             with contextlib.suppress(OSError):
                 path.rmdir()
+
+
+def _refuse_a_file(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputDirError(f"output_dir={output_dir} is a file, not a directory. Choose "
+                             "another output_dir (or remove the file).")
 
 
 def _unwritable(output_dir: Path, exc: OSError) -> OutputDirError:
@@ -109,6 +113,7 @@ class RunDirLock:
         self.release()
 
     def acquire(self) -> None:
+        _refuse_a_file(self.output_dir)
         self._created = [p for p in [self.output_dir, *self.output_dir.parents]
                          if not p.exists()]
         try:
