@@ -350,14 +350,9 @@ def sweep(recipe: str, overrides: list[str]) -> int:
     printed at the end. Hydra writes its record of the sweep, multirun.yaml, into OUTPUT_DIR
     (submitit its job files and the jobs' console output into OUTPUT_DIR/.submitit).
     """
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from finetune.config.compose import explain_config_error, resolve_recipe, shipped_config_dir
+    from finetune.config.compose import resolve_recipe, shipped_config_dir
     from finetune.config.schema import register_schemas
-    from finetune.train.run_dir import default_output_dir
+    from finetune.train.run_dir import RunDirLock, default_output_dir
 
     config_dir, config_name = resolve_recipe(recipe)
     if not any(o.startswith("output_dir=") for o in overrides):
@@ -371,8 +366,37 @@ def sweep(recipe: str, overrides: list[str]) -> int:
     if any(o.startswith("hydra/launcher=") and o != "hydra/launcher=basic" for o in overrides):
         print(f"sweep: submitting the jobs; they write to {sweep_dir}/jobN and print to "
               f"{sweep_dir}/.submitit/JOB_ID/; this command waits for them", flush=True)
-    GlobalHydra.instance().clear()
     _SweepStop.stopped_in = None
+    with RunDirLock(Path(sweep_dir)):  # two sweeps into one folder would mix their jobs
+        returns = _multirun(config_dir, config_name, overrides, hydra_args, sweep_dir)
+    results = [_sweep_job_result(job) for job in _job_returns(returns)]
+    for result in results:
+        state = result.state or {0: "done", PREEMPTED_EXIT_CODE: "preempted (75)"}.get(
+            result.exit_code, f"failed ({result.exit_code})")
+        print(f"[sweep job {result.num}] {result.overrides}: {state}")
+    for result in results:
+        if result.error:
+            print(f"error: job {result.num} ({result.overrides}): {result.error}",
+                  file=sys.stderr)
+    if _SweepStop.stopped_in is not None:
+        print(f"sweep stopped by a signal during job {_SweepStop.stopped_in}: the same "
+              "command with resume=auto keeps the finished jobs, continues a stopped one from "
+              "its checkpoint and runs the jobs that did not start", file=sys.stderr)
+    return max((result.exit_code for result in results), default=0)
+
+
+def _multirun(config_dir: Path, config_name: str, overrides: list[str], hydra_args: list[str],
+              sweep_dir: str) -> object:
+    """Hydra's multirun of run_sweep_job over the user's `overrides`; its errors as the
+    user's."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from finetune.config.compose import explain_config_error
+
+    GlobalHydra.instance().clear()
     try:
         with warnings.catch_warnings(), initialize_config_dir(
                 config_dir=str(config_dir), version_base=None, job_name=f"finetune-{config_name}"):
@@ -381,7 +405,7 @@ def sweep(recipe: str, overrides: list[str]) -> int:
             # every key itself, so it works either way.
             warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_local' is "
                                                       "validated against ConfigStore schema")
-            returns = GlobalHydra.instance().hydra.multirun(
+            return GlobalHydra.instance().hydra.multirun(
                 config_name=config_name, task_function=run_sweep_job,
                 overrides=[*overrides, *hydra_args], with_log_configuration=False)
     except Exception as exc:
@@ -400,20 +424,6 @@ def sweep(recipe: str, overrides: list[str]) -> int:
                             f"directories in {sweep_dir}.") from None
     finally:
         GlobalHydra.instance().clear()
-    results = [_sweep_job_result(job) for job in _job_returns(returns)]
-    for result in results:
-        state = result.state or {0: "done", PREEMPTED_EXIT_CODE: "preempted (75)"}.get(
-            result.exit_code, f"failed ({result.exit_code})")
-        print(f"[sweep job {result.num}] {result.overrides}: {state}")
-    for result in results:
-        if result.error:
-            print(f"error: job {result.num} ({result.overrides}): {result.error}",
-                  file=sys.stderr)
-    if _SweepStop.stopped_in is not None:
-        print(f"sweep stopped by a signal during job {_SweepStop.stopped_in}: the same "
-              "command with resume=auto keeps the finished jobs, continues a stopped one from "
-              "its checkpoint and runs the jobs that did not start", file=sys.stderr)
-    return max((result.exit_code for result in results), default=0)
 
 
 def _has_submitit_launcher() -> bool:

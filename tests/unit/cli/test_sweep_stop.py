@@ -3,6 +3,7 @@ keeps the finished jobs, continues the stopped one and runs the rest."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import types
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from finetune.train.run_dir import LOCK_NAME, RunDirLock
 from finetune.train.signals import PREEMPTED_EXIT_CODE, PreemptionHandler
 
 Cli = Callable[..., Any]  # conftest.cli: (*args) -> (code, out, err)
@@ -80,3 +82,14 @@ def test_a_new_sweep_starts_every_job_after_a_stopped_one(
     runs = _fake_runs(monkeypatch, signal_in_job=None, code_after_signal=0)
     assert cli("run", "lora_sft", "-m", "peft.r=2,4", f"output_dir={tmp_path / 'b'}").code == 0
     assert [cfg.peft.r for cfg in runs] == [2, 4]
+
+
+def test_a_sweep_into_a_folder_in_use_is_refused(cli: Cli, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    runs = _fake_runs(monkeypatch, signal_in_job=None, code_after_signal=0)
+    with RunDirLock(tmp_path / "sw"):
+        result = cli("run", "lora_sft", "-m", "peft.r=2,4", f"output_dir={tmp_path / 'sw'}")
+        assert result.code == 2
+        assert f"is in use by another run: PID {os.getpid()}" in result.err
+        assert runs == [] and [p.name for p in (tmp_path / "sw").iterdir()] == [LOCK_NAME]
