@@ -229,11 +229,14 @@ def disk_full(directory: Path, needed: int | None, what: str, *, free: int | Non
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """True for an error raised because a write ran out of space (ENOSPC/EDQUOT, or a
-    safetensors write cut short), also when torch.distributed.checkpoint reports it as one
+    """True for an error raised because a write ran out of space (ENOSPC/EDQUOT, also from
+    safetensors' writer), also when torch.distributed.checkpoint reports it as one
     rank's failure among its CheckpointException's `failures`."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # safetensors' Rust writer raises SafetensorError with the OS error only in its text.
+    if any(f"os error {code})" in str(exc) for code in (errno.ENOSPC, errno.EDQUOT)):
+        return True
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict):  # rank -> (exception, traceback summary)
         for failure in failures.values():

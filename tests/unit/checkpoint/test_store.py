@@ -195,6 +195,8 @@ def test_resume_config_changes() -> None:
     (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
     (OSError(errno.EACCES, "Permission denied"), False),
     (RuntimeError("safetensors write failed"), False),
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+     True),
 ])
 def test_disk_full_is_recognised_through_wrapping_errors(exc: BaseException, full: bool) -> None:
     assert store.is_disk_full(exc) is full
