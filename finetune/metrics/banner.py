@@ -142,6 +142,10 @@ def summary_rows(summary: dict[str, Any], *, run_dir: Path, final: Path) -> list
                          f"dropped, {summary['skipped_rows']} skipped of "
                          f"{data.get('rows_read', 0)} read (max_seq_len "
                          f"{data.get('max_seq_len')}: {data.get('max_seq_len_from', '')})"))
+    for key, label in (("resume_changes", "changed on resume"),
+                       ("resume_forced_changes", "FORCED on resume")):
+        for resume in summary.get(key) or []:
+            rows.append((label, f"at step {resume['step']}: {'; '.join(resume['changes'])}"))
     outputs = [name for name in ("metrics.jsonl", "summary.json", "report.png", "tb", "wandb",
                                  "mlflow.db") if (run_dir / name).exists()]
     rows.append(("outputs", f"{run_dir} ({', '.join(outputs)})"))

@@ -45,7 +45,7 @@ def step_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_summary(progress: dict[str, Any], losses: list[float], data_stats: dict[str, Any], *,
                 total_steps: int, world_size: int, device: torch.device,
-                resume_changes: list[str], forced_changes: list[str],
+                resume_changes: list[dict[str, Any]], forced_changes: list[dict[str, Any]],
                 history_complete: bool = True,
                 records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """summary.json: `progress` is the loop state (step, tokens_seen, elapsed_s, ...), `losses`
@@ -53,7 +53,8 @@ def run_summary(progress: dict[str, Any], losses: list[float], data_stats: dict[
     False when it lost steps from before a resume, so first_loss covers only what it holds.
     `records` (metrics.jsonl's rows, `writers.read_records`) adds the mean tokens/s and MFU
     and the best eval step; the peak memory is the larger of this process's and the records'
-    (an earlier session of a resumed run may have peaked higher)."""
+    (an earlier session of a resumed run may have peaked higher). `resume_changes` and
+    `forced_changes` hold one {"step", "changes"} per resume that changed the config."""
     elapsed = progress["elapsed_s"]
     figures = step_figures(records or [])
     recorded_peak = figures.pop("recorded_peak_memory_gb")

@@ -112,6 +112,7 @@ def _train(cfg: RunConfig, recipe: Recipe, run_dir: Path, fresh_dir: FreshRunDir
                               config_yaml=config_yaml(cfg), monitor=monitor)
             if resume is not None:
                 trainer.load_state_dict(resume.checkpoint.state, source=resume.checkpoint.path)
+                trainer.state.record_resume(resume.allowed_changes, resume.forced_changes)
             # Only now, with the resume accepted, does the run directory change.
             history_complete = True
             if acc.is_main_process:
@@ -157,8 +158,8 @@ def _train(cfg: RunConfig, recipe: Recipe, run_dir: Path, fresh_dir: FreshRunDir
                     trainer.state.to_dict(), [r["loss"] for r in records if "loss" in r],
                     parts.data.stats.to_dict(), total_steps=parts.total_steps,
                     world_size=acc.num_processes, device=acc.device,
-                    resume_changes=resume.allowed_changes if resume else [],
-                    forced_changes=resume.forced_changes if resume else [],
+                    resume_changes=trainer.state.resume_changes,
+                    forced_changes=trainer.state.resume_forced_changes,
                     history_complete=history_complete, records=records)
                 write_json(run_dir / "summary.json", summary)
                 monitor.finish(summary, final)

@@ -6,7 +6,7 @@ position and RNG into a `finetune.checkpoint.store.TrainerState`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -22,6 +22,19 @@ class LoopState:
     best_eval_loss: float | None = None
     best_step: int | None = None
     last_eval_loss: float | None = None
+    # One {"step", "changes"} per resume that changed the config (forced: refused changes
+    # accepted with resume_force=true), oldest first: carried by every later checkpoint.
+    resume_changes: list[dict[str, Any]] = field(default_factory=list)
+    resume_forced_changes: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_resume(self, changes: list[str], forced: list[str]) -> None:
+        """Keep this resume's config changes with the step it resumed at."""
+        if changes:
+            self.resume_changes = [*self.resume_changes,
+                                   {"step": self.step, "changes": list(changes)}]
+        if forced:
+            self.resume_forced_changes = [*self.resume_forced_changes,
+                                          {"step": self.step, "changes": list(forced)}]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -132,7 +132,7 @@ def test_fsdp2_lora_kill9_resume_exact_and_on_one_process(data_file: Path, lora_
     assert "global batch" not in result.stdout
     assert "torch.distributed is disabled" not in result.stdout + result.stderr
     summary = json.loads((copy / "summary.json").read_text())
-    assert "world size: 2 -> 1 processes" in summary["resume_changes"]
+    assert "world size: 2 -> 1 processes" in summary["resume_changes"][0]["changes"]
     state = json.loads((copy / "checkpoints/step_0000006/trainer_state.json").read_text())
     assert state["world_size"] == 1 and state["data"]["position"] == STEPS * 4
     for key, value in _adapter(copy).items():

@@ -127,11 +127,19 @@ def test_refused_and_allowed_changes_on_resume(data_file: Path, straight: Path,
     assert refused.returncode == 2
     assert "peft.r: 16 -> 8" in refused.stderr and "seed: 42 -> 3" in refused.stderr
     assert "resume_force=true" in refused.stderr
-    allowed = run_cli(*_args(data_file, run_dir, "resume=auto", "trainer.max_steps=14"))
+    # Two resumes, each with its own change: the summary keeps both, each with its step.
+    assert _crash(_args(data_file, run_dir, "resume=auto", "trainer.max_steps=14"), 6,
+                  "after") == -signal.SIGKILL
+    allowed = run_cli(*_args(data_file, run_dir, "resume=auto", "trainer.max_steps=14",
+                             "trainer.log_every_n_steps=2"))
     assert allowed.returncode == 0, allowed.stderr[-3000:]
-    assert "changed on resume: trainer.max_steps: 12 -> 14" in allowed.stdout
+    assert "changed on resume: trainer.log_every_n_steps: 1 -> 2" in allowed.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["resume_changes"] == ["trainer.max_steps: 12 -> 14"]
+    assert summary["resume_changes"] == [
+        {"step": 3, "changes": ["trainer.max_steps: 12 -> 14"]},
+        {"step": 6, "changes": ["trainer.log_every_n_steps: 1 -> 2"]}]
+    assert "at step 3: trainer.max_steps: 12 -> 14" in allowed.stdout
+    assert "at step 6: trainer.log_every_n_steps: 1 -> 2" in allowed.stdout
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(data_file: Path, tmp_path: Path) -> None:
