@@ -3,9 +3,11 @@
     python scripts/bench.py [--size small|medium] [--repeats 3] [--precision plan|bf16|fp32]
     python scripts/bench.py --quick        # small model, < 5 minutes on 2 cores
     python scripts/bench.py --gpu          # Llama-3-8B shape on one CUDA/ROCm GPU
+    python scripts/bench.py --quick --model DIR --data FILE.jsonl   # your model and data
 
 Builds a random-init Llama folder with the built-in tiny tokenizer and a chat dataset with a
-long tail of lengths (scripts/bench_workload.py), then runs each side in its own fresh process,
+long tail of lengths (scripts/bench_workload.py), or takes your model folder (`--model`) and
+your data (`--data`, JSON lines in any supervised format finetune reads), then runs each side in its own fresh process,
 A/B/A/B (the order rotates every repetition): finetune with packing off and on (the real CLI),
 the reference loop on exactly finetune's batches (bench_reference.py), and TRL with its defaults
 and with its packing (bench_trl.py), all with the same model, precision, LoRA, optimizer, learning
@@ -27,6 +29,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -74,10 +77,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--precision", choices=["plan", "bf16", "fp32"], default="plan")
     parser.add_argument("--no-trl", action="store_true", help="leave TRL out (its keys: null)")
+    parser.add_argument("--model", type=Path, metavar="DIR",
+                        help="your Hugging Face model folder instead of the preset's random "
+                             "Llama (the preset still sets steps, lengths and batch size)")
+    parser.add_argument("--data", type=Path, metavar="FILE.jsonl",
+                        help="your data instead of the generated chat rows: JSON lines in a "
+                             "supervised format finetune reads (chat, alpaca, sharegpt, "
+                             "prompt/completion)")
     parser.add_argument("--sides", type=parse_sides,
                         help="only these sides, e.g. ours:packed,reference:packed")
-    parser.add_argument("--doc", type=Path, default=DOC,
-                        help="markdown file whose section for this configuration is updated")
+    parser.add_argument("--doc", type=Path,
+                        help="markdown file whose section for this configuration is updated "
+                             "(default docs/benchmarks.md; with --model or --data, none)")
     parser.add_argument("--no-doc", action="store_true", help="do not write the doc")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     parser.add_argument("--summarize", type=Path, metavar="WORKDIR",
@@ -90,6 +101,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if (args.model or args.data) and args.gpu:
+        parser.error("--gpu builds its own Llama-3-8B-shaped model; to measure your model or "
+                     "data on a GPU, leave --gpu out (every side runs on the plan's device)")
+    if args.model and not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model}: not a model folder (no config.json there)")
+    if args.data and not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file")
+    # Figures of your own model or data go to the doc you name, never into this repo's.
+    args.doc_given = args.doc is not None
+    if args.doc is None and not (args.model or args.data):
+        args.doc = DOC
+    args.no_doc = args.no_doc or args.doc is None
     return args
 
 
@@ -114,7 +137,26 @@ def settings_from_args(args: argparse.Namespace) -> workload.Settings:
     changes = {name: value for name, value in (
         ("steps", args.steps), ("timing_warmup", args.warmup), ("max_seq_len", args.seq_len),
         ("micro_batch_size", args.batch), ("lr", args.lr)) if value is not None}
+    for name in ("model", "data"):
+        if getattr(args, name) is not None:
+            changes[name] = str(getattr(args, name).resolve())
     return replace(PRESETS[preset_name(args)], precision=args.precision, **changes)
+
+
+def trl_refusal(args: argparse.Namespace) -> str | None:
+    """Why the TRL sides cannot run here (None: they can): --model's chat template lacks the
+    {% generation %} markers that TRL's assistant-only loss needs, or TRL is not installed."""
+    if not any(who == "trl" for who, _ in sides_for(args)):
+        return None
+    if args.model is not None and not re.search(
+            r"{%-?\s*generation\s*-?%}", workload.chat_template_text(args.model) or ""):
+        return (f"--model {args.model}: its chat template has no {{% generation %}} markers, "
+                "which TRL's assistant-only loss (finetune trains the answers only) needs; "
+                "pass --no-trl, or add the markers to the template")
+    # Looked up, not imported: this process stays small (see bench_runner.prepare).
+    if importlib.util.find_spec("trl") is None:
+        return "TRL is not installed: pip install -e '.[bench]' (or pass --no-trl)"
+    return None
 
 
 def sides_for(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -177,27 +219,34 @@ def doc_section(args: argparse.Namespace, argv: list[str], settings: workload.Se
     """(label, markdown) of this run's section of docs/benchmarks.md."""
     machine = machine_facts()
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
-    params = workload.parameter_count(workload.model_config(settings.size))
+    model, data = workload_names(settings)
+    params = (lengths.get("parameters") if settings.model
+              else workload.parameter_count(workload.model_config(settings.size)))
     precision = plan["precision"]
     label = f"{preset_name(args)}-{precision}"
+    for name in filter(None, (model, data)):  # your model or data keeps its own section
+        label += "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
     if args.sides:  # a partial run keeps its own section
         label += "-" + "-".join(f"{who}_{mode}" for who, mode in args.sides)
+    described = (f"{model} ({params / 1e6:.1f}M parameters)" if model and params
+                 else model or f"{params / 1e6:.1f}M-parameter Llama (random init)")
     shared = ("above the core count: the machine was shared with other jobs"
               if max(load) > machine["cores"] else "at or below the core count")
     lines = [
-        f"### {preset_name(args)}: {settings.size} model, {precision}", "",
+        f"### {preset_name(args)}: {model or settings.size + ' model'}, {precision}", "",
         f"Measured {datetime.date.today().isoformat()} with `{recorded_command(argv)}`.", "",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, native bf16: "
         f"{'yes' if machine['bf16_native'] else 'no'} (AMX: "
         f"{'yes' if machine.get('amx') else 'no'}); {versions}. Load average "
         f"{load[0]:.1f} at the start, {load[1]:.1f} at the end ({shared}).",
-        f"- Workload: {params / 1e6:.1f}M-parameter Llama (random init), LoRA "
+        f"- Workload: {described}, LoRA "
         f"r={settings.lora_r} alpha={settings.lora_alpha} on every linear layer; {precision} "
         f"(base weights {plan['base_dtype']}, fp32 adapters, autocast "
         f"{'on' if plan['autocast'] else 'off'}); attention {plan['attention']}, optimizer "
         f"{plan['optimizer']}; seq {settings.max_seq_len}, micro-batch "
         f"{settings.micro_batch_size}, {settings.steps} steps of which {settings.timing_warmup} "
-        f"warm-up, lr {settings.lr:g} constant; {settings.rows} chat rows of median "
+        f"warm-up, lr {settings.lr:g} constant; {lengths.get('rows', settings.rows)} "
+        f"{'rows of ' + data if data else 'chat rows'} of median "
         f"{lengths['median']:.0f} tokens (p90 {lengths['p90']:.0f}, p99 {lengths['p99']:.0f}, "
         f"max {lengths['max']}); {args.repeats} run(s) per side, each a fresh process, "
         f"OMP_WAIT_POLICY {args.omp_wait_policy}.", "",
@@ -209,6 +258,12 @@ def doc_section(args: argparse.Namespace, argv: list[str], settings: workload.Se
         *(["", *(f"- {line}" for line in parity)] if parity else []),
     ]
     return label, "\n".join(lines) + "\n"
+
+
+def workload_names(settings: workload.Settings) -> tuple[str | None, str | None]:
+    """The names of the user's model folder and data file (None: the preset's own)."""
+    return (Path(settings.model).name if settings.model else None,
+            Path(settings.data).name if settings.data else None)
 
 
 def print_summary(summary: dict, found: list[report.Target],
@@ -230,10 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         import bench_gpu
 
         return bench_gpu.main(args, settings)
-    # Looked up, not imported: this process stays small (see bench_runner.prepare).
-    if not args.no_trl and importlib.util.find_spec("trl") is None:
-        print("error: TRL is not installed: pip install -e '.[bench]' (or pass --no-trl)",
-              file=sys.stderr)
+    refusal = trl_refusal(args)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     env = runner.side_environment(os.environ, args.omp_wait_policy)
     load_start = os.getloadavg()[0]
@@ -242,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         print(f"preparing the {settings.size} model, data and finetune's batches in {workdir}",
               flush=True)
-        prepared = runner.prepare(settings, workdir, env=env, timeout=args.timeout)
+        try:
+            prepared = runner.prepare(settings, workdir, env=env, timeout=args.timeout)
+        except workload.WorkloadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         results = []
         for rep, side in runner.run_order(sides_for(args), args.repeats):
             result = runner.run_side_retrying(side, settings, workdir, rep, prepared["stats"],
@@ -264,7 +322,8 @@ def summarize_kept(args: argparse.Namespace) -> int:
     workdir = args.summarize
     kept = json.loads((workdir / "run.json").read_text(encoding="utf-8"))
     run_args = parse_args(kept["argv"])
-    run_args.doc, run_args.no_doc = args.doc, args.no_doc
+    if args.doc_given or args.no_doc:
+        run_args.doc, run_args.no_doc = args.doc, args.no_doc
     settings = workload.Settings.from_json(
         json.loads((workdir / "settings.json").read_text(encoding="utf-8")))
     prepared = json.loads((workdir / "prepared.json").read_text(encoding="utf-8"))

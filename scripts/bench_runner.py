@@ -1,9 +1,10 @@
 """Running the speed benchmark's sides: preparing the workdir, launching one side in a fresh
 process, and reading back its figures (scripts/bench.py and its --gpu mode use it).
 
-A workdir holds model/, data.jsonl, settings.json, plan.json (bench_workload.plan_summary per
-mode), batches/<mode>/ (finetune's micro-batches) and runs/<run>/ (each process's output.log,
-result.json and, for finetune, its run directory).
+A workdir holds model/ (built here, or a link to the user's `--model` folder), data.jsonl (made
+here, or the user's `--data` rows as chat rows), settings.json, plan.json
+(bench_workload.plan_summary per mode), batches/<mode>/ (finetune's micro-batches) and
+runs/<run>/ (each process's output.log, result.json and, for finetune, its run directory).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def prepare(settings: workload.Settings, workdir: Path, *, env: Mapping[str, str
     with log.open("w", encoding="utf-8") as out:
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=dict(env),
                               timeout=timeout, check=False)
+    if done.returncode == 2:  # the user's model or data (a WorkloadError), said in one line
+        last = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+        raise workload.WorkloadError(last[0] if last else f"preparing failed (see {log})")
     if done.returncode != 0:
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
         raise RuntimeError(f"preparing the workdir failed (exit code {done.returncode}):\n{tail}")
@@ -88,10 +92,16 @@ def _prepare_here(workdir: Path, model_dtype: str, model_device: str) -> None:
 
     settings = workload.Settings.from_json(
         json.loads((workdir / "settings.json").read_text(encoding="utf-8")))
-    workload.build_model_folder(settings.size, workdir / "model", dtype=model_dtype,
-                                device=model_device)
-    words = workload.vocabulary_words(build_tiny_tokenizer())
-    rows = workload.make_rows(settings.rows, settings.max_seq_len, words)
+    if settings.model:
+        (workdir / "model").symlink_to(settings.model, target_is_directory=True)
+    else:
+        workload.build_model_folder(settings.size, workdir / "model", dtype=model_dtype,
+                                    device=model_device)
+    if settings.data:
+        rows = workload.chat_rows(Path(settings.data))
+    else:
+        words = workload.vocabulary_words(build_tiny_tokenizer())
+        rows = workload.make_rows(settings.rows, settings.max_seq_len, words)
     workload.write_jsonl(rows, workdir / "data.jsonl")
     plans, stats = {}, {}
     for mode in ("unpacked", "packed"):
@@ -102,7 +112,8 @@ def _prepare_here(workdir: Path, model_dtype: str, model_device: str) -> None:
                                                          workdir / "batches" / mode)
     (workdir / "plan.json").write_text(json.dumps(plans), encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    lengths = workload.length_summary(workload.row_lengths(tokenizer, rows))
+    lengths = {**workload.length_summary(workload.row_lengths(tokenizer, rows)),
+               "rows": len(rows), "parameters": workload.weight_count(workdir / "model")}
     (workdir / "prepared.json").write_text(json.dumps({"stats": stats, "lengths": lengths}),
                                            encoding="utf-8")
 
@@ -245,4 +256,8 @@ def _ours_losses(run_dir: Path, stats: list[dict]) -> list[float]:
 if __name__ == "__main__":
     if len(sys.argv) != 5 or sys.argv[1] != "prepare":
         sys.exit("usage: bench_runner.py prepare WORKDIR MODEL_DTYPE MODEL_DEVICE")
-    _prepare_here(Path(sys.argv[2]), sys.argv[3], sys.argv[4])
+    try:
+        _prepare_here(Path(sys.argv[2]), sys.argv[3], sys.argv[4])
+    except workload.WorkloadError as exc:
+        print(exc, flush=True)
+        sys.exit(2)

@@ -70,7 +70,9 @@ def main(argv: list[str]) -> int:
     step_cpu: list[float] = []
     losses: list[float] = []
     first_unix: list[float] = []
-    pad_id = tokenizer.pad_token_id
+    # A tokenizer without a pad token pads with EOS, in TRL as in finetune.
+    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+              else tokenizer.eos_token_id)
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -4,9 +4,12 @@ scripts/bench.py builds these once per benchmark run in a temporary folder; ever
 launches (bench_ours.py, bench_reference.py, bench_trl.py) reads the same settings.json.
 
 - The model is a Llama-architecture Hugging Face folder with random weights and the built-in tiny
-  tokenizer: `small` is the built-in tiny model's shape (~6.9M parameters), `medium` ~30M.
+  tokenizer: `small` is the built-in tiny model's shape (~6.9M parameters), `medium` ~30M; or
+  the user's own model folder (`--model DIR`: the workdir's model/ links to it).
 - The data is chat rows (OpenAI `messages`) of random tokenizer words whose prompt and answer
-  lengths are lognormal, so lengths have the long tail of real instruction data (alpaca, chat).
+  lengths are lognormal, so lengths have the long tail of real instruction data (alpaca, chat);
+  or the rows of the user's own file (`--data FILE`, any supervised format finetune reads,
+  written out as chat rows so that every side reads the same conversations).
 - Real tokens are counted by one rule for every side (`real_tokens`).
 """
 
@@ -49,10 +52,17 @@ SIZES: dict[str, ModelShape] = {
 }
 
 
+class WorkloadError(ValueError):
+    """The user's model folder or data file cannot be benchmarked; the message says why and
+    what to do."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """What every side trains with. `precision` is `plan` (the kernel plan's choice), `bf16` or
-    `fp32`; `timing_warmup` optimizer steps are left out of the tokens/s."""
+    `fp32`; `timing_warmup` optimizer steps are left out of the tokens/s. `model` and `data`
+    (absolute paths, None: built here) are the user's model folder and data file; `size` and
+    `rows` then only name the preset."""
 
     size: str = "medium"
     max_seq_len: int = 512
@@ -65,6 +75,8 @@ class Settings:
     seed: int = 42
     precision: str = "plan"
     rows: int = 2000
+    model: str | None = None
+    data: str | None = None
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -231,9 +243,81 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 
 def row_lengths(tokenizer, rows: list[dict]) -> list[int]:
-    """Token length of each chat row with the tokenizer's chat template applied."""
-    return [len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False))
+    """Token length of each chat row with the chat template finetune applies (the tokenizer's,
+    else finetune's built-in one)."""
+    from finetune.data.template import resolve_template
+
+    template, _ = resolve_template(tokenizer, None)
+    return [len(tokenizer.apply_chat_template(row["messages"], chat_template=template,
+                                              tokenize=True, return_dict=False))
             for row in rows]
+
+
+def chat_rows(path: Path) -> list[dict]:
+    """The rows of the user's JSON-lines file as chat rows ({"messages": [{"role",
+    "content"}]}), read in the format finetune detects (alpaca, chat, sharegpt,
+    prompt/completion; preference rows give their chosen answer). Rows finetune would skip are
+    left out. WorkloadError for a file that is not JSON lines, holds no usable row, or holds
+    plain text documents (no conversation every side can read the same way)."""
+    from finetune.data.errors import BadRow, DataError
+    from finetune.data.formats import converter_for, detect_format
+
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raw = [json.loads(line) for line in lines]
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise WorkloadError(f"--data {path}: cannot read it as JSON lines ({exc})") from None
+    try:
+        convert = converter_for(detect_format(raw[:100], {}, str(path)), {})
+    except DataError as exc:
+        raise WorkloadError(f"--data {path}: {exc}") from None
+    rows = []
+    for row in raw:
+        try:
+            example = convert(row)
+        except BadRow:
+            continue
+        if example.messages is None:
+            raise WorkloadError(f"--data {path}: plain text documents; the benchmark compares "
+                                f"supervised chat training: give conversations (chat, alpaca, "
+                                f"sharegpt or prompt/completion rows)")
+        rows.append({"messages": [{"role": role, "content": content}
+                                  for role, content in example.messages]})
+    if not rows:
+        raise WorkloadError(f"--data {path}: no row finetune can train on (every row was "
+                            f"skipped); check it with `finetune data inspect lora_sft "
+                            f"data.path={path}`")
+    return rows
+
+
+def weight_count(model_dir: Path) -> int | None:
+    """Parameters in a model folder's safetensors files, read from their headers (None when it
+    has none)."""
+    total, found = 0, False
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with file.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += math.prod(entry["shape"])
+                found = True
+    return total if found else None
+
+
+def chat_template_text(model_dir: Path) -> str | None:
+    """The chat template a model folder ships (tokenizer_config.json's, or chat_template.jinja),
+    read without loading the tokenizer; None when it has none."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, list):  # named templates
+            template = next((t.get("template") for t in template
+                             if t.get("name") == "default"), None)
+        return template if isinstance(template, str) else None
+    return None
 
 
 def length_summary(lengths: list[int]) -> dict[str, float]:
