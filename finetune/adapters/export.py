@@ -12,9 +12,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
-from finetune.checkpoint.files import new_temp_path, share_as_umask_allows
+from finetune.checkpoint.files import (
+    MANIFEST,
+    new_temp_path,
+    share_as_umask_allows,
+    verify_manifest,
+)
 from finetune.config.schema import ModelConfig, PeftConfig
 from finetune.errors import CheckpointError, ConfigError
 
@@ -85,7 +91,13 @@ def _read_run_config(path: Path) -> dict:
     if not config_file.is_file():
         raise CheckpointError(f"{path} has no config.yaml, so its base model is unknown. Pass "
                               "a run directory, a checkpoint directory, or an adapter folder.")
-    return OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    try:
+        return OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:  # changed after the save, most likely
+        problem = verify_manifest(path) if (path / MANIFEST).is_file() else None
+        raise CheckpointError(
+            f"checkpoint {path} is not usable: {problem or f'config.yaml cannot be read ({exc})'}"
+            ". Use another checkpoint of the run, or its final/.") from None
 
 
 @dataclass(frozen=True)
@@ -172,7 +184,6 @@ def load_trained_model(source: Path | str, *, dtype=None, attention: str = "sdpa
     from peft import PeftModel
 
     from finetune.adapters.lora import apply_adapter
-    from finetune.checkpoint.files import verify_manifest
     from finetune.checkpoint.trainable import load_trainable
     from finetune.checkpoint.weights import checkpoint_weights
     from finetune.models import load_model, load_tokenizer

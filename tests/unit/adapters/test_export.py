@@ -125,8 +125,14 @@ def test_checkpoint_dir_rebuilds_the_adapter_from_its_config(trained: TrainedAda
 def test_checkpoint_that_fails_its_manifest_is_refused(trained: TrainedAdapter,
                                                        tmp_path: Path) -> None:
     ckpt = _write_checkpoint(tmp_path / "step_0000003", trained, trained.trainable)
-    with open(ckpt / "config.yaml", "a", encoding="utf-8") as f:
-        f.write("# edited after the save\n")
+    config = ckpt / "config.yaml"
+    size = config.stat().st_size
+    with open(config, "r+b") as f:  # one byte changed in place: the size still matches
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    assert config.stat().st_size == size
     with pytest.raises(CheckpointError, match="config.yaml does not match its checksum"):
         load_trained_model(ckpt)
 

@@ -68,9 +68,14 @@ def test_latest_skips_incomplete_and_corrupt(tmp_path: Path, caplog) -> None:
     second = _save(tmp_path, 2)
     third = _save(tmp_path, 3)
     (third / "manifest.json").unlink()  # killed before the manifest: incomplete
-    with open(second / "trainable.safetensors", "r+b") as f:  # bit rot in the next one
-        f.seek(-1, 2)
-        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    weights = second / "trainable.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # bit rot in the next one: one byte flipped, same size
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert weights.stat().st_size == size  # only the sha256 can tell
     with caplog.at_level("WARNING"):
         latest = store.latest_complete_checkpoint(tmp_path)
     assert latest is not None and latest.name == "step_0000001"
