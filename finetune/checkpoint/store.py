@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from finetune.checkpoint.files import (
     MANIFEST,
     publish_directory,
+    share_as_umask_allows,
     verify_manifest,
     write_json,
     write_manifest,
@@ -162,6 +163,7 @@ def finish_checkpoint(output_dir: Path, step: int) -> Path:
     """
     tmp = tmp_dir_for(output_dir, step)
     final = checkpoints_root(output_dir) / step_dir_name(step)
+    share_as_umask_allows(tmp)  # safetensors writes its files 0600
     write_manifest(tmp, {"step": step})
     if final.exists():
         set_aside(output_dir, [final])
