@@ -70,6 +70,18 @@ def test_document_lengths_only_for_one_row_that_starts_a_document() -> None:
     assert document_lengths(torch.arange(4).repeat(2, 1), 4) is None  # padded rows
 
 
+def test_an_in_place_change_of_the_cached_row_is_read_again() -> None:
+    from finetune.kernels.varlen_sdpa import _LengthsOfLastRow
+
+    lengths_of = _LengthsOfLastRow()
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    assert lengths_of(positions, 6) == [3, 2, 1]
+    positions[0, 3:] = torch.tensor([3, 4, 5])
+    assert lengths_of(positions, 6) == [6]
+    positions[0, 2] = 0
+    assert lengths_of(positions, 6) == [2, 4]
+
+
 def test_lengths_are_read_once_per_row_not_once_per_layer(
         tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every layer gets the same position_ids: the lengths are read from it once (a device
@@ -90,9 +102,11 @@ def test_lengths_are_read_once_per_row_not_once_per_layer(
         assert len(reads) == 1  # the same tensor, unchanged
         model(input_ids=ids, position_ids=positions.clone())
         assert len(reads) == 2  # equal values, another tensor
-        positions[0, 4:] = torch.arange(8)  # in place: now two documents
+        model(input_ids=ids, position_ids=positions)
+        assert len(reads) == 3  # the first tensor again: the cached row is now `positions`
+        positions[0, 4:] = torch.arange(8)  # in place, the very tensor cached: two documents
         merged = model(input_ids=ids, position_ids=positions).logits
-        assert len(reads) == 3
+        assert len(reads) == 4
     # The third document now continues the second: its tokens see the second's.
     assert not torch.allclose(merged[0, 7:], first[0, 7:], atol=1e-4)
     torch.testing.assert_close(merged[0, :7], first[0, :7])
