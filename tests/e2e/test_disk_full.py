@@ -10,12 +10,14 @@ A run whose final/ does not fit (1 MB): one paragraph, exit code 1, no `.final-*
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from finetune.checkpoint.files import verify_manifest
+from finetune.checkpoint.store import checkpoint_bytes
 from tests._cli import run_cli
 
 
@@ -57,6 +59,10 @@ def test_a_sharded_save_that_cannot_fit_stops_before_writing(small_disk) -> None
     assert not list(root.glob(".tmp-*"))
     assert [p.name for p in root.glob("step_*")] == ["step_0000002"]
     assert verify_manifest(root / "step_0000002") is None
+    # The estimate for step 4 against what the two ranks wrote for step 2 (the same sizes).
+    needed = float(re.search(r"it needs about ([\d.]+) MB", result.stderr).group(1)) * 1e6
+    written = checkpoint_bytes(root / "step_0000002")
+    assert written <= needed <= 1.5 * written, (needed, written)
 
 
 def test_a_final_model_that_cannot_fit_is_one_paragraph(small_disk) -> None:
