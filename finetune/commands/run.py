@@ -462,9 +462,29 @@ def _sweep_job_result(job_return) -> SweepJob:
                         f"{type(exc).__name__}: {exc}")
 
 
+# What torch.distributed says on a rank whose peer process is gone (gloo, NCCL, the TCP store).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "remote process exited", "communicator was aborted")
+
+
+def rank_main() -> int:
+    """One rank of `finetune run --nproc`: the `finetune` command, except that a rank stopped
+    because another rank ended first (a collective whose peer is gone) says so in one line and
+    exits 1 instead of printing a traceback (a run past its first step keeps it in
+    logs/rank_N.log); the rank that ended first has said why."""
+    from finetune.cli import main
+
+    try:
+        return main()
+    except Exception as exc:
+        if not any(marker in str(exc) for marker in PEER_GONE):
+            raise
+        print(f"error: rank {os.environ.get('RANK', '?')} stopped because another rank of "
+              "the run ended first (that rank's message is above)", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":  # each rank's entry point under torchrun (finetune.train.launch)
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from finetune.cli import main
-
-    sys.exit(record(main)())
+    sys.exit(record(rank_main)())

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -211,6 +212,7 @@ def main(argv: list[str]) -> int:
     if os.environ.pop(RESTORE_LOG_LEVEL_ENV, None) is not None:
         os.environ.pop("TORCH_CPP_LOG_LEVEL", None)  # the ranks log as the user asked
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import registry
     from torch.distributed.run import main as torchrun
 
@@ -224,6 +226,17 @@ def main(argv: list[str]) -> int:
         return REPORT_EXIT_CODE
     except SignalException as exc:  # the launcher passed on a stop signal; the ranks saved
         return 128 + int(exc.sigval)  # and exited, and the launcher reports how the run ended
+    except ChildFailedError as exc:
+        # Every rank that failed chose its exit code and said why (a user error's paragraph,
+        # 75 after a checkpoint, "another rank ended first"), or was stopped by torchrun
+        # (SIGTERM) after that: pass the code on without torchrun's traceback. A rank that
+        # raised left an error file, and one killed otherwise (the OOM killer's SIGKILL) has
+        # none to say: torchrun's summary shows them.
+        failures = [f for f in exc.failures.values() if f.exitcode != -signal.SIGTERM]
+        if failures and all(f.exitcode > 0 and not os.path.isfile(f.error_file)
+                            for f in failures):
+            return max(f.exitcode for f in failures)
+        raise
     return 0
 
 

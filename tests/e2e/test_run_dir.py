@@ -69,3 +69,15 @@ def test_a_tracker_that_fails_to_start_leaves_the_directory_as_found(tmp_path: P
     assert "not-a-mode" in failed.stderr and "logger=console" in failed.stderr
     assert "Traceback" not in failed.stderr
     assert not run_dir.exists()
+
+
+def test_a_user_error_on_two_processes_is_one_paragraph_and_leaves_no_trace(
+        tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    missing = tmp_path / "missing.jsonl"
+    failed = run_cli("run", "lora_sft", "--nproc", "2", f"data.path={missing}",
+                     f"output_dir={run_dir}")
+    assert failed.returncode == 2, failed.stderr[-3000:]  # the rank's own code, not torchrun's 1
+    assert f"error: data file not found: {missing}" in failed.stderr
+    assert "Traceback" not in failed.stderr and "ChildFailedError" not in failed.stderr
+    assert not run_dir.exists()
