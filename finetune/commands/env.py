@@ -28,7 +28,7 @@ from finetune.config.compose import compose_run_config
 from finetune.config.kernels import FusedLinearCrossEntropy, KernelsConfig
 from finetune.errors import ConfigError
 from finetune.hardware import PROFILE_NAMES, detect, profile_by_name
-from finetune.hardware.profile import OPTIONAL_PACKAGES, HardwareProfile
+from finetune.hardware.profile import GPU_TORCH_PACKAGES, OPTIONAL_PACKAGES, HardwareProfile
 from finetune.kernels import (
     ModelFacts,
     default_registries,
@@ -126,7 +126,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--assume-packages", choices=("all", "none"),
         help="pretend every optional kernel package is (all) or is not (none) installed; "
-        "default: what is installed here, or none for a simulated profile",
+        "none keeps what a GPU build of torch ships with it (triton); default: what is "
+        "installed here, or none for a simulated profile",
     )
     parser.add_argument("--json", action="store_true",
                         help="print kernel_plan.json with a `memory` block")
@@ -158,7 +159,7 @@ def _profile(name: str | None, assume_packages: str | None) -> HardwareProfile:
     if assume_packages == "all":
         return profile.with_packages(frozenset(OPTIONAL_PACKAGES))
     if assume_packages == "none":
-        return profile.with_packages(frozenset())
+        return profile.with_packages(profile.packages & frozenset(GPU_TORCH_PACKAGES))
     return profile
 
 
@@ -179,7 +180,7 @@ def main(argv: list[str]) -> int:
         run_cfg = compose_run_config(args.recipe, kernel_items + config_items)
         model = model_config(run_cfg)
         facts = TINY_MODEL_FACTS if isinstance(model, str) else model_facts(model[0])
-        kernel_plan = plan(profile, cfg, facts)
+        kernel_plan = plan(profile, cfg, facts, packing=run_cfg.data.packing)
         if isinstance(model, str):
             report = MemoryReport.unavailable(run_cfg.model.name_or_path, args.nproc, profile,
                                               model)

@@ -24,6 +24,12 @@ PACKAGE_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "deepspeed": ("deepspeed",),
 }
 OPTIONAL_PACKAGES: tuple[str, ...] = tuple(PACKAGE_DISTRIBUTIONS)
+# What every GPU build of torch installs with it (CUDA: pytorch-triton; ROCm: pytorch-triton-rocm;
+# XPU: pytorch-triton-xpu), so a simulated GPU profile has it whatever it assumes about the
+# packages that need an install of their own (SEPARATE_PACKAGES).
+GPU_TORCH_PACKAGES: tuple[str, ...] = ("triton",)
+SEPARATE_PACKAGES: tuple[str, ...] = tuple(
+    p for p in OPTIONAL_PACKAGES if p not in GPU_TORCH_PACKAGES)
 # How an installed flash-attn was built: with its compiled extension (CUDA, or the CK backend on
 # ROCm), or without it for the Triton backend (FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE at build).
 FLASH_ATTN_BUILDS: tuple[str, ...] = ("compiled", "triton")

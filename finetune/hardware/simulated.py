@@ -4,7 +4,10 @@ They are built through the same builders as real detection (from injected device
 so `finetune env --profile h100` shows the plan an H100 would get. Memory figures are what
 torch reports (GiB per device, per GCD on MI250X); device counts are typical nodes. Simulated
 profiles carry fixed torch, transformers and (NVIDIA) cuDNN versions so the plan table does not
-depend on what is installed here.
+depend on what is installed here. A GPU profile also has what a GPU build of torch brings with
+it: Triton (GPU_TORCH_PACKAGES) and, from torch 2.10, torch's in-tree varlen attention (the
+planner reads that from the torch version); only the packages that need an install of their own
+(SEPARATE_PACKAGES: flash-attn, liger-kernel, bitsandbytes, deepspeed) are assumed or not.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from finetune.hardware.detect import (
     profile_from_mps,
     profile_from_xpu_properties,
 )
-from finetune.hardware.profile import OPTIONAL_PACKAGES, DeviceProperties, HardwareProfile
+from finetune.hardware.profile import (
+    GPU_TORCH_PACKAGES,
+    OPTIONAL_PACKAGES,
+    DeviceProperties,
+    HardwareProfile,
+)
 
 SIMULATED_TORCH_VERSION = "2.10.0"
 SIMULATED_TRANSFORMERS_VERSION = "5.0.0"
@@ -104,7 +112,8 @@ def profile_by_name(name: str, assume_packages: str = "none") -> HardwareProfile
 
     Args:
         name: one of PROFILE_NAMES.
-        assume_packages: "none" (no optional kernel package installed) or "all" (every one in
+        assume_packages: "none" (no package that needs an install of its own; a GPU profile
+            still has what GPU builds of torch ship, GPU_TORCH_PACKAGES) or "all" (every one in
             OPTIONAL_PACKAGES is, so the plan shows the best the hardware allows).
 
     Raises:
@@ -120,4 +129,6 @@ def profile_by_name(name: str, assume_packages: str = "none") -> HardwareProfile
         )
     packages = frozenset(OPTIONAL_PACKAGES) if assume_packages == "all" else frozenset()
     profile = _BUILDERS[name](packages=packages, simulated=True, profile_name=name)
+    if profile.vendor in ("nvidia", "amd", "intel"):
+        profile = replace(profile, packages=profile.packages | frozenset(GPU_TORCH_PACKAGES))
     return replace(profile, transformers=SIMULATED_TRANSFORMERS_VERSION)

@@ -4,20 +4,25 @@ Candidates are ranked per architecture family and per packing mode (lower is pre
 
 | family | whole rows (packing off) | packed rows |
 |---|---|---|
-| sm_90 | FA3, sdpa_cudnn, FA4, FA2, sdpa, flex, eager | FA3, FA4, FA2, sdpa, flex, eager |
-| sm_100/103 | sdpa_cudnn, FA4, FA2, sdpa, flex, eager | FA4, FA2, sdpa, flex, eager |
-| sm_120/121, sm80 | FA2, sdpa, sdpa_cudnn, flex, eager | FA2, sdpa, flex, eager |
-| AMD | FA2 (CK, or Triton on RDNA), sdpa, flex, eager | same |
-| Intel XPU | sdpa, flex, eager | flex, sdpa, eager |
+| sm_90 | FA3, sdpa_cudnn, FA4, FA2, sdpa, flex, eager | FA3, FA4, FA2, varlen_attn, flex, sdpa_varlen, sdpa, eager |
+| sm_100/103 | sdpa_cudnn, FA4, FA2, sdpa, flex, eager | FA4, FA2, varlen_attn, flex, sdpa_varlen, sdpa, eager |
+| sm_120/121, sm80 | FA2, sdpa, sdpa_cudnn, flex, eager | FA2, varlen_attn, flex, sdpa_varlen, sdpa, eager |
+| AMD | FA2 (CK, or Triton on RDNA), sdpa, flex, eager | FA2, flex, sdpa_varlen, sdpa, eager |
+| Intel XPU | sdpa, flex, eager | flex, sdpa_varlen, sdpa, eager |
+| CPU | sdpa_varlen, sdpa, eager | the same |
 
 Why: cuDNN SDPA is 1.7-2.3x faster than SDPA-flash for Hopper training shapes, slower on
 Ampere (0.82x A100) and sm_120 (0.88x), a wash on Ada (huggingface/transformers#48163); on
 sm_100 FA2 reaches only ~300-380 fwd TFLOP/s (Dao-AILab/flash-attention#1589, #2605) and cuDNN
 9.19 beat FA4 by 1.24-1.98x and FA2 varlen by ~2.9x (sgl-project/sglang#33655). Packed rows
-need a path that keeps documents apart (varlen flash, a block-diagonal mask, a flex BlockMask)
-and carry a mask on the sdpa path, which cuDNN must not take (pytorch/pytorch#196678), so
-`sdpa_cudnn` is refused with packing; on XPU masked SDPA falls to MATH
-(intel/torch-xpu-ops#2390), so flex leads there. Each candidate carries the forward its
+need a path that keeps documents apart (varlen flash, a block-diagonal mask, a flex BlockMask).
+On the sdpa path they carry a dense [T, T] mask: flash and cuDNN take no such mask, so every
+pair of the row is computed on the efficient kernel and then masked (about 8x the useful work
+for 8 documents a row), and cuDNN must not take it anyway (pytorch/pytorch#196678), so
+`sdpa_cudnn` is refused with packing. Packed rows therefore rank every path without a dense
+mask first: varlen flash packages, torch's in-tree `varlen_attn` (finetune.kernels.varlen_torch,
+pytorch/pytorch#164502), flex with a document BlockMask, then `sdpa_varlen`; the dense-mask
+paths (sdpa, eager) come last. On XPU masked SDPA falls to MATH (intel/torch-xpu-ops#2390). Each candidate carries the forward its
 self-check runs: the function transformers uses for that implementation. Other sources:
 Dao-AILab/flash-attention README and setup.py (FA2/FA3/FA4 hardware, ROCm CK targets), v2.8.3
 flash_attn_interface.py (FLASH_ATTENTION_TRITON_AMD_ENABLE), unslothai/unsloth#8821 (silent
@@ -57,6 +62,7 @@ from finetune.kernels.registry import (
 from finetune.kernels.sdpa import (
     AOTRITON_EXPERIMENTAL_ENV,
     FLASH_MAX_HEAD_DIM,
+    TORCH_PREFERS_CUDNN,
     cudnn_head_dim_limit,
     cudnn_policy,
     cudnn_sdpa_forward,
@@ -66,6 +72,7 @@ from finetune.kernels.sdpa import (
     sdpa_forward,
 )
 from finetune.kernels.varlen_sdpa import VARLEN_SDPA, varlen_sdpa_attention
+from finetune.kernels.varlen_torch import VARLEN_ATTN, varlen_attn_forward, varlen_attn_support
 
 # q (b, h, s, d), k and v (b, kv_h, s, d) -> causal attention output (b, h, s, d).
 AttentionForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -79,10 +86,11 @@ FA4_MAX_HEAD_DIM = 128
 FA4_TRANSFORMERS = "5.0"  # the first transformers with attn_implementation="flash_attention_4"
 SDPA_CUDNN_TORCH = "2.6"  # sdpa_kernel(..., set_priority=True), pytorch/pytorch#140467
 PACKED_MASK_NAN = (
-    "packed rows carry a 4D mask and cuDNN's masked backward returns NaN grad_q when "
-    "seq % 128 == 64 (pytorch/pytorch#196678), so masked calls are kept off cuDNN: use sdpa "
-    "with packing"
+    "packed rows carry a 4D mask on the SDPA path and cuDNN's masked backward returns NaN "
+    "grad_q when seq % 128 == 64 (pytorch/pytorch#196678), so masked calls are kept off cuDNN: "
+    "packed rows take a path without a dense mask (varlen_attn, flex_attention, sdpa_varlen)"
 )
+CUDNN_AVOID_RECOMPILE_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
 
 
 @dataclass(frozen=True)
@@ -186,7 +194,8 @@ def _sdpa(profile: HardwareProfile, facts: ModelFacts) -> Support:
     # Packed rows reach SDPA with their block-diagonal mask, so the masked backend is what runs.
     backend, why = sdpa_backend(profile, facts, masked=facts.packing,
                                 cudnn=cudnn_policy(profile, "sdpa"))
-    rows = ", packed rows with a block-diagonal mask" if facts.packing else ""
+    rows = (", packed rows with a dense block-diagonal [T, T] mask (every pair of the row "
+            "computed, then masked)" if facts.packing else "")
     if backend == "math":
         return True, f"torch SDPA{rows}, backend MATH - no fused kernel: {why}"
     return True, f"torch SDPA{rows}, backend {backend}: {why}"
@@ -266,10 +275,12 @@ def _flex(profile: HardwareProfile, facts: ModelFacts) -> Support:
     if profile.vendor == "amd" and profile.arch not in AMD_BF16_NATIVE:
         return False, f"needs AMD gfx90a or newer for Triton; this is {profile.arch}"
     if not profile.has_package("triton"):
-        return False, "needs triton (flex_attention is compiled to a Triton kernel)"
+        return False, ("needs triton (flex_attention is compiled to a Triton kernel; GPU builds "
+                       "of torch ship it as pytorch-triton)")
     xpu_packed = (" (on XPU masked SDPA falls to MATH, intel/torch-xpu-ops#2390)"
                   if profile.vendor == "intel" and facts.packing else "")
-    return True, f"FlexAttention compiled with Triton, BlockMask packing{xpu_packed}"
+    return True, (f"FlexAttention compiled with Triton, packed documents as a document BlockMask "
+                  f"(only blocks inside a document are computed){xpu_packed}")
 
 
 def _eager(profile: HardwareProfile, facts: ModelFacts) -> Support:
@@ -337,14 +348,18 @@ ATTENTION: Registry[AttentionCandidate] = Registry(
         AttentionCandidate("flash_attention_2", _fa2, default_rank=30,
                            forward=_transformers_flash_forward("flash_attention_2"),
                            packing_isolation="varlen"),
-        AttentionCandidate("sdpa", _sdpa, default_rank=40, forward=sdpa_forward,
+        # Packed rows: the dense-mask paths (sdpa, eager) rank below every path without one.
+        AttentionCandidate("sdpa", _sdpa, default_rank=40, packed_rank=80, forward=sdpa_forward,
                            packing_isolation="block_mask_4d"),
-        # Measured ahead of sdpa on CPU only (finetune.kernels.varlen_sdpa); elsewhere by name.
+        AttentionCandidate(VARLEN_ATTN, varlen_attn_support, default_rank=48, packed_rank=35,
+                           forward=varlen_attn_forward, packing_isolation="varlen"),
+        # Measured ahead of sdpa on CPU only (finetune.kernels.varlen_sdpa); for whole rows
+        # elsewhere by name.
         AttentionCandidate(VARLEN_SDPA, _sdpa_varlen, default_rank=45, ranks={"cpu": 35},
                            forward=varlen_forward, packing_isolation="varlen"),
-        AttentionCandidate("flex_attention", _flex, default_rank=60, packed_ranks={"intel": 35},
+        AttentionCandidate("flex_attention", _flex, default_rank=60, packed_rank=38,
                            forward=flex_forward, packing_isolation="flex_block_mask"),
-        AttentionCandidate("eager", _eager, default_rank=70, forward=eager_forward,
+        AttentionCandidate("eager", _eager, default_rank=70, packed_rank=90, forward=eager_forward,
                            packing_isolation="block_mask_4d"),
     ],
 )
@@ -398,6 +413,13 @@ def attention_env(profile: HardwareProfile) -> dict[str, tuple[str, str]]:
             "torch reads it once, at the first SDPA call, and refuses AOTriton on archs its "
             "AOTriton version calls experimental (the set differs between versions), falling "
             "back to MATH silently (unslothai/unsloth#8821, pytorch/pytorch#134498)",
+        )
+    if profile.vendor == "nvidia" and profile.arch in TORCH_PREFERS_CUDNN:
+        env[CUDNN_AVOID_RECOMPILE_ENV] = (
+            "1",
+            "cuDNN attention builds an execution graph per new (batch, seq) shape, and packed or "
+            f"padded batches change shape every step; torch prefers cuDNN on {profile.arch} "
+            "(pytorch/pytorch#155958)",
         )
     if flash_attn_triton(profile) and profile.has_package("flash-attn"):
         env[FLASH_ATTENTION_TRITON_AMD_ENV] = (

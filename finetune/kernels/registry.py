@@ -60,6 +60,8 @@ class Candidate:
             lower is preferred; families not listed get `default_rank`.
         packed_ranks: ranks that replace `ranks` when the batches are packed (an attention
             path that is fast on whole rows can be the wrong one for packed documents).
+        packed_rank: the rank for packed batches on families not in `packed_ranks`; None
+            keeps the whole-row rank.
         auto: False for candidates only used when asked for by name (e.g. 8-bit optimizers).
         not_auto_reason: why such a candidate is never picked automatically.
     """
@@ -71,12 +73,15 @@ class Candidate:
     auto: bool = True
     not_auto_reason: str = ""
     packed_ranks: Mapping[str, int] = field(default_factory=dict)
+    packed_rank: int | None = None
 
     def rank(self, profile: HardwareProfile, packing: bool = False) -> int:
         """This candidate's rank on the profile's architecture family (packed or not)."""
         family = rank_family(profile)
         if packing and family in self.packed_ranks:
             return self.packed_ranks[family]
+        if packing and self.packed_rank is not None:
+            return self.packed_rank
         return self.ranks.get(family, self.default_rank)
 
 

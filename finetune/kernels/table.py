@@ -80,8 +80,10 @@ def _attention_cell(kernel_plan: KernelPlan) -> str:
     decision = kernel_plan.kernels["attention"]
     if "sdpa_backend" not in decision.details:
         return decision.choice
-    # Packed rows carry a mask on the SDPA path, so the masked backend is the one that runs.
-    backend = decision.details["sdpa_backend_masked" if kernel_plan.packing else "sdpa_backend"]
+    # Packed rows carry a dense mask on the SDPA path, so the masked backend is the one that
+    # runs there; sdpa_varlen calls SDPA per document, without a mask.
+    masked = kernel_plan.packing_isolation == "block_mask_4d"
+    backend = decision.details["sdpa_backend_masked" if masked else "sdpa_backend"]
     return f"{decision.choice} ({backend.upper() if backend == 'math' else backend})"
 
 

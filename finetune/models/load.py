@@ -14,6 +14,7 @@ from finetune.config.schema import ModelConfig
 from finetune.errors import ConfigError
 from finetune.kernels.registry import ModelFacts
 from finetune.kernels.varlen_sdpa import VARLEN_SDPA, register_varlen_sdpa
+from finetune.kernels.varlen_torch import VARLEN_ATTN, register_varlen_attn
 from finetune.models.tiny import TINY_NAME, ensure_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype, quantizatio
     hf_logging.disable_progress_bar()
     if attn_implementation == VARLEN_SDPA:
         register_varlen_sdpa()
+    if attn_implementation == VARLEN_ATTN:
+        register_varlen_attn()
     source = resolve_model_path(cfg)
     extra = {"quantization_config": quantization} if quantization is not None else {}
     try:

@@ -54,7 +54,7 @@ def test_json_for_a_simulated_profile(capsys) -> None:
 def test_simulated_profile_assumes_no_packages_by_default(capsys) -> None:
     assert main(["--profile", "h100", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["hardware"]["packages"] == []
+    assert data["hardware"]["packages"] == ["triton"]  # shipped with GPU builds of torch
     attention = data["kernels"]["attention"]
     # No flash-attn-3: cuDNN attention, which ships in torch, leads on Hopper.
     assert (attention["choice"], attention["attn_implementation"]) == ("sdpa_cudnn", "sdpa")

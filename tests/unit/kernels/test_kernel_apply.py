@@ -70,7 +70,7 @@ def test_apply_env_routes_sdpa_as_planned(monkeypatch, matmul_precision_calls, n
 
 
 def test_packed_sdpa_on_hopper_keeps_masked_calls_off_cudnn() -> None:
-    kernel_plan = plan(profile_by_name("h100"), KernelsConfig(), packing=True)
+    kernel_plan = plan(profile_by_name("h100"), KernelsConfig(attention="sdpa"), packing=True)
     attention = kernel_plan.kernels["attention"]
     assert (attention.choice, kernel_plan.cudnn_sdpa) == ("sdpa", "unmasked_only")
     assert attention.details["sdpa_backend_masked"] == "efficient"

@@ -76,10 +76,12 @@ def test_hopper_prefers_fa3_then_cudnn_for_whole_rows() -> None:
 
 
 def test_packed_rows_never_take_cudnn() -> None:
-    kernel_plan, attention = _attention("h100", "none", packing=True)
+    kernel_plan, attention = _attention("h100", "none", packing=True, attention="sdpa")
     assert attention.choice == "sdpa" and kernel_plan.cudnn_sdpa == "unmasked_only"
-    assert "packed rows with a block-diagonal mask, backend efficient" in attention.reason
-    assert "pytorch/pytorch#196678" in attention.reason  # sdpa_cudnn, ranked above, refused
+    assert "packed rows with a dense block-diagonal [T, T] mask" in attention.reason
+    assert "backend efficient" in attention.reason
+    _, auto = _attention("h100", "none", packing=True)
+    assert "pytorch/pytorch#196678" in auto.reason  # sdpa_cudnn, ranked above, refused
     with pytest.raises(KernelOverrideError, match="pytorch/pytorch#196678"):
         _attention("h100", "none", packing=True, attention="sdpa_cudnn")
 
@@ -93,8 +95,10 @@ def test_every_plan_names_an_attn_implementation_transformers_accepts() -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from finetune.kernels.varlen_sdpa import register_varlen_sdpa
+    from finetune.kernels.varlen_torch import register_varlen_attn
 
-    register_varlen_sdpa()  # as finetune.models.load_model does before loading with it
+    register_varlen_sdpa()  # as finetune.models.load_model does before loading with them
+    register_varlen_attn()
     accepted = set(ALL_ATTENTION_FUNCTIONS.valid_keys()) | {"eager"}
     from finetune.hardware import PROFILE_NAMES
 
@@ -179,8 +183,10 @@ def test_xpu_packs_with_flex_because_masked_sdpa_is_math() -> None:
     _, packed = _attention("xpu-max1550", packing=True)
     assert packed.choice == "flex_attention" and "#2390" in packed.reason
     assert _attention("xpu-max1550")[1].choice == "sdpa"
-    _, no_triton = _attention("xpu-max1550", "none", packing=True)
-    assert no_triton.choice == "sdpa" and "MATH" in no_triton.reason
+    # Without triton (a CPU-only torch pretending to be XPU) SDPA runs once per document.
+    no_triton = profile_by_name("xpu-max1550").with_packages(set())
+    _, packed = _attention("xpu-max1550", profile=no_triton, packing=True)
+    assert packed.choice == "sdpa_varlen" and "needs triton" in packed.reason
 
 
 def test_xccl_needs_torch_2_8() -> None:

@@ -20,9 +20,11 @@ ALLOWED: dict[str, set[str]] = {
     "registry": set(),
     "sdpa": {"registry"},  # SDPA backend facts, shared by attention and apply
     "varlen_sdpa": {"sdpa"},  # the sdpa_varlen attention function transformers calls
+    # torch's varlen attention behind transformers' interface; other calls go to sdpa_varlen
+    "varlen_torch": {"registry", "sdpa", "varlen_sdpa"},
     "lora_linear": set(),  # the fused LoRA forward apply patches in
     **{name: {"registry"} for name in FAMILY_MODULES},
-    "attention": {"registry", "sdpa", "varlen_sdpa"},
+    "attention": {"registry", "sdpa", "varlen_sdpa", "varlen_torch"},
     "kernel_plan": {"registry"},
     "selfcheck": {"registry", "attention", "optimizer", "kernel_plan"},
     "apply": {"kernel_plan", "fused_ops", "lora", "lora_linear", "sdpa"},

@@ -38,9 +38,11 @@ GOLDEN_ALL = {
 
 # Packed rows, every package: sdpa_cudnn is refused (packed rows carry a mask,
 # pytorch/pytorch#196678), so B200 takes FA4's varlen path; on XPU masked SDPA falls to MATH
-# (intel/torch-xpu-ops#2390), so flex leads. Everywhere else the whole-row choice stays.
+# (intel/torch-xpu-ops#2390), so flex leads; where the whole-row choice is sdpa (a dense mask
+# for packed rows) SDPA runs once per document instead. Elsewhere the whole-row choice stays.
 GOLDEN_ALL_PACKED = {
-    name: {"b200": "flash_attention_4", "xpu-max1550": "flex_attention"}.get(name, choices[0])
+    name: {"b200": "flash_attention_4", "xpu-max1550": "flex_attention", "mps": "sdpa_varlen",
+           "t4": "sdpa_varlen", "v100": "sdpa_varlen"}.get(name, choices[0])
     for name, choices in GOLDEN_ALL.items()
 }
 
@@ -55,7 +57,16 @@ GOLDEN_NONE = {
     name: (_NO_PACKAGE_ATTENTION.get(name, "sdpa"), optimizer, "none", precision, collective)
     for name, (_, optimizer, _, precision, collective) in GOLDEN_ALL.items()
 }
-GOLDEN_NONE_PACKED = {name: "sdpa_varlen" if name in _CPUS else "sdpa" for name in GOLDEN_ALL}
+# Packed rows, no separately installed package: never a dense mask. torch's in-tree varlen
+# attention on NVIDIA sm80+, flex (Triton ships with GPU builds of torch) on AMD and XPU, SDPA
+# once per document elsewhere (finetune.kernels.attention).
+_VARLEN_ATTN = ("a100", "l40s", "rtx4090", "h100", "h200", "gh200", "b200", "rtx5090")
+_FLEX = ("xpu-max1550", "mi250x", "mi300x", "mi300a", "mi325x", "mi355x", "rx7900xtx", "rx9070")
+GOLDEN_NONE_PACKED = {
+    name: ("varlen_attn" if name in _VARLEN_ATTN else "flex_attention" if name in _FLEX
+           else "sdpa_varlen")
+    for name in GOLDEN_ALL
+}
 
 # profile -> the SDPA backend torch takes with no packages, causal call without a mask.
 GOLDEN_SDPA_BACKEND = {
@@ -75,7 +86,10 @@ GOLDEN_SDPA_BACKEND_MASKED = {
 # profile -> environment variables the plan sets with no packages (the rest set none). The
 # AOTriton flag on every AMD GPU: the experimental set differs between AOTriton versions.
 _AOTRITON = {"TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL": "1"}
+# Where torch prefers cuDNN attention, which builds a graph per new shape (pytorch/pytorch#155958).
+_CUDNN_RECOMPILE = {"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}
 GOLDEN_ENV = {
+    **{name: _CUDNN_RECOMPILE for name in _CUDNN_FIRST},
     "mi250x": _AOTRITON,
     "mi300x": {**_AOTRITON, "HIPBLASLT_ALLOW_TF32": "1"},
     "mi300a": {**_AOTRITON, "HIPBLASLT_ALLOW_TF32": "1"},

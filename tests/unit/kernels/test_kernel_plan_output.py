@@ -62,7 +62,8 @@ def test_plan_dtype_properties(name: str, base, autocast, scaler: bool) -> None:
     ("attention", "isolation"),
     [("flash_attention_2", "varlen"), ("flash_attention_3", "varlen"),
      ("flash_attention_4", "varlen"), ("sdpa", "block_mask_4d"), ("eager", "block_mask_4d"),
-     ("flex_attention", "flex_block_mask"), ("not_an_attention", None),
+     ("flex_attention", "flex_block_mask"), ("varlen_attn", "varlen"),
+     ("sdpa_varlen", "varlen"), ("not_an_attention", None),
      ("sdpa_cudnn", None)],  # packed rows carry a mask, which cuDNN must not take
 )
 def test_packing_isolation(attention: str, isolation: str | None) -> None:
@@ -75,9 +76,11 @@ def test_plan_records_packing_isolation() -> None:
     assert plan(profile_by_name("cpu"), KernelsConfig()).packing_isolation == "varlen"
     assert plan(profile_by_name("cpu"), KernelsConfig(attention="sdpa")).packing_isolation == (
         "block_mask_4d")
-    packed = plan(profile_by_name("b200"), KernelsConfig(), packing=True)
+    packed = plan(profile_by_name("b200"), KernelsConfig(attention="sdpa"), packing=True)
     assert packed.packing_isolation == "block_mask_4d" and packed.to_dict()["kernels"][
         "attention"]["packing"] is True
+    assert plan(profile_by_name("b200"), KernelsConfig(), packing=True).packing_isolation == (
+        "varlen")
 
 
 def test_format_plan_table_shows_routing_and_packing() -> None:
@@ -86,6 +89,7 @@ def test_format_plan_table_shows_routing_and_packing() -> None:
     assert line.startswith("attention: sdpa_cudnn (")
     for part in ("attn_implementation=sdpa", "cuDNN routing first", "packing off"):
         assert part in line
-    packed = format_plan_table(plan(profile_by_name("h100"), KernelsConfig(), packing=True))
+    packed = format_plan_table(plan(profile_by_name("h100"), KernelsConfig(attention="sdpa"),
+                                    packing=True))
     assert "packing on" in packed and "cuDNN routing unmasked_only" in packed
 
