@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
                         help="nucleus sampling when --temperature > 0 (default 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="set before each prompt")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="each prompt samples from its own generator seeded with it")
     parser.add_argument("--no-chat-template", action="store_true",
                         help="feed the prompt as raw text")
 
