@@ -2,7 +2,10 @@
 token in this run's training mode, plus causal attention at the real (packed) document lengths.
 
 Counted (multiply-add = 2 FLOPs), per token, forward: every weight matmul (q, k, v, o, the MLP
-and the LM head); per document of n tokens: QK^T and AV over the n(n+1)/2 causal pairs. The
+and the LM head); per document of n tokens: QK^T and AV over the n(n+1)/2 causal pairs. The LM
+head is counted where it runs: at every token, or, when the loss asks the model for the logits
+of chosen positions only (`logits_to_keep`, finetune.train.loss.causal_lm_loss), at those
+positions in every row (`head_positions`). The
 backward costs twice the forward where both the input and the weight gradient are needed (full
 fine-tuning, the attention core, the adapters' own matmuls) and once the forward where only the
 input gradient is (frozen weights under an adapter). Not counted: norms, activations, softmax,
@@ -81,10 +84,18 @@ class Architecture:
 
     def forward_weight_flops(self) -> int:
         """Forward FLOPs per token of every weight matmul (attention projections, MLP, LM head)."""
+        return self.forward_body_flops() + self.forward_head_flops()
+
+    def forward_body_flops(self) -> int:
+        """Forward FLOPs per token of the decoder layers' weight matmuls (no LM head)."""
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
         attention = h * q + 2 * h * kv + q * h
         mlp = (3 if self.gated_mlp else 2) * h * self.intermediate
-        return 2 * (self.layers * (attention + mlp) + h * self.vocab)
+        return 2 * self.layers * (attention + mlp)
+
+    def forward_head_flops(self) -> int:
+        """Forward FLOPs of the LM head at one position (hidden -> vocabulary)."""
+        return 2 * self.hidden * self.vocab
 
     def forward_attention_flops_per_pair(self) -> int:
         """Forward FLOPs of one causal (query, key) pair across all layers: QK^T and AV."""
@@ -119,13 +130,38 @@ def attention_flops(config: Any, doc_lengths: list[int]) -> float | None:
     return float(3 * arch.forward_attention_flops_per_pair() * pairs)
 
 
-def step_flops(config: Any, mode: TrainingMode, doc_lengths: list[int]) -> float | None:
-    """Model FLOPs of training on documents of these lengths (every micro-batch of a step)."""
+def head_flops(config: Any, mode: TrainingMode) -> float | None:
+    """Training FLOPs of the LM head at one position (part of `flops_per_token`): 3 x forward
+    in full fine-tuning, 2 x forward (input gradient only) under adapters."""
+    arch = Architecture.from_config(config)
+    if arch is None:
+        return None
+    return float((3 if mode.full else 2) * arch.forward_head_flops())
+
+
+def step_flops(config: Any, mode: TrainingMode, doc_lengths: list[int],
+               head_positions: int | None = None) -> float | None:
+    """Model FLOPs of training on documents of these lengths (every micro-batch of a step);
+    `head_positions`: where the LM head ran, when not at every token (`logits_to_keep`)."""
     per_token = flops_per_token(config, mode)
     attention = attention_flops(config, doc_lengths)
-    if per_token is None or attention is None:
+    head = head_flops(config, mode)
+    if per_token is None or attention is None or head is None:
         return None
-    return per_token * sum(doc_lengths) + attention
+    tokens = sum(doc_lengths)
+    skipped = 0 if head_positions is None else tokens - head_positions
+    return per_token * tokens - head * skipped + attention
+
+
+def loss_head_positions(batch: dict) -> int:
+    """Positions at which a loss with `logits_to_keep` runs the LM head on a CPU batch: the
+    positions whose next token some row trains on (`loss_positions` when the collator gave
+    them), in every row (transformers keeps the same positions for each row)."""
+    labels = batch["labels"]
+    keep = batch.get("loss_positions")
+    count = (int(keep.numel()) if isinstance(keep, torch.Tensor)
+             else int((labels[:, 1:] != -100).any(dim=0).sum()))
+    return count * int(labels.shape[0])
 
 
 def document_lengths(batch: dict) -> list[int]:
@@ -156,12 +192,19 @@ def document_lengths(batch: dict) -> list[int]:
 
 
 class FlopCounter:
-    """Per-step model FLOPs for one model and training mode; the architecture is read once."""
+    """Per-step model FLOPs for one model and training mode; the architecture is read once.
 
-    def __init__(self, config: Any, mode: TrainingMode) -> None:
+    `head_at_loss_positions`: the loss runs the LM head only where it reads logits
+    (`logits_to_keep`, see `loss_head_positions`), so the head is counted there, not at every
+    token."""
+
+    def __init__(self, config: Any, mode: TrainingMode, *,
+                 head_at_loss_positions: bool = False) -> None:
         self.per_token = flops_per_token(config, mode)
         arch = Architecture.from_config(config)
         self._per_pair = 3 * arch.forward_attention_flops_per_pair() if arch else None
+        self._per_head = head_flops(config, mode)
+        self.head_at_loss_positions = head_at_loss_positions
 
     @property
     def known(self) -> bool:
@@ -171,6 +214,11 @@ class FlopCounter:
         """FLOPs of one optimizer step over these CPU micro-batches; None when not counted."""
         if self.per_token is None or self._per_pair is None:
             return None
-        lengths = [n for batch in micro_batches for n in document_lengths(batch)]
-        pairs = sum(n * (n + 1) // 2 for n in lengths)
-        return self.per_token * sum(lengths) + self._per_pair * pairs
+        total = 0.0
+        for batch in micro_batches:
+            lengths = document_lengths(batch)
+            tokens, pairs = sum(lengths), sum(n * (n + 1) // 2 for n in lengths)
+            total += self.per_token * tokens + self._per_pair * pairs
+            if self.head_at_loss_positions and self._per_head is not None and "labels" in batch:
+                total -= self._per_head * (tokens - loss_head_positions(batch))
+        return total

@@ -89,7 +89,9 @@ class RunMonitor:
         `model` is the unwrapped model (a peft model for adapter runs).
         """
         if self.peak_flops is not None:
-            self.flops = FlopCounter(model.config, TrainingMode.of(model))
+            self.flops = FlopCounter(model.config, TrainingMode.of(model),
+                                     head_at_loss_positions=_head_at_loss_positions(
+                                         self.cfg.recipe, model))
             if not self.flops.known:
                 logger.info("MFU unknown: the FLOP count covers dense decoder models with "
                             "the usual config attributes, not %s",
@@ -252,3 +254,12 @@ class RunMonitor:
             with contextlib.suppress(Exception):
                 tracker.finish()
         self.accelerator.trackers = []
+
+
+def _head_at_loss_positions(recipe: str, model: torch.nn.Module) -> bool:
+    """Whether the run's loss asks the model for the logits of the trained positions only
+    (`logits_to_keep`), so that the LM head runs there and nowhere else."""
+    from finetune.train.loss import causal_lm_loss, selects_logits
+    from finetune.train.recipe import load_recipe
+
+    return load_recipe(recipe).loss is causal_lm_loss and selects_logits(model)
