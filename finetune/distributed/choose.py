@@ -5,7 +5,8 @@
 `choose_strategy` compares the per-device estimates of `finetune.distributed.memory` with the
 device's memory and returns a concrete `StrategyChoice` with a reason that carries the
 numbers. An explicit strategy is kept (a wrong process count is an error; not fitting is only
-said in the reason).
+said in the reason). With data.max_seq_len=auto the row length is known only once the data is
+read: `with_data_length` then re-makes the estimates with it, for what the run prints.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from finetune.distributed.memory import (
     Workload,
     format_bytes,
     model_shape,
+    runtime_overhead,
 )
 from finetune.errors import ConfigError
 from finetune.hardware.profile import HardwareProfile
@@ -40,7 +42,7 @@ class StrategyChoice:
     """A concrete strategy (never auto), whether to offload to host memory, and why.
 
     `estimates` holds every estimate considered, keyed by `label(strategy, offload)`;
-    `fits` is None when the device's memory is unknown.
+    `fits` is None when the device's memory is unknown; `workload` is what was estimated.
     """
 
     strategy: Strategy
@@ -48,6 +50,7 @@ class StrategyChoice:
     reason: str
     estimates: dict[str, MemoryEstimate]
     fits: bool | None
+    workload: Workload | None = None
 
     @property
     def estimate(self) -> MemoryEstimate:
@@ -55,9 +58,11 @@ class StrategyChoice:
         return self.estimates[label(self.strategy, self.cpu_offload)]
 
     def headline(self) -> str:
-        """'distributed: fsdp2 (reason)': the line a run prints at start."""
+        """'distributed: fsdp2 (reason); estimated for micro-batches of 1 x 2048 tokens': the
+        line a run prints at start."""
         offload = " + cpu offload" if self.cpu_offload else ""
-        return f"distributed: {self.strategy}{offload} ({self.reason})"
+        return (f"distributed: {self.strategy}{offload} ({self.reason}); estimated for "
+                f"micro-batches of {self.estimate.micro_batch()}")
 
     def describe(self) -> str:
         """The headline and the chosen estimate's lines."""
@@ -150,12 +155,13 @@ class _Chooser:
     def done(self, strategy: Strategy, offload: bool, reason: str) -> StrategyChoice:
         estimate = self.estimate(strategy, offload)
         fits = None if self.budget is None else self.fits(estimate)
-        return StrategyChoice(strategy, offload, reason, dict(self.estimates), fits)
+        return StrategyChoice(strategy, offload, reason, dict(self.estimates), fits,
+                              self.workload)
 
     # ------------------------------------------------------------------ sentences
 
     def needs(self, strategy: str, offload: bool = False) -> str:
-        """'fsdp2 over 8 processes needs about 24.1 GiB per device (+3.0 GiB host)'."""
+        """'fsdp2 over 8 processes needs about 24.1 GiB per device (+3.0 GiB of host memory)'."""
         est = self.estimate(strategy, offload)
         over = f" over {self.world} processes" if self.world > 1 else ""
         host = f" (+{format_bytes(est.host)} of host memory)" if est.host else ""
@@ -259,7 +265,8 @@ class _Chooser:
 def workload_from_run(cfg: RunConfig, hf_config: Any, kernel_plan: KernelPlan, *,
                       pairs: bool = False, seq_len: int | None = None) -> Workload:
     """The workload of a run: its config, the model's config and the kernel plan's dtypes,
-    optimizer, attention and fused ops.
+    optimizer, attention and fused ops; the overhead of the plan's device (`runtime_overhead`:
+    on the CPU this process's memory now, so call it before the model loads).
 
     `pairs`: the recipe trains on preference pairs (two sequences a micro-batch row), and a
     full fine-tune then keeps a frozen reference model unless dpo.precompute_ref (recipes/dpo).
@@ -276,6 +283,7 @@ def workload_from_run(cfg: RunConfig, hf_config: Any, kernel_plan: KernelPlan, *
         source = (f"data.max_seq_len=auto, assumed {length} until the data decides; set "
                   "data.max_seq_len=N for an exact figure")
     full = str(cfg.peft.method) == "none"
+    overhead, overhead_from = runtime_overhead(kernel_plan.hardware.vendor)
     return Workload(
         shape=shape, peft_method=str(cfg.peft.method), lora_r=cfg.peft.r,
         target_modules=cfg.peft.target_modules, peft_bias=str(cfg.peft.bias),
@@ -286,7 +294,41 @@ def workload_from_run(cfg: RunConfig, hf_config: Any, kernel_plan: KernelPlan, *
         fused_linear_cross_entropy="fused_linear_cross_entropy" in kernel_plan.fused_ops,
         eager_attention=kernel_plan.attn_implementation == "eager",
         reference_model=pairs and full and not cfg.dpo.precompute_ref,
-        reshard_after_forward=cfg.distributed.reshard_after_forward, seq_len_from=source)
+        reshard_after_forward=cfg.distributed.reshard_after_forward, seq_len_from=source,
+        overhead=overhead, overhead_from=overhead_from)
+
+
+def with_data_length(choice: StrategyChoice, distributed: DistributedConfig,
+                     profile: HardwareProfile, world_size: int, *, seq_len: int,
+                     seq_len_from: str, mean_row_tokens: float | None = None,
+                     local_processes: int | None = None) -> StrategyChoice:
+    """`choice`, made before the data was read, with its estimates re-made for the row length
+    the data settled on (`seq_len`, decided as `seq_len_from` says) and, for padding-free
+    rows, the data's mean row length (`Workload.mean_row_tokens`); everything else, the
+    overhead included, as `choice` estimated it.
+
+    The run keeps the strategy it started with: when `distributed=auto` would choose another
+    one at this length, the reason says so and names the setting for the next run.
+    """
+    if choice.workload is None:
+        return choice
+    workload = replace(choice.workload, seq_len=seq_len, seq_len_from=seq_len_from,
+                       mean_row_tokens=mean_row_tokens)
+    if workload.tokens == choice.workload.tokens and seq_len == choice.workload.seq_len:
+        return choice
+    again = choose_strategy(distributed, workload, profile, world_size,
+                            local_processes=local_processes)
+    if (again.strategy, again.cpu_offload) == (choice.strategy, choice.cpu_offload):
+        return again
+    offload = Offload.on if choice.cpu_offload else Offload.off
+    kept = choose_strategy(replace(distributed, strategy=choice.strategy, cpu_offload=offload),
+                           workload, profile, world_size, local_processes=local_processes)
+    now = label(again.strategy, again.cpu_offload).replace("+cpu_offload", " with cpu offload")
+    return replace(kept, reason=(
+        f"chosen for rows of up to {choice.estimate.seq_len} tokens before the data was read; "
+        f"{kept.reason.removeprefix('as configured: ').removeprefix('as configured, but ')}; "
+        f"with this data's {seq_len}-token rows distributed=auto chooses {now}: set "
+        f"distributed={again.strategy} to use it"))
 
 
 # Published shapes of the shipped hub models (each repo's config.json on huggingface.co), so

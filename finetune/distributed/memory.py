@@ -9,6 +9,7 @@ compares strategies with it. No weight is loaded, so the estimate is cheap enoug
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +21,10 @@ from finetune.kernels.kernel_plan import TORCH_DTYPES
 
 GIB = 2**30
 # CUDA/HIP context, cuBLAS/hipBLASLt workspaces and collective buffers: about 0.5-1 GiB on
-# current GPUs; the strategy choice keeps a further 10% free for allocator fragmentation.
+# current GPUs; the strategy choice keeps a further 10% free for allocator fragmentation. On the
+# CPU the process itself lives in the memory it trains in: see `runtime_overhead`.
 FIXED_OVERHEAD_BYTES = GIB
+CPU_OVERHEAD_FROM = "this process before the model loads: Python, torch and libraries"
 # Tokens a row when nothing says better (see finetune.distributed.choose.workload_from_run).
 AUTO_SEQ_LEN = 2048
 # bitsandbytes NF4 with double quantisation: 4 bits a weight, an 8-bit absmax per block of 64
@@ -160,6 +163,8 @@ class MemoryEstimate:
     activations: int
     overhead: int
     host: int
+    overhead_from: str = ""
+    tokens: int = 0
 
     @property
     def total(self) -> int:
@@ -180,12 +185,21 @@ class MemoryEstimate:
                  f"  gradients    {format_bytes(self.gradients)}",
                  f"  optimizer    {format_bytes(self.optimizer)}",
                  f"  activations  {format_bytes(self.activations)} "
-                 f"({self.rows} x {self.seq_len} tokens, {ckpt})",
-                 f"  overhead     {format_bytes(self.overhead)}",
+                 f"({self.micro_batch()}, {ckpt})",
+                 f"  overhead     {format_bytes(self.overhead)}"
+                 + (f" ({self.overhead_from})" if self.overhead_from else ""),
                  f"  total        {format_bytes(self.total)}"]
         if self.host:
             lines.append(f"  host         {format_bytes(self.host)} per process (offloaded)")
         return "\n".join(lines)
+
+    def micro_batch(self) -> str:
+        """'8 x 2048 tokens', or for padding-free rows '8 rows of up to 64 tokens, 195 tokens
+        on average (padding-free)'."""
+        if not self.tokens or self.tokens >= self.rows * self.seq_len:
+            return f"{self.rows} x {self.seq_len} tokens"
+        return (f"{self.rows} rows of up to {self.seq_len} tokens, {self.tokens} tokens on "
+                "average (padding-free)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form; sizes in bytes."""
@@ -194,7 +208,8 @@ class MemoryEstimate:
         return {"strategy": self.strategy, "world_size": self.world_size,
                 "cpu_offload": self.cpu_offload, "params": self.params,
                 "trainable_params": self.trainable_params, "rows": self.rows,
-                "seq_len": self.seq_len, "gradient_checkpointing": self.gradient_checkpointing,
+                "seq_len": self.seq_len, "tokens": self.tokens,
+                "gradient_checkpointing": self.gradient_checkpointing,
                 "bytes": {**{k: getattr(self, k) for k in kinds}, "total": self.total,
                           "host": self.host}}
 
@@ -216,8 +231,12 @@ class Workload:
 
     `pairs`: each micro-batch row is a preference pair (two sequences). `seq_len`: tokens a row,
     the upper bound (unpacked rows are padded to the longest of their batch, packed rows fill
-    it). `seq_len_from` says how
-    `seq_len` was decided, for the display. `reference_model`: a frozen copy of the model in
+    it). `seq_len_from` says how `seq_len` was decided, for the display. `mean_row_tokens`: the
+    data's mean tokens a row when its micro-batches are padding-free rows (data.padding_free:
+    the rows are concatenated without padding, so a micro-batch holds about rows x this many
+    tokens); None: rows x seq_len. `overhead`: bytes the
+    device holds before the model (`runtime_overhead`), `overhead_from` what they are.
+    `reference_model`: a frozen copy of the model in
     the compute dtype sits on every device (DPO of a full fine-tune without
     dpo.precompute_ref). `reshard_after_forward`: distributed.reshard_after_forward (fsdp2).
     """
@@ -240,11 +259,23 @@ class Workload:
     reference_model: bool = False
     reshard_after_forward: bool = True
     seq_len_from: str = ""
+    overhead: int = FIXED_OVERHEAD_BYTES
+    overhead_from: str = ""
+    mean_row_tokens: float | None = None
 
     @property
     def rows(self) -> int:
         """Sequences in one micro-batch."""
         return self.micro_batch_size * (2 if self.pairs else 1)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one micro-batch: rows x seq_len, or for padding-free rows rows x their
+        mean length (at most that)."""
+        bound = self.rows * self.seq_len
+        if self.mean_row_tokens is None:
+            return bound
+        return min(bound, math.ceil(self.rows * self.mean_row_tokens))
 
     @property
     def full(self) -> bool:
@@ -353,7 +384,8 @@ class Workload:
                            else self._autocast_copies(b_train, b_comp)),
             reference=s.params * b_comp if self.reference_model else 0,
             gradients=grads + unsharded_grads, optimizer=optimizer,
-            activations=self.activation_bytes(), overhead=FIXED_OVERHEAD_BYTES, host=host)
+            activations=self.activation_bytes(), overhead=self.overhead, host=host,
+            overhead_from=self.overhead_from, tokens=self.tokens)
 
     def _stored_bytes(self, b_base: int, b_weight: int) -> tuple[int, int, int]:
         """(frozen bytes, one decoder layer's bytes, the root unit's bytes) as stored."""
@@ -406,7 +438,7 @@ class Workload:
         return sum(self.activation_parts().values())
 
     def activation_parts(self) -> dict[str, int]:
-        """Activations of `rows` x `seq_len` tokens, in bytes: kept by the decoder layers for
+        """Activations of the `tokens` of one micro-batch, in bytes: kept by the decoder layers for
         the backward (`layers`), the one layer recomputed at a time under gradient
         checkpointing (`recomputed`), kept outside the layers (`outside`), the logits' part
         kept for the backward (`logits_kept`) and the part alive only while the loss is
@@ -448,7 +480,7 @@ class Workload:
             inputs = sum(c * (lin.in_features + self.lora_r) for lin in self.targeted()) // layers
             outside = norms
         layer = 2 * norms + core + inputs
-        tokens = self.rows * self.seq_len
+        tokens = self.tokens
         fused = self.fused_linear_cross_entropy
         return {
             "layers": tokens * s.layers * (r * h if self.gradient_checkpointing else layer),
@@ -457,6 +489,19 @@ class Workload:
             "logits_kept": tokens * (2 * 4 * h if fused else 4 * s.vocab),
             "logits_transient": 0 if fused else tokens * (c + 4) * s.vocab,
         }
+
+
+def runtime_overhead(vendor: str) -> tuple[int, str]:
+    """(bytes, what they are) that a device holds before the model loads. A GPU:
+    FIXED_OVERHEAD_BYTES (its runtime's context and workspaces). The CPU: this process's
+    resident memory now (Python, torch and the libraries imported so far), since there the
+    process lives in the memory it trains in and its measured peak counts it; call it before
+    the model loads."""
+    if vendor != "cpu":
+        return FIXED_OVERHEAD_BYTES, ""
+    import psutil
+
+    return psutil.Process().memory_info().rss, CPU_OVERHEAD_FROM
 
 
 def _count(n: int) -> str:

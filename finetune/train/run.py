@@ -37,7 +37,13 @@ from finetune.train.run_dir import (
     open_resume,
     start_run_files,
 )
-from finetune.train.setup import build_accelerator, choose_strategy_for, plan_kernels, setup
+from finetune.train.setup import (
+    build_accelerator,
+    choose_strategy_for,
+    plan_kernels,
+    setup,
+    strategy_with_data,
+)
 from finetune.train.signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from finetune.train.trainer import Trainer
 
@@ -100,14 +106,17 @@ def _train(cfg: RunConfig, recipe: Recipe, run_dir: Path, fresh_dir: FreshRunDir
             resume = open_resume(run_dir, cfg.resume, config_dict(cfg), force=cfg.resume_force,
                                  world_size=acc.num_processes)
             monitor.print_plan()
-            monitor.line(strategy.headline())  # `finetune validate` shows the whole estimate
-            if strategy.fits is False:
-                logger.warning("%s", strategy.reason)
             if acc.is_main_process:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 store.remove_stale_tmp(run_dir)
                 (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             parts = setup(cfg, kernel_plan, recipe, acc, engine, run_dir=run_dir)
+            # Said with the row length the data settled on (`finetune validate` shows the whole
+            # estimate, for the length it assumes).
+            strategy = strategy_with_data(cfg, kernel_plan, strategy, parts.data)
+            monitor.line(strategy.headline())
+            if strategy.fits is False:
+                logger.warning("%s", strategy.reason)
             trainer = Trainer(cfg, parts, recipe, run_dir=run_dir, kernel_plan=kernel_plan,
                               config_yaml=config_yaml(cfg), monitor=monitor)
             if resume is not None:

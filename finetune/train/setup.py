@@ -95,15 +95,36 @@ def planned_attention(kernels: KernelsConfig, *, packing: bool) -> str:
 
 def choose_strategy_for(cfg: RunConfig, recipe: Recipe, kernel_plan: KernelPlan):
     """The distributed strategy of this run (`distributed=auto` resolved from the memory
-    estimate for this world size), as a finetune.distributed.choose.StrategyChoice."""
+    estimate for this world size), as a finetune.distributed.choose.StrategyChoice. Called
+    before the model loads: on the CPU the estimate counts this process's memory then."""
     from finetune.distributed.choose import choose_strategy, workload_from_run
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    world, local = _world_size()
     workload = workload_from_run(cfg, load_model_config(cfg.model), kernel_plan,
                                  pairs=recipe.pairs)
     return choose_strategy(cfg.distributed, workload, kernel_plan.hardware, world,
                            local_processes=local)
+
+
+def strategy_with_data(cfg: RunConfig, kernel_plan: KernelPlan, chosen, data: TrainData):
+    """`chosen` (from `choose_strategy_for`) with its memory estimate re-made for the row
+    length the data settled on (data.max_seq_len=auto is decided only once the data is read)
+    and, for padding-free rows, their mean length: the choice the run prints
+    (finetune.distributed.choose.with_data_length)."""
+    from finetune.distributed.choose import with_data_length
+
+    stats = data.stats
+    mean = stats.tokens / stats.rows if stats.padding_free and stats.tokens and stats.rows else None
+    world, local = _world_size()
+    return with_data_length(chosen, cfg.distributed, kernel_plan.hardware, world,
+                            seq_len=stats.max_seq_len, seq_len_from=stats.max_seq_len_from,
+                            mean_row_tokens=mean, local_processes=local)
+
+
+def _world_size() -> tuple[int, int]:
+    """(processes in the run, processes on this machine), as the launcher set them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
 
 
 def build_accelerator(kernel_plan: KernelPlan, *, trackers: list | None = None,
