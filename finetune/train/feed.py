@@ -31,6 +31,13 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
                 else v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
+def pins_batches(device: torch.device) -> bool:
+    """Whether batches for `device` are pinned: on CUDA, ROCm (device type cuda) and XPU, whose
+    host-to-device copies run asynchronously from page-locked memory (`pin_memory()` pins for
+    the current accelerator); not on the CPU, nor on MPS, whose memory the host shares."""
+    return device.type in ("cuda", "xpu")
+
+
 def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.pin_memory() if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v)
             for k, v in batch.items()}

@@ -20,7 +20,7 @@ from finetune.errors import TrainingError
 from finetune.evaluate.sampling import SampleWriter, Sampling
 from finetune.kernels import KernelPlan
 from finetune.metrics.monitor import RunMonitor
-from finetune.train.feed import BatchFeed, to_device
+from finetune.train.feed import BatchFeed, pins_batches, to_device
 from finetune.train.loss import (
     LossFn,
     LossOutput,
@@ -305,7 +305,7 @@ class Trainer:
         accum = self.cfg.trainer.grad_accum_steps
         world = self.acc.num_processes
         feed = BatchFeed(self.data.train, depth=self.cfg.trainer.prefetch,
-                         pin=self.acc.device.type == "cuda")
+                         pin=pins_batches(self.acc.device))
         self.model.train()
         try:
             with PreemptionHandler() as preemption:
