@@ -47,16 +47,30 @@ def test_without_deepspeed_the_strategy_is_refused_with_the_extra(
     assert "distributed=fsdp2" in str(err.value)
 
 
-def test_deepspeed_availability_is_read_from_the_environment() -> None:
-    import importlib.util
-
-    assert dsc.deepspeed_available() == (importlib.util.find_spec("deepspeed") is not None)
+def test_deepspeed_availability_is_read_from_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed means importable from sys.path; finding it does not import it."""
+    monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
+    (tmp_path / "without").mkdir()
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "without")])
+    assert dsc.deepspeed_available() is False
+    package = tmp_path / "with" / "deepspeed"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "with")])
+    assert dsc.deepspeed_available() is True
+    assert "deepspeed" not in sys.modules
 
 
 def test_other_strategies_never_ask_for_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dsc, "deepspeed_available", lambda: False)
+    asked: list[str] = []
+    monkeypatch.setattr(dsc, "deepspeed_available", lambda: asked.append("asked") or False)
     for strategy in ("single", "ddp", "fsdp2"):
-        dsc.require_deepspeed(strategy)
+        assert dsc.require_deepspeed(strategy) is None
+    assert asked == []
+    with pytest.raises(ConfigError, match="distributed=deepspeed_zero3 needs DeepSpeed"):
+        dsc.require_deepspeed("deepspeed_zero3")
+    assert asked == ["asked"]
 
 
 # ------------------------------------------------------------------ the config
