@@ -138,13 +138,15 @@ def test_varlen_batch_isolates_through_position_ids(model, packed):
 
 
 def test_flex_block_mask_isolates(model, packed):
+    from transformers.utils import is_torch_flex_attn_available
+
+    if not is_torch_flex_attn_available():  # any other failure of the forward is a failure
+        pytest.skip(f"torch {torch.__version__} has no flex_attention")
     batch, rows = packed("flex_attention")
     try:
         model.set_attn_implementation("flex_attention")
         with torch.no_grad():
             error = _max_doc_error(model, batch, rows)
-    except Exception as exc:  # no flex attention on this CPU/torch build
-        pytest.skip(f"flex_attention forward unavailable on CPU: {type(exc).__name__}: {exc}")
     finally:
         model.set_attn_implementation("sdpa")
     assert error < ATOL
