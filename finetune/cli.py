@@ -15,6 +15,7 @@ import textwrap
 from typing import NoReturn
 
 from finetune.commands import COMMANDS, Command
+from finetune.dependencies import missing_dependency_message
 from finetune.errors import ConfigError, FinetuneError
 from finetune.metrics.console_log import setup_logging
 
@@ -105,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:  # an install without its dependencies (offline nodes)
+        message = missing_dependency_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside it, a checkpoint)
         print("interrupted (Ctrl-C); checkpoints already written are intact.", file=sys.stderr)
         return 130

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import OmegaConf
-
 if TYPE_CHECKING:
     from finetune.config.schema import RunConfig
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
     """`cfg` as nested dicts and lists of str, int, float, bool and None."""
+    from omegaconf import OmegaConf  # here, not at the top: `finetune.config` imports without it
+
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     assert isinstance(container, dict)  # a RunConfig is a mapping
     return container
@@ -23,4 +23,6 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def config_yaml(cfg: RunConfig) -> str:
     """`cfg` as YAML, keys in schema order (the run directory's config.yaml)."""
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import orjson
-
 from finetune.config.data import TextUnit
 from finetune.data.errors import BadRow, DataError, RowOrigin
 from finetune.data.settings import setting_choice
@@ -77,6 +75,8 @@ def _numbered_lines(path: Path,
 
 
 def _read_jsonl(path: Path, start: FilePosition) -> Iterator[RowItem]:
+    import orjson  # here, not at the top: importing finetune.data (the collator) needs no orjson
+
     for raw, origin, resume in _numbered_lines(path, start):
         try:
             row = orjson.loads(raw)
