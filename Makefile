@@ -4,7 +4,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean wheelhouse
+
+# `make wheelhouse PY=3.12 PLATFORM=manylinux_2_28_x86_64`: finetune and every dependency a node
+# with torch installed lacks, for that Python and platform (torch, CUDA, ROCm, Triton left out).
+# On the offline node: pip install --no-index --find-links wheelhouse finetune
+WHEELHOUSE ?= wheelhouse
+PY         ?= $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+PLATFORM   ?= manylinux_2_28_$(shell uname -m)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +29,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check finetune recipes scripts tests
 	$(BIN)/python -m pytest -q
+
+wheelhouse:
+	$(PYTHON) scripts/wheelhouse.py --out $(WHEELHOUSE) --python-version $(PY) \
+		$(foreach tag,$(PLATFORM),--platform $(tag))
 
 lint: $(STAMP)
 	$(BIN)/ruff check finetune recipes scripts tests
