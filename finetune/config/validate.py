@@ -11,6 +11,7 @@ import math
 from dataclasses import fields, is_dataclass
 
 from finetune.config.schema import RunConfig
+from finetune.distributed.requirements import check_qlora_strategy
 from finetune.errors import ConfigError
 
 POSITIVE = ("trainer.micro_batch_size", "trainer.grad_accum_steps", "trainer.epochs",
@@ -72,6 +73,8 @@ def validate_run_config(run: RunConfig) -> None:
         raise ConfigError(f"optim.lr={run.optim.lr} must be positive (e.g. optim.lr=2e-4).")
     if run.resume not in (None, "auto") and not isinstance(run.resume, str):
         raise ConfigError(f"resume={run.resume!r} must be null, auto, or a checkpoint path.")
+    # distributed=auto is checked once resolved, when the strategy wraps the loaded model.
+    check_qlora_strategy(str(run.distributed.strategy), str(run.peft.method))
     if len(run.optim.betas) != 2:
         raise ConfigError(f"optim.betas={list(run.optim.betas)} must have two values, e.g. "
                           "optim.betas=[0.9,0.999].")

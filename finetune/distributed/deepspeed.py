@@ -33,6 +33,7 @@ from finetune.distributed.deepspeed_config import (
     check_overrides,
     require_deepspeed,
 )
+from finetune.distributed.requirements import check_model_for_sharding
 from finetune.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class DeepSpeedZero:
         if accelerator.distributed_type != DistributedType.DEEPSPEED:
             raise RuntimeError("the Accelerator was built without this engine's "
                                "accelerator_kwargs(): it does not run DeepSpeed")
+        check_model_for_sharding(self.strategy, model)
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
         engine, optimizer = accelerator.prepare(model, optimizer)
         engine.set_gradient_accumulation_boundary(True)

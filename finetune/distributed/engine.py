@@ -28,6 +28,7 @@ import torch
 
 from finetune.checkpoint.store import SHARDED as SHARDED_DIR
 from finetune.checkpoint.trainable import load_trainable, trainable_state
+from finetune.distributed.requirements import check_model_for_sharding
 from finetune.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class FullyShard(Replicated):
             fully_shard,
         )
 
+        check_model_for_sharding("fsdp2", model)  # before any collective: a refusal exits 2
         _ensure_process_group(accelerator)
         mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
         # Gathered weights in the compute dtype: autocast would otherwise keep a second,
@@ -177,7 +179,7 @@ class FullyShard(Replicated):
         if max_norm > 0:
             total = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
-            total = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+            total = total_norm(params, grads) if grads else torch.tensor(0.0)
         if isinstance(total, DTensor):  # the norm of the shards, summed over the ranks
             total = total.full_tensor()
         return float(total)
@@ -212,6 +214,17 @@ class FullyShard(Replicated):
 
         return get_model_state_dict(
             model, options=_state_dict_options(full_state_dict=True, cpu_offload=True))
+
+
+def total_norm(params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of `grads` (DTensor shards included), without clipping them.
+    `torch.nn.utils.get_total_norm` came with torch 2.6; before it, clip_grad_norm_ with an
+    infinite max_norm returns the same norm and scales the gradients by 1 (a non-finite norm
+    then makes them non-finite too, and the step is skipped either way)."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(params, float("inf"))
 
 
 def _refuse_deepspeed_checkpoint(checkpoint: Path, strategy: str) -> None:
