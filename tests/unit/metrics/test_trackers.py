@@ -138,18 +138,17 @@ def test_wandb_with_a_key_but_no_network_goes_offline(
 def test_a_hanging_host_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection (or DNS lookup) that never answers must not hold the run."""
     import threading
-    import time
 
-    release = threading.Event()
+    release, answered = threading.Event(), threading.Event()
 
     def hang(address, timeout=None):
         release.wait(30)
+        answered.set()
         return types.SimpleNamespace(close=lambda: None)
 
     monkeypatch.setattr(socket, "create_connection", hang)
-    started = time.monotonic()
     assert not trackers._reachable("https://api.wandb.ai", timeout_s=0.2)
-    assert time.monotonic() - started < 5
+    assert not answered.is_set()  # it gave up while the connection still hung
     release.set()
 
 
