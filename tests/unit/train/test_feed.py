@@ -3,11 +3,14 @@ happen, and the time the loop waited."""
 
 from __future__ import annotations
 
+import threading
 import time
+import types
 
 import pytest
 import torch
 
+from finetune.train import feed as feed_module
 from finetune.train.feed import BatchFeed, to_device
 
 
@@ -39,7 +42,7 @@ def test_each_batch_comes_with_the_position_after_it(depth: int) -> None:
         assert int(batch["input_ids"][0, 0]) == i
         assert state == {"position": i + 1}
     if depth:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60  # a wait for the thread, not a timing check
         while source.position < 5 + depth and time.monotonic() < deadline:
             time.sleep(0.01)
         # built ahead (the queue, plus one waiting to enter it), yet not reported as consumed
@@ -56,17 +59,53 @@ def test_an_error_reaches_the_loop_at_its_batch() -> None:
     feed.close()
 
 
-def test_the_wait_is_measured_and_prefetch_hides_it() -> None:
-    slow = BatchFeed(Source(delay=0.05), depth=0)
+class Clock:
+    """A clock that moves only when a batch is built: each build takes `build_s`."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class GatedSource(Source):
+    """Builds a batch (moving `clock` by `build_s`) only once `gate` lets it."""
+
+    def __init__(self, clock: Clock, build_s: float) -> None:
+        super().__init__()
+        self.clock, self.build_s, self.gate = clock, build_s, threading.Semaphore(0)
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.gate.acquire()
+            self.clock.now += self.build_s
+            yield batch
+
+
+def test_the_wait_is_measured_and_prefetch_hides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(feed_module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    built_here = GatedSource(clock, build_s=0.25)
+    built_here.gate.release(3)
+    slow = BatchFeed(built_here, depth=0)
     for _ in range(3):
         slow.next()
-    assert slow.take_wait() >= 0.14
+    assert slow.take_wait() == 0.75  # each batch built while the loop waited
     assert slow.take_wait() == 0.0
-    ahead = BatchFeed(Source(delay=0.05), depth=4)
-    time.sleep(0.4)  # the step's compute, during which the feed builds ahead
-    for _ in range(4):
-        ahead.next()
-    assert ahead.take_wait() < 0.05
+
+    built_ahead = GatedSource(clock, build_s=0.25)
+    built_ahead.gate.release(4)
+    ahead = BatchFeed(built_ahead, depth=4)
+    deadline = time.monotonic() + 60  # a wait for the thread, not a timing check
+    while not ahead._queue.full() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The 4 batches were built ahead; the next build waits at the gate: no wait to measure.
+    for i in range(4):
+        batch, _ = ahead.next()
+        assert int(batch["input_ids"][0, 0]) == i
+    assert ahead.take_wait() == 0.0
+    built_ahead.gate.release(100)
     ahead.close()
 
 
