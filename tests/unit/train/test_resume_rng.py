@@ -39,7 +39,8 @@ def test_resume_with_dropout_gives_the_straight_runs_losses_bitwise(
 
 
 def test_dropout_draws_make_the_rng_matter(make_trainer, tmp_path: Path) -> None:
-    """The oracle above can fail: the same steps from another RNG state give other losses."""
+    """The oracle above can fail: the same steps from another RNG state give other losses
+    (from the second step on: LoRA's B starts at zero, so the first loss sees no dropout)."""
     first = make_trainer(tmp_path / "a", *DROPOUT)
     first.total_steps = 2
     first.fit()
