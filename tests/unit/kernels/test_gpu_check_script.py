@@ -1,50 +1,86 @@
-"""scripts/gpu_check.py on CPU: --dry-run runs every in-process section on tiny shapes, in this
-process; the leak check can fail; budgets cut a section but keep its partial results."""
+"""scripts/gpu_check on CPU: --dry-run runs every section on tiny shapes, in a child process
+where finetune's configuration and data packages cannot be imported (as on a node with torch
+and the Hugging Face stack only); the leak check can fail; budgets cut a section but keep its
+partial results; the report is written after every section."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from scripts.gpu_check import context, leak, lora_run, op_profile, runner, sdpa_backend, syncs
+from scripts.gpu_check import main as gpu_check_main
+
 ROOT = Path(__file__).resolve().parents[3]
+# An image with torch, transformers, accelerate and peft but none of these.
+ABSENT = ("hydra", "omegaconf", "orjson", "datasets", "wandb")
+PRELUDE = f"""
+import runpy, sys
+for name in {ABSENT!r}:
+    sys.modules[name] = None  # `import name` raises ModuleNotFoundError, find_spec gives None
+sys.argv = ["scripts/gpu_check.py", *sys.argv[1:]]
+runpy.run_path({str(ROOT / "scripts" / "gpu_check.py")!r}, run_name="__main__")
+"""
 
 
 @pytest.fixture(scope="module")
-def gpu_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def dry_run(gpu_check, tmp_path_factory) -> tuple[dict, Path]:
+def dry_run(tmp_path_factory) -> tuple[dict, Path]:
     tmp = tmp_path_factory.mktemp("gpu_check")
     doc = tmp / "hardware-validation.md"
-    code = gpu_check.main(["--dry-run", "--out", str(tmp / "report.json"), "--doc", str(doc)])
-    assert code == 0
+    proc = subprocess.run([sys.executable, "-c", PRELUDE, "--dry-run", "--out",
+                           str(tmp / "report.json"), "--doc", str(doc)],
+                          cwd=tmp, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((tmp / "report.json").read_text()), doc
 
 
 def test_dry_run_runs_every_in_process_section(dry_run) -> None:
     report, doc = dry_run
-    for name in ("versions", "plan", "sdpa_backend", "leak", "memory", "gemm", "loss_parity",
-                 "lora_forward", "adamw", "tf32", "selfcheck"):
+    for name in ("versions", "plan", "step", "op_profile", "sdpa_backend", "leak", "memory",
+                 "gemm", "loss_parity", "lora_forward", "adamw", "tf32", "selfcheck"):
         assert report[name]["status"] == "ok", (name, report[name])
+    assert report["versions"]["missing_packages"] == ["hydra-core", *ABSENT[1:]]
     assert report["liger"]["status"].startswith("skipped: ")
-    assert report["lora"]["status"].startswith("skipped: --dry-run")
+    # `finetune run` composes its config with hydra: named, and the sections after it still ran
+    assert report["lora"]["status"].startswith("skipped: needs hydra-core, omegaconf, orjson")
     assert report["multi_gpu"]["status"].startswith("skipped: needs 2+ GPUs")
     assert any(s.startswith("multi_gpu: needs 2+ GPUs") for s in report["skipped"])
     assert not doc.exists()  # only a real GPU run is recorded in the docs
+
+
+def test_sections_run_most_valuable_first(dry_run) -> None:
+    report, _ = dry_run
+    names = [name for name, section in report.items() if isinstance(section, dict)
+             and "status" in section]
+    assert names[:5] == ["versions", "plan", "step", "syncs", "op_profile"]
+    assert names.index("leak") < names.index("memory") < names.index("lora")
+
+
+def test_dry_run_measures_the_realistic_step(dry_run) -> None:
+    report, _ = dry_run
+    step = report["step"]
+    assert step["model"]["llama3_8b_layers"] == 32 and step["model"]["lora_rank"] == 16
+    assert step["model"]["layers"] == context.CPU.step_model[2]  # fewer layers, stated
+    planned = report["plan"]["packed_attention"]["choice"]
+    runs = step["runs"]
+    assert next(iter(runs)) == planned  # the plan's choice first
+    assert f"{planned}+lora=peft" in runs and runs[f"{planned}+lora=peft"]["lora"] == "peft"
+    assert {r["isolation"] for r in runs.values()} >= {"varlen", "block_mask_4d"}
+    assert all(r["tokens_per_s"] > 0 for r in runs.values())
+    assert step["losses_agree"] is True
+    assert report["syncs"]["status"].startswith(
+        "skipped: torch.cuda.set_sync_debug_mode counts CUDA synchronisations")
+    assert report["syncs"]["attention"] == planned
+    shares = report["op_profile"]["shares_pct"]
+    assert "matrix products" in shares and sum(shares.values()) <= 100.5
 
 
 def test_dry_run_findings(dry_run) -> None:
@@ -68,23 +104,25 @@ def test_dry_run_findings(dry_run) -> None:
     assert masked["seq"] % 128 == 64 and masked["routed_grad_q_finite"]
 
 
-def test_without_a_gpu_it_refuses_unless_dry_run(gpu_check, capsys) -> None:
+def test_without_a_gpu_it_refuses_unless_dry_run(capsys) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert gpu_check.main([]) == 2
+    assert gpu_check_main.main([]) == 2
     assert "--dry-run" in capsys.readouterr().err
 
 
-def _cpu_context(gpu_check):
+def _cpu_context():
     import argparse
 
-    ctx = gpu_check.Context(argparse.Namespace(dry_run=True, skip_lora=True), gpu_check.CPU,
-                            "cpu", torch.float32)
-    gpu_check.section_plan(ctx, {})
+    from scripts.gpu_check.machine import section_plan
+
+    ctx = context.Context(argparse.Namespace(dry_run=True, skip_lora=True), context.CPU, "cpu",
+                          torch.float32)
+    section_plan(ctx, {})
     return ctx
 
 
-def test_leak_check_fails_when_isolation_is_broken(gpu_check, monkeypatch) -> None:
+def test_leak_check_fails_when_isolation_is_broken(monkeypatch) -> None:
     """A collator whose block mask is plain causal lets documents see each other: the leak
     section must report it."""
     import finetune.data.collate as collate
@@ -100,24 +138,24 @@ def test_leak_check_fails_when_isolation_is_broken(gpu_check, monkeypatch) -> No
                 batch["attention_mask"] = causal[None, None].expand_as(batch["attention_mask"])
             return batch
 
-    ctx = _cpu_context(gpu_check)
+    ctx = _cpu_context()
     monkeypatch.setattr(collate, "Collator", LeakyCollator)
     out: dict = {}
-    gpu_check.section_leak(ctx, out)
+    leak.section_leak(ctx, out)
     assert out["sdpa"]["isolated"] is False and out["eager"]["isolated"] is False
 
 
-def test_sdpa_backend_of_recorded_ops(gpu_check) -> None:
-    assert gpu_check.backend_of(["aten._scaled_dot_product_cudnn_attention.default"]) == "cudnn"
-    assert gpu_check.backend_of(["aten._scaled_dot_product_flash_attention_for_cpu.default"]) == (
+def test_sdpa_backend_of_recorded_ops() -> None:
+    assert sdpa_backend.backend_of(["aten._scaled_dot_product_cudnn_attention.default"]) == "cudnn"
+    assert sdpa_backend.backend_of(["aten._scaled_dot_product_flash_attention_for_cpu.default"]) == (
         "flash")
-    assert gpu_check.backend_of(["aten._efficient_attention_forward.default",
+    assert sdpa_backend.backend_of(["aten._efficient_attention_forward.default",
                                  "aten._scaled_dot_product_efficient_attention.default"]) == (
         "efficient")
-    assert gpu_check.backend_of(["aten.bmm.default", "aten._softmax.default"]) == "math"
+    assert sdpa_backend.backend_of(["aten.bmm.default", "aten._softmax.default"]) == "math"
 
 
-def test_a_section_past_its_budget_keeps_partial_results(gpu_check) -> None:
+def test_a_section_past_its_budget_keeps_partial_results() -> None:
     report: dict = {}
 
     def slow(out: dict) -> None:
@@ -125,46 +163,44 @@ def test_a_section_past_its_budget_keeps_partial_results(gpu_check) -> None:
         time.sleep(5)
         out["second_half"] = 2.0
 
-    started = time.monotonic()
-    gpu_check.run_section(report, "memory", gpu_check.Budget(60), 0.3, slow)
-    assert time.monotonic() - started < 3
+    runner.run_section(report, "memory", runner.Budget(60), 0.3, slow)
     assert report["memory"]["status"].startswith("timed out")
     assert report["memory"]["first_half"] == 1.0 and "second_half" not in report["memory"]
 
 
-def test_a_failing_section_is_reported_not_raised(gpu_check) -> None:
+def test_a_failing_section_is_reported_not_raised() -> None:
     report: dict = {}
-    budget = gpu_check.Budget(60)
+    budget = runner.Budget(60)
 
     def broken(out: dict) -> None:
         out["measured"] = 1.5
         raise RuntimeError("no kernel image is available")
 
-    gpu_check.run_section(report, "attention", budget, 1, broken)
+    runner.run_section(report, "attention", budget, 1, broken)
     assert report["attention"]["status"].startswith("failed: RuntimeError: no kernel image")
     assert report["attention"]["measured"] == 1.5  # partial results are kept
-    gpu_check.run_section(report, "lora", gpu_check.Budget(0), 30, broken)
+    runner.run_section(report, "lora", runner.Budget(0), 30, broken)
     assert report["lora"]["status"].startswith("skipped")
 
 
-def test_skip_is_reported_as_skipped(gpu_check) -> None:
+def test_skip_is_reported_as_skipped() -> None:
     report: dict = {}
 
     def not_here(out: dict) -> None:
-        raise gpu_check.Skip("cuDNN attention is NVIDIA-only")
+        raise runner.Skip("cuDNN attention is NVIDIA-only")
 
-    gpu_check.run_section(report, "cudnn", gpu_check.Budget(60), 5, not_here)
+    runner.run_section(report, "cudnn", runner.Budget(60), 5, not_here)
     assert report["cudnn"]["status"] == "skipped: cuDNN attention is NVIDIA-only"
-    assert gpu_check.skipped_checks(report) == ["cudnn: cuDNN attention is NVIDIA-only"]
+    assert runner.skipped_checks(report) == ["cudnn: cuDNN attention is NVIDIA-only"]
 
 
-def test_lora_command_and_results(gpu_check, tmp_path: Path) -> None:
-    command = gpu_check.lora_command(Path("/m"), tmp_path / "run", 2048, 40)
+def test_lora_command_and_results(tmp_path: Path) -> None:
+    command = lora_run.lora_command(Path("/m"), tmp_path / "run", 2048, 40)
     assert command[1:5] == ["-m", "finetune.cli", "run", "lora_sft"]
     for item in ("model.name_or_path=/m", "data.packing=true", "data.max_seq_len=2048",
                  "trainer.max_steps=40"):
         assert item in command
-    assert gpu_check.lora_command(Path("/m"), tmp_path, 2048, 40, nproc=2)[-1] == "--nproc=2"
+    assert lora_run.lora_command(Path("/m"), tmp_path, 2048, 40, nproc=2)[-1] == "--nproc=2"
     run = tmp_path / "run"
     run.mkdir()
     rows = [{"step": i, "loss": 5.0 - i, "tokens_per_s": 1000.0 * i, "mfu": 0.1 * i,
@@ -174,7 +210,7 @@ def test_lora_command_and_results(gpu_check, tmp_path: Path) -> None:
                                                   "trained_tokens_per_s": 900.0}))
     (run / "kernel_plan.json").write_text(json.dumps({"kernels": {
         "attention": {"choice": "flash_attention_3", "selfcheck": "passed"}}}))
-    result = gpu_check.lora_results(run, warmup_steps=3)
+    result = lora_run.lora_results(run, warmup_steps=3)
     assert result["steps_measured"] == 3
     assert result["median_tokens_per_s"] == 5000.0 and result["median_mfu"] == pytest.approx(0.5)
     assert (result["first_loss"], result["last_loss"]) == (4.0, -1.0)
@@ -182,15 +218,15 @@ def test_lora_command_and_results(gpu_check, tmp_path: Path) -> None:
     assert result["kernels"] == {"attention": "flash_attention_3"}
 
 
-def test_shadow_package_has_the_installed_layout(gpu_check, tmp_path: Path) -> None:
-    dest = gpu_check.shadow_package(ROOT, tmp_path)
+def test_shadow_package_has_the_installed_layout(tmp_path: Path) -> None:
+    dest = context.shadow_package(ROOT, tmp_path)
     package = dest / "finetune"
     assert (package / "__init__.py").resolve() == ROOT / "finetune" / "__init__.py"
     assert (package / "configs" / "lora_sft.yaml").is_file()
     assert (package / "recipes").resolve() == ROOT / "recipes"
 
 
-def test_validation_section_quotes_only_measured_figures(gpu_check) -> None:
+def test_validation_section_quotes_only_measured_figures() -> None:
     report = {
         "date": "2026-12-01", "wall_s": 301.0,
         "versions": {"status": "ok", "torch": "2.10.0"},
@@ -199,7 +235,86 @@ def test_validation_section_quotes_only_measured_figures(gpu_check) -> None:
         "lora": {"status": "timed out: ran past its 120s budget (partial results kept)",
                  "median_tokens_per_s": 123.0},
     }
-    text = gpu_check.validation_section(report, Path("gpu_check-2026-12-01.json"))
+    text = runner.validation_section(report, Path("gpu_check-2026-12-01.json"))
     assert text.startswith("### 2026-12-01: NVIDIA H200 (sm_90), torch 2.10.0")
     assert "812.3 TFLOP/s" in text
     assert "123.0" not in text  # a section that did not finish quotes no figure
+
+
+def test_each_section_is_written_as_soon_as_it_ends(tmp_path: Path, monkeypatch) -> None:
+    """A run cut off in its third section (here by Ctrl-C) leaves a report, and the validation
+    page's section, holding the two sections that ended."""
+    doc = tmp_path / "hardware-validation.md"
+    doc.write_text("# Hardware validation\n")
+
+    def fake(name: str, module: str):
+        def run(ctx, out: dict) -> None:
+            if name == "step":
+                raise KeyboardInterrupt
+            out["measured"] = name
+            ctx.plan = object()
+        return run
+
+    monkeypatch.setattr(gpu_check_main, "SECTIONS", (("versions", "machine", 5),
+                                                     ("plan", "machine", 5), ("step", "step", 5)))
+    monkeypatch.setattr(gpu_check_main, "section_function", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU run writes the doc
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check_main.main(["--out", str(tmp_path / "report.json"), "--doc", str(doc)])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["versions"]["measured"] == "versions" and report["plan"]["status"] == "ok"
+    assert "step" not in report
+    text = doc.read_text()
+    assert text.startswith("# Hardware validation\n") and "| plan | ok |" in text
+
+
+def test_the_validation_section_is_replaced_not_appended(tmp_path: Path) -> None:
+    doc = tmp_path / "page.md"
+    doc.write_text("intro\n")
+    report = {"date": "2026-12-07"}
+    writer = runner.ReportWriter(report, tmp_path / "r.json", doc, time.monotonic())
+    report["versions"] = {"status": "ok", "torch": "2.13.0"}
+    writer.write()
+    report["gemm"] = {"status": "ok", "tflops": 700.0, "fraction_of_peak": 0.7}
+    writer.write()
+    text = doc.read_text()
+    assert text.count("### 2026-12-07") == 1 and "700.0 TFLOP/s" in text
+    assert text.startswith("intro\n")
+    assert json.loads((tmp_path / "r.json").read_text())["gemm"]["tflops"] == 700.0
+
+
+def test_a_section_names_the_packages_it_needs(monkeypatch) -> None:
+    report: dict = {}
+    monkeypatch.setitem(sys.modules, "omegaconf", None)
+    runner.run_section(report, "lora", runner.Budget(60), 5,
+                       lambda out: runner.needs("hydra", "omegaconf", "json"))
+    assert report["lora"]["status"].startswith("skipped: needs omegaconf (not installed here")
+
+
+def test_a_sync_is_reported_at_its_call_site() -> None:
+    stack = [
+        traceback.FrameSummary("/x/scripts/gpu_check/step.py", 90, "optimizer_step"),
+        traceback.FrameSummary("/v/site-packages/finetune/train/loss.py", 79, "causal_lm_loss"),
+        traceback.FrameSummary("/v/site-packages/transformers/masking_utils.py", 12, "mask"),
+        traceback.FrameSummary("/v/site-packages/torch/nn/functional.py", 5, "pad"),
+    ]
+    assert syncs.call_site(stack) == "transformers/masking_utils.py:12 (mask)"
+    assert syncs.call_site(stack[:2]) == "finetune/train/loss.py:79 (causal_lm_loss)"
+
+
+def test_op_shares_group_matmuls_and_attention() -> None:
+    events = [SimpleNamespace(key="aten::mm", self_cpu_time_total=50.0),
+              SimpleNamespace(key="aten::addmm", self_cpu_time_total=10.0),
+              SimpleNamespace(key="aten::_scaled_dot_product_flash_attention_for_cpu",
+                              self_cpu_time_total=20.0),
+              SimpleNamespace(key="Optimizer.step", self_cpu_time_total=90.0)]
+    assert op_profile.op_shares(events, 100.0, device=False) == {
+        "matrix products": 60.0, "attention": 20.0, "outside aten ops": 20.0}
+    kernels = [SimpleNamespace(key="nvjet_tst_128x256_64x4", device_type="DeviceType.CUDA",
+                               self_device_time_total=30.0),
+               SimpleNamespace(key="aten::mm", device_type="DeviceType.CPU",
+                               self_device_time_total=30.0),
+               SimpleNamespace(key="cudnn_generated_fort_native_sdpa_sm90",
+                               device_type="DeviceType.CUDA", self_device_time_total=10.0)]
+    assert op_profile.op_shares(kernels, 40.0, device=True) == {"matrix products": 75.0,
+                                                               "attention": 25.0}
