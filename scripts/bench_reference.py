@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
     model.train()
     step_ends, step_cpu, losses, first_unix = [], [], [], None
     for path in files:
-        batch = {k: v.to(plan["device"]) for k, v in torch.load(path, weights_only=True).items()}
+        batch = {k: v.to(plan["device"]) if isinstance(v, torch.Tensor) else v
+                 for k, v in torch.load(path, weights_only=True).items()}
         with autocast:
             loss = model(**batch, use_cache=False).loss
         loss.backward()

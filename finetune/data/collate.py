@@ -13,7 +13,16 @@ attention_mask. Packed rows follow `packing_isolation` (see finetune.data.packin
 With a non-CPU `device`, both masks are built there from the per-token document ids: only the
 [B, T] ids cross to the device, never a [B, 1, T, T] mask (256 MiB at B=4, T=4096 in float32).
 - `varlen`: the batch is flattened to one row [1, N] without padding and without attention_mask;
-  position_ids restart at 0 for each document.
+  position_ids restart at 0 for each document. The document boundaries come with it, computed
+  here on the host, as transformers' `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`
+  gives them: `cu_seq_lens_q`/`cu_seq_lens_k` (int32 offsets [documents + 1], moved to the
+  device with the batch, read there by varlen flash kernels) and `max_length_q`/`max_length_k`
+  (Python ints); and `document_lengths`, the same lengths as a tuple of Python ints, which
+  `sdpa_varlen` splits the row by. Python values pass through the batch mover, DDP and FSDP2
+  untouched, so no attention layer reads a boundary back from the device.
+
+Every batch also carries `loss_positions` (int64): the positions whose logits some row's loss
+reads (the next token is trained), which `causal_lm_loss` hands the model as `logits_to_keep`.
 """
 
 from __future__ import annotations
@@ -23,8 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.kernels.varlen_sdpa import DOCUMENT_LENGTHS
+
 Document = tuple[np.ndarray, np.ndarray]
 IGNORE_INDEX = -100
+# The positions whose logits the loss reads (a batch key the loss takes out; see the module).
+LOSS_POSITIONS = "loss_positions"
 
 
 class Collator:
@@ -66,7 +79,12 @@ class Collator:
             "input_ids": torch.from_numpy(input_ids),
             "labels": torch.from_numpy(labels),
             "position_ids": torch.from_numpy(positions),
+            LOSS_POSITIONS: torch.from_numpy(
+                np.flatnonzero((labels[:, 1:] != IGNORE_INDEX).any(axis=0))),
         }
+        if self.isolation == "varlen":
+            out.update(sequence_boundaries([end - start for start, end in spans[0]
+                                            if end > start]))
         if self.isolation is None:
             lengths = np.array([sum(len(ids) for ids, _ in row) for row in rows])
             out["attention_mask"] = torch.from_numpy(
@@ -79,6 +97,15 @@ class Collator:
         elif self.isolation == "flex_block_mask":
             out["attention_mask"] = flex_block_mask(torch.from_numpy(doc_index).to(self.device))
         return out
+
+
+def sequence_boundaries(lengths: list[int]) -> dict[str, Any]:
+    """The boundary keys of a flattened row of documents of `lengths` (see the module):
+    transformers' flash-attention kwargs, and the lengths as Python ints."""
+    offsets = torch.from_numpy(np.cumsum([0, *lengths]).astype(np.int32))
+    longest = max(lengths, default=0)
+    return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest,
+            "max_length_k": longest, DOCUMENT_LENGTHS: tuple(lengths)}
 
 
 def block_diagonal_mask(spans: list[list[tuple[int, int]]], width: int,

@@ -1,7 +1,11 @@
 """`sdpa_varlen`: torch SDPA run once per document, on rows without padding.
 
 Batches for this attention are flattened (finetune.data.collate, `varlen`): one row [1, N] with
-no padding, `position_ids` restarting at 0 where each document starts. Each document then runs
+no padding, `position_ids` restarting at 0 where each document starts, and the documents'
+lengths as Python ints (`document_lengths`, computed by the collator on the host; transformers
+hands the forward's keyword arguments to every attention call), so no layer reads a boundary
+back from the device. Without them (the self-check, a caller passing only `position_ids`) the
+lengths are read from `position_ids`, once per forward. Each document then runs
 `F.scaled_dot_product_attention(is_causal=True)` on its own slice, so no query ever attends to
 another document and nothing is spent on the [N, N] pairs a block-diagonal mask would throw
 away, nor on padding. On a 2-core AVX512-BF16 Xeon (torch 2.13, fp32, 30M-parameter Llama,
@@ -24,6 +28,8 @@ import torch
 from finetune.kernels.sdpa import sdpa_forward
 
 VARLEN_SDPA = "sdpa_varlen"
+# The forward keyword (a batch key) with a flattened row's document lengths as Python ints.
+DOCUMENT_LENGTHS = "document_lengths"
 
 
 def register_varlen_sdpa() -> None:
@@ -76,6 +82,15 @@ class _LengthsOfLastRow:
 _row_lengths = _LengthsOfLastRow()
 
 
+def _training_row_lengths(kwargs: dict[str, Any], length: int) -> list[int] | None:
+    """The documents of a flattened training row: the collator's host-side lengths when they
+    describe this row, else read from its `position_ids`."""
+    given = kwargs.get(DOCUMENT_LENGTHS)
+    if given is not None and sum(given) == length:
+        return list(given)
+    return _row_lengths(kwargs.get("position_ids"), length)
+
+
 def causal_padding_mask(padding: torch.Tensor | None, q_len: int, k_len: int,
                         device: torch.device, *, causal: bool = True,
                         window: int | None = None) -> torch.Tensor:
@@ -109,7 +124,7 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     q_len, k_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = kwargs.get("sliding_window")
-    lengths = (_row_lengths(kwargs.get("position_ids"), q_len)
+    lengths = (_training_row_lengths(kwargs, q_len)
                if attention_mask is None and causal and q_len == k_len and query.shape[0] == 1
                else None)
 

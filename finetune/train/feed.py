@@ -25,7 +25,9 @@ import torch
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Move a collated batch (tensors, flex-attention BlockMasks) to `device`; pinned tensors
-    are copied asynchronously."""
+    are copied asynchronously. Other values stay as they are: the collator's host-side
+    sequence boundaries (Python ints) must not become device tensors, or every attention
+    layer reading them would wait for the device."""
     non_blocking = device.type != "cpu"
     return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor)
                 else v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from finetune.data.collate import LOSS_POSITIONS
+
 IGNORE_INDEX = -100
 
 
@@ -59,16 +61,21 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict, num_items: torch.Tensor)
     The LM head runs only at the positions that predict a trained token (transformers'
     `logits_to_keep` with those positions, shared by the batch's rows): with the loss on
     assistant tokens, prompts, padding and the last token of each example cost no vocabulary
-    projection and hold no logits, which is most of a large vocabulary's share of a step. A
-    model whose forward was replaced (Liger's fused linear cross-entropy, which never
-    materialises logits) or that takes no `logits_to_keep` computes the loss on its own path
-    (`num_items_in_batch`).
+    projection and hold no logits, which is most of a large vocabulary's share of a step. The
+    collator computed those positions on the host (`loss_positions`), so choosing them reads
+    nothing back from the device; a batch without them has them found here (`nonzero`, a
+    device sync on a GPU). A model whose forward was replaced (Liger's fused linear
+    cross-entropy, which never materialises logits) or that takes no `logits_to_keep` computes
+    the loss on its own path (`num_items_in_batch`).
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", LOSS_POSITIONS)}
     labels = batch["labels"]
     targets = labels[:, 1:]
-    keep = (torch.nonzero((targets != IGNORE_INDEX).any(dim=0)).flatten()
-            if selects_logits(model) else None)
+    keep = None
+    if selects_logits(model):
+        keep = batch.get(LOSS_POSITIONS)
+        if keep is None:
+            keep = torch.nonzero((targets != IGNORE_INDEX).any(dim=0)).flatten()
     if keep is None or keep.numel() == 0:
         out = model(**inputs, labels=labels, num_items_in_batch=num_items, use_cache=False)
         return out.loss
@@ -112,7 +119,8 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], 
     given, is a context factory that skips gradient synchronisation for all but the last
     micro-batch.
     """
-    denominator = torch.tensor(float(max(window_tokens, 1)))
+    items = float(max(window_tokens, 1))
+    denominator = torch.tensor(items)
     total: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
@@ -123,7 +131,7 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict], 
             loss = out.loss if isinstance(out, LossOutput) else out
             backward(loss * grad_scale)
         dtype = accumulation_dtype(loss.device)
-        term = loss.detach().to(dtype) * float(denominator)
+        term = loss.detach().to(dtype) * items
         total = term if total is None else total + term
         if isinstance(out, LossOutput):
             for name, value in out.metrics.items():

@@ -120,9 +120,11 @@ def test_stats_count_tokens_and_packing_efficiency(tokenizer, data_cfg, jsonl, a
 def test_unpacked_batch_shapes_and_labels(tokenizer, data_cfg, jsonl, alpaca_rows):
     data = _build(data_cfg(path=str(jsonl(alpaca_rows(6)))), tokenizer)
     batch = next(iter(data.train))
-    assert set(batch) == {"input_ids", "labels", "position_ids", "attention_mask"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "attention_mask",
+                          "loss_positions"}
     shape = batch["input_ids"].shape
-    assert all(v.shape == shape and v.dtype == torch.long for v in batch.values())
+    assert all(v.shape == shape and v.dtype == torch.long
+               for k, v in batch.items() if k != "loss_positions")
     pad = batch["attention_mask"] == 0
     assert (batch["labels"][pad] == -100).all()
     assert (batch["input_ids"][pad] == tokenizer.pad_token_id).all()

@@ -62,7 +62,8 @@ def test_each_class_meets_the_contract(both, tokenizer, kind):
     val = data.val_batches()
     assert len(val) == 3  # 5 rows in batches of 2
     for batch in val:
-        assert {"input_ids", "labels", "position_ids", "attention_mask"} == set(batch)
+        assert {"input_ids", "labels", "position_ids", "attention_mask",
+                "loss_positions"} == set(batch)
         assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] <= 2
     assert same_batches(data.val_batches(2), val[:2])
 
