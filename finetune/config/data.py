@@ -41,8 +41,8 @@ class OnBadRow(Choice):
 
 class PaddingFree(Choice):
     """Unpacked micro-batches as one row of their examples, without padding: auto does it when
-    the attention isolates documents in such rows (sdpa_varlen, varlen_attn, flash_attention_2/3/4); the
-    examples, their order and the loss are those of padded rows."""
+    the attention isolates documents in such rows (sdpa_varlen, varlen_attn,
+    flash_attention_2/3/4); the examples, their order and the loss are those of padded rows."""
 
     auto = "auto"
     on = "on"
