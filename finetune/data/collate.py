@@ -1,9 +1,7 @@
 """Collating examples into model inputs: padded rows, or packed rows with document isolation.
 
 A batch is a list of rows; a row is a list of documents, each `(token ids, trained flags)`.
-Labels are the token ids where trained and -100 elsewhere (not shifted: the model shifts). A
-document's first token is never a target, in a packed row as alone: the position before it
-belongs to the previous document, so predicting it would train across the boundary.
+Labels are the token ids where trained and -100 elsewhere (not shifted: the model shifts).
 Unpacked rows (one document each) are right-padded to the longest row with a 2D
 attention_mask. Packed rows follow `packing_isolation` (see finetune.data.packing):
 
@@ -68,9 +66,6 @@ class Collator:
                 n = len(ids)
                 input_ids[b, at:at + n] = ids
                 labels[b, at:at + n] = np.where(trained, ids, IGNORE_INDEX)
-                # A document's first token is never a target: alone, nothing precedes it; in a
-                # row, the position before it is the previous document's last token.
-                labels[b, at] = IGNORE_INDEX
                 positions[b, at:at + n] = np.arange(n)
                 doc_index[b, at:at + n] = d
                 spans[b].append((at, at + n))
