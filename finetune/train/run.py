@@ -20,7 +20,6 @@ from finetune.config import config_dict, config_yaml
 from finetune.config.schema import RunConfig
 from finetune.data.settings import check_settings as check_data_settings
 from finetune.distributed.deepspeed_config import check_settings as check_deepspeed
-from finetune.distributed.engine import build_engine
 from finetune.kernels import check_choices
 from finetune.metrics.monitor import RunMonitor
 from finetune.metrics.progress import task
@@ -37,13 +36,7 @@ from finetune.train.run_dir import (
     open_resume,
     start_run_files,
 )
-from finetune.train.setup import (
-    build_accelerator,
-    choose_strategy_for,
-    plan_kernels,
-    setup,
-    strategy_with_data,
-)
+from finetune.train.setup import build_runtime, plan_kernels, setup, strategy_with_data
 from finetune.train.signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from finetune.train.trainer import Trainer
 
@@ -84,20 +77,8 @@ def _train(cfg: RunConfig, recipe: Recipe, run_dir: Path, fresh_dir: FreshRunDir
     # takes the trackers with the Accelerator, and monitor.start starts them.
     trackers = build_trackers(cfg.logger, run_dir)
     kernel_plan = plan_kernels(cfg)
-    strategy = choose_strategy_for(cfg, recipe, kernel_plan)
-    engine = build_engine(str(strategy.strategy), cpu_offload=strategy.cpu_offload,
-                          reshard_after_forward=cfg.distributed.reshard_after_forward,
-                          reduce_dtype=cfg.distributed.reduce_dtype,
-                          vendor=kernel_plan.hardware.vendor,
-                          compute_dtype=(kernel_plan.compute_dtype
-                                         if kernel_plan.mixed_precision != "no" else None),
-                          deepspeed=dict(cfg.distributed.deepspeed))
-    engine_kwargs = engine.accelerator_kwargs(
-        micro_batch_size=cfg.trainer.micro_batch_size,
-        grad_accum_steps=cfg.trainer.grad_accum_steps,
-        mixed_precision=kernel_plan.mixed_precision, max_grad_norm=cfg.trainer.max_grad_norm)
-    acc = build_accelerator(kernel_plan, trackers=trackers, run_dir=run_dir,
-                            timeout_s=cfg.distributed.timeout_s, engine_kwargs=engine_kwargs)
+    strategy, engine, acc = build_runtime(cfg, recipe, kernel_plan, trackers=trackers,
+                                          run_dir=run_dir)
     monitor = RunMonitor(cfg, run_dir, acc, kernel_plan)
     acc.wait_for_everyone()  # every rank checked output_dir before rank 0 writes into it
     # Each rank's own log file; only now, when no rank can mistake logs/ for an old run.
@@ -155,28 +136,35 @@ def _train(cfg: RunConfig, recipe: Recipe, run_dir: Path, fresh_dir: FreshRunDir
                 monitor.line(f"preempted at step {trainer.state.step}: checkpoint saved; rerun "
                              f"with resume=auto to continue (exit code {PREEMPTED_EXIT_CODE})")
                 return PREEMPTED_EXIT_CODE
-            if cfg.trainer.save_every_n_steps or cfg.trainer.save_every_minutes:
-                trainer.save_checkpoint()
-            weights = engine.full_state(parts.unwrapped)  # gathered from the shards: every rank
-            if acc.is_main_process:
-                with task("writing the final model"):
-                    final = export_final(parts.unwrapped, parts.tokenizer, run_dir,
-                                         chat_template=parts.data.chat_template, weights=weights)
-                records = read_records(run_dir / "metrics.jsonl")
-                summary = run_summary(
-                    trainer.state.to_dict(), [r["loss"] for r in records if "loss" in r],
-                    parts.data.stats.to_dict(), total_steps=parts.total_steps,
-                    world_size=acc.num_processes, device=acc.device,
-                    resume_changes=trainer.state.resume_changes,
-                    forced_changes=trainer.state.resume_forced_changes,
-                    history_complete=history_complete, records=records)
-                write_json(run_dir / "summary.json", summary)
-                monitor.finish(summary, final)
-            acc.wait_for_everyone()
+            _export(cfg, trainer, run_dir, history_complete=history_complete)
             return 0
         finally:
             trainer.close()
             acc.end_training()
+
+
+def _export(cfg: RunConfig, trainer: Trainer, run_dir: Path, *, history_complete: bool) -> None:
+    """After the last step: a last checkpoint where checkpoints are on, final/ (gathered from
+    the shards on every rank, written by rank 0), summary.json and the end of the report."""
+    parts, acc, monitor = trainer.parts, trainer.acc, trainer.monitor
+    if cfg.trainer.save_every_n_steps or cfg.trainer.save_every_minutes:
+        trainer.save_checkpoint()
+    weights = parts.engine.full_state(parts.unwrapped)
+    if acc.is_main_process:
+        with task("writing the final model"):
+            final = export_final(parts.unwrapped, parts.tokenizer, run_dir,
+                                 chat_template=parts.data.chat_template, weights=weights)
+        records = read_records(run_dir / "metrics.jsonl")
+        summary = run_summary(
+            trainer.state.to_dict(), [r["loss"] for r in records if "loss" in r],
+            parts.data.stats.to_dict(), total_steps=parts.total_steps,
+            world_size=acc.num_processes, device=acc.device,
+            resume_changes=trainer.state.resume_changes,
+            forced_changes=trainer.state.resume_forced_changes,
+            history_complete=history_complete, records=records)
+        write_json(run_dir / "summary.json", summary)
+        monitor.finish(summary, final)
+    acc.wait_for_everyone()
 
 
 __all__ = ["check_before_work", "run_recipe", "run_training"]

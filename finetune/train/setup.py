@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -152,6 +152,40 @@ def build_accelerator(kernel_plan: KernelPlan, *, trackers: list | None = None,
         "kwargs_handlers": [InitProcessGroupKwargs(**group)] if distributed else None,
     }
     return Accelerator(**{**kwargs, **(engine_kwargs or {})})
+
+
+class Runtime(NamedTuple):
+    """How this run executes: its distributed strategy (a StrategyChoice, with the memory
+    estimate behind it), the engine that applies it, and the Accelerator built for both."""
+
+    strategy: Any
+    engine: Any
+    accelerator: Any
+
+
+def build_runtime(cfg: RunConfig, recipe: Recipe, kernel_plan: KernelPlan, *,
+                  trackers: list, run_dir: Path) -> Runtime:
+    """Strategy -> engine -> accelerator, before the model loads: the strategy from the memory
+    estimate (`choose_strategy_for`), its engine (finetune.distributed.engine), and an
+    Accelerator with the engine's settings and the run's trackers."""
+    from finetune.distributed.engine import build_engine
+
+    strategy = choose_strategy_for(cfg, recipe, kernel_plan)
+    engine = build_engine(str(strategy.strategy), cpu_offload=strategy.cpu_offload,
+                          reshard_after_forward=cfg.distributed.reshard_after_forward,
+                          reduce_dtype=cfg.distributed.reduce_dtype,
+                          vendor=kernel_plan.hardware.vendor,
+                          compute_dtype=(kernel_plan.compute_dtype
+                                         if kernel_plan.mixed_precision != "no" else None),
+                          deepspeed=dict(cfg.distributed.deepspeed))
+    engine_kwargs = engine.accelerator_kwargs(
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        grad_accum_steps=cfg.trainer.grad_accum_steps,
+        mixed_precision=kernel_plan.mixed_precision, max_grad_norm=cfg.trainer.max_grad_norm)
+    accelerator = build_accelerator(kernel_plan, trackers=trackers, run_dir=run_dir,
+                                    timeout_s=cfg.distributed.timeout_s,
+                                    engine_kwargs=engine_kwargs)
+    return Runtime(strategy, engine, accelerator)
 
 
 def total_steps(cfg: RunConfig, data: TrainData, world_size: int) -> int:
