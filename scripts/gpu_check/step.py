@@ -44,7 +44,8 @@ class StepBatch:
 
 def packed_rows(ctx: Context, seed: int) -> list[list[tuple[Any, Any]]]:
     """`step_rows` rows of exactly `step_seq` tokens, each cut into `step_docs` documents of
-    random lengths (every token trained)."""
+    random lengths. Every token but each document's first is trained, so no loss term crosses
+    a document and the losses of every layout (one varlen row, or rows with masks) agree."""
     import numpy as np
 
     seq, docs, vocab = ctx.sizes.step_seq, ctx.sizes.step_docs, ctx.sizes.step_model[5]
@@ -53,7 +54,7 @@ def packed_rows(ctx: Context, seed: int) -> list[list[tuple[Any, Any]]]:
     for _ in range(ctx.sizes.step_rows):
         cuts = np.sort(rng.choice(np.arange(2, seq - 1), size=docs - 1, replace=False))
         lengths = np.diff([0, *cuts.tolist(), seq])
-        rows.append([(rng.integers(1, vocab, n), np.ones(n, dtype=bool)) for n in lengths])
+        rows.append([(rng.integers(1, vocab, n), np.arange(n) > 0) for n in lengths])
     return rows
 
 
