@@ -39,6 +39,9 @@ COMMANDS: dict[str, Command] = {
                             "dataset statistics after templating and packing", own_parser=True),
     "merge": Command("merge", "RUN_OR_CHECKPOINT OUT_DIR",
                      "merge a LoRA run into a full HF model folder"),
+    "export": Command("export", "RUN_OR_MODEL_DIR OUT --format gguf [--quant f16|bf16|q8_0] "
+                      "[--no-verify]", "one GGUF file and an Ollama Modelfile, checked by a "
+                      "round trip"),
     "generate": Command("generate", "MODEL_OR_RUN (--prompt TEXT | --prompts FILE.jsonl | "
                         "--interactive)", "sample from a model or a fine-tuned run (streamed; "
                         "--temperature, --top-p, --seed, --max-new-tokens)"),
