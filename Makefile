@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint install clean wheelhouse
+.PHONY: run test lint install clean wheelhouse mutants test-extras
 
 # `make wheelhouse PY=3.12 PLATFORM=manylinux_2_28_x86_64`: finetune and every dependency a node
 # with torch installed lacks, for that Python and platform (torch, CUDA, ROCm, Triton left out).
@@ -29,6 +29,20 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check finetune recipes scripts tests
 	$(BIN)/python -m pytest -q
+
+# Mutation testing of the modules that carry the promises (docs/testing.md); not part of CI.
+# `make mutants MUTANTS_ARGS="--module loss"` runs one module's mutants.
+mutants: $(STAMP)
+	$(BIN)/python scripts/mutants.py $(MUTANTS_ARGS)
+
+# The optional paths CI skips (TRL, MLflow, DeepSpeed): installs those extras into the venv, then
+# runs the tests that need them, printing why any still skips (docs/testing.md).
+EXTRAS_TESTS := tests/unit/metrics/test_trackers.py tests/unit/scripts/test_bench_script.py \
+	tests/unit/distributed/test_deepspeed.py tests/e2e/test_deepspeed.py tests/e2e/test_bench.py \
+	tests/e2e/test_bench_own_model.py
+test-extras: $(STAMP)
+	$(BIN)/pip install -e ".[dev,bench,mlflow,deepspeed]"
+	$(BIN)/python -m pytest -q -rs $(EXTRAS_TESTS)
 
 wheelhouse:
 	$(PYTHON) scripts/wheelhouse.py --out $(WHEELHOUSE) --python-version $(PY) \

@@ -1,0 +1,191 @@
+"""What scripts/mutants.py mutates: the modules that carry the README's promises, the tests that
+cover each one (only these run against its mutants), and the curated mutations.
+
+A curated mutation replaces `find` (which must occur exactly once in the module) by `replace`.
+The first ones of each module are the changes a past mutation pass found unnoticed (see
+docs/testing.md); the rest are the plausible slips of that module. `generic` is how many generic
+mutants (comparison flipped, `and`/`or` swapped, slice bound + 1, call statement dropped) are
+taken, spread evenly, from the listed `functions`. Tests are pytest arguments, so a slow case
+can be left out with --deselect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Curated:
+    path: str
+    find: str
+    replace: str
+    tests: tuple[str, ...] = ()  # default: the module's tests
+
+
+_PACKING_TESTS = [
+    "tests/unit/data/test_data_packing.py",
+    "--deselect", "tests/unit/data/test_data_packing.py::test_flex_block_mask_isolates",
+    "tests/unit/kernels/test_packing_leak.py",
+]
+
+MODULES: dict[str, dict] = {
+    "finetune/data/encode/assembly.py": {
+        "tests": ["tests/unit/data/test_data_assemble.py", "tests/unit/data/test_data_template.py"],
+        "functions": ["assemble"], "generic": 4},
+    "finetune/data/packing.py": {
+        "tests": _PACKING_TESTS, "functions": ["pack_documents"], "generic": 2},
+    "finetune/data/collate.py": {
+        "tests": ["tests/unit/train/test_loss_positions.py", *_PACKING_TESTS],
+        "functions": ["Collator.__call__", "sequence_boundaries"], "generic": 3},
+    "finetune/train/loss.py": {
+        "tests": ["tests/unit/train/test_loss.py", "tests/unit/train/test_loss_positions.py"],
+        "functions": ["causal_lm_loss", "accumulate_gradients"], "generic": 3},
+    "finetune/train/trainer.py": {
+        "tests": ["tests/unit/train/test_trainer_state.py", "tests/unit/train/test_resume_rng.py",
+                  "tests/unit/train/test_data_position.py",
+                  "tests/unit/train/test_resume_schedule.py"],
+        "functions": ["Trainer.load_state_dict"], "generic": 2},
+    "finetune/checkpoint/files.py": {
+        "tests": ["tests/unit/checkpoint/test_store.py"],
+        "functions": ["verify_manifest", "write_manifest"], "generic": 2},
+    "finetune/checkpoint/store.py": {
+        "tests": ["tests/unit/checkpoint/test_store.py"],
+        "functions": ["latest_complete_checkpoint", "list_checkpoints", "apply_retention"],
+        "generic": 3},
+    "finetune/checkpoint/compat.py": {
+        "tests": ["tests/unit/checkpoint/test_resume_changes.py"],
+        "functions": ["config_changes", "global_batch_changes"], "generic": 2},
+    "finetune/distributed/engine.py": {
+        "tests": ["tests/unit/distributed/test_sharded_optimizer_state.py",
+                  "tests/unit/distributed/test_shards_one_process.py",
+                  "tests/unit/distributed/test_engine.py"],
+        "functions": ["load_shards", "Replicated.load_state"], "generic": 1},
+    "finetune/distributed/deepspeed_config.py": {
+        "tests": ["tests/unit/distributed/test_deepspeed.py"],
+        "functions": ["check_overrides", "build_config"], "generic": 3},
+    "recipes/dpo.py": {
+        "tests": ["tests/unit/train/test_dpo.py"],
+        "functions": ["preference_loss", "sequence_logps"], "generic": 2},
+    "finetune/kernels/lora_linear.py": {
+        "tests": ["tests/unit/kernels/test_lora_linear.py"],
+        "functions": ["fused_lora_forward"], "generic": 2},
+    "finetune/kernels/varlen_sdpa.py": {
+        "tests": ["tests/unit/kernels/test_varlen_sdpa.py"],
+        "functions": ["_LengthsOfLastRow.__call__", "document_lengths"], "generic": 2},
+    "finetune/kernels/planner.py": {
+        "tests": ["tests/unit/kernels/test_kernel_plan_golden.py",
+                  "tests/unit/kernels/test_kernel_overrides.py",
+                  "tests/unit/kernels/test_kernel_attention_ranking.py"],
+        "functions": ["_select"], "generic": 3},
+    "finetune/distributed/memory.py": {
+        "tests": ["tests/unit/distributed/test_memory_fsdp2_gradients.py",
+                  "tests/unit/distributed/test_memory.py"],
+        "functions": ["Workload.estimate"], "generic": 3},
+}
+
+# Must be killed before anything else runs: it proves the copy's code is what the tests import.
+CANARY = Curated("finetune/train/loss.py",
+                 'return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())', "return 0")
+
+CURATED: list[Curated] = [
+    # -- data assembly and masking
+    Curated("finetune/data/encode/assembly.py",
+            "a = np.maximum(ta + shift[row], 1)", "a = np.maximum(ta + shift[row], 0)"),
+    Curated("finetune/data/encode/assembly.py",
+            "b = np.minimum(tb + shift[row], n[row])", "b = tb + shift[row]"),
+    Curated("finetune/data/encode/assembly.py",
+            "shift[first != bos] = 1", "shift[first == bos] = 1"),
+    Curated("finetune/data/encode/assembly.py", "keep &= ~over\n", "pass\n"),
+    Curated("finetune/data/encode/assembly.py",
+            "tokens[offsets[:-1][shift[kept] == 1]] = bos", "pass"),
+    # -- packing and collate
+    Curated("finetune/data/packing.py",
+            "if len(lengths) and int(lengths.max()) > max_seq_len:",
+            "if len(lengths) and int(lengths.max()) > max_seq_len + 1:"),
+    Curated("finetune/data/packing.py", "left = room - size", "left = room - size + 1"),
+    Curated("finetune/data/collate.py",
+            "labels[b, at:at + n] = np.where(trained, ids, IGNORE_INDEX)",
+            "labels[b, at:at + n] = ids"),
+    Curated("finetune/data/collate.py",
+            "positions[b, at:at + n] = np.arange(n)", "positions[b, at:at + n] = np.arange(at, at + n)"),
+    Curated("finetune/data/collate.py",
+            "np.flatnonzero((labels[:, 1:] != IGNORE_INDEX).any(axis=0))",
+            "np.flatnonzero((labels[:, :-1] != IGNORE_INDEX).any(axis=0))"),
+    Curated("finetune/data/collate.py",
+            "(np.arange(width)[None, :] < lengths[:, None])",
+            "(np.arange(width)[None, :] <= lengths[:, None])"),
+    # -- loss normalisation
+    Curated("finetune/train/trainer.py", "window_tokens=window_items,", "window_tokens=items,",
+            tests=("tests/e2e/test_loss_ranks.py",)),
+    Curated("finetune/train/loss.py", 'ignore_index=IGNORE_INDEX, reduction="sum") / num_items',
+            'ignore_index=IGNORE_INDEX, reduction="mean")'),
+    Curated("finetune/train/loss.py", "term = loss.detach().to(dtype) * items",
+            "term = loss.detach().to(dtype)"),
+    Curated("finetune/train/loss.py", "backward(loss * grad_scale)", "backward(loss)"),
+    Curated("finetune/train/loss.py", "items = float(max(window_tokens, 1))",
+            "items = float(max(window_tokens // len(micro_batches), 1))"),
+    # -- the trainer's state dict and resume
+    Curated("finetune/train/trainer.py", "            store.restore_rng(*rng)\n",
+            "            pass\n"),
+    Curated("finetune/train/trainer.py",
+            "return self._data_state if self._data_state is not None else "
+            "self.data.train.state_dict()",
+            "return self.data.train.state_dict()"),
+    Curated("finetune/train/trainer.py",
+            "        self.scheduler.load_state_dict(state.scheduler)\n", ""),
+    Curated("finetune/train/trainer.py", "        self._use_configured_hparams(configured)\n", ""),
+    # -- checkpoint store and manifest
+    Curated("finetune/checkpoint/files.py",
+            'if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:',
+            'if path.stat().st_size != meta["bytes"]:'),
+    Curated("finetune/checkpoint/store.py", "for _step, path in reversed(list_checkpoints(",
+            "for _step, path in (list_checkpoints("),
+    # -- the distributed engines
+    Curated("finetune/distributed/engine.py",
+            'optim_state_dict=state["optim"], options=_state_dict_options(strict=False))',
+            "optim_state_dict=optim_state, options=_state_dict_options(strict=False))"),
+    Curated("finetune/distributed/engine.py",
+            "        load_trainable(model, trainable, checkpoint)\n"
+            "        optimizer.load_state_dict(optimizer_state)\n",
+            "        load_trainable(model, trainable, checkpoint)\n"),
+    Curated("finetune/distributed/deepspeed_config.py",
+            '"gradient_accumulation_steps": grad_accum_steps,',
+            '"gradient_accumulation_steps": 1,'),
+    # -- DPO loss
+    Curated("recipes/dpo.py", "- F.logsigmoid(-beta * logits) * label_smoothing)",
+            "+ F.logsigmoid(-beta * logits) * label_smoothing)"),
+    Curated("recipes/dpo.py", "losses = (logits - 1.0 / (2.0 * beta)) ** 2",
+            "losses = (logits - 1.0 / beta) ** 2"),
+    Curated("recipes/dpo.py", "return LossOutput((losses * weight).sum() / num_items,",
+            "return LossOutput(losses.sum() / num_items,"),
+    Curated("recipes/dpo.py", "        policy, reference = policy / scale, reference / scale\n",
+            "        pass\n"),
+    # -- fused LoRA forward
+    Curated("finetune/kernels/lora_linear.py", "alpha=layer.scaling[name])", "alpha=1.0)"),
+    Curated("finetune/kernels/lora_linear.py", "low_rank = lora_a(layer.lora_dropout[name](flat))",
+            "low_rank = lora_a(flat)"),
+    Curated("finetune/kernels/lora_linear.py",
+            "if args or kwargs or layer.disable_adapters or layer.merged:",
+            "if args or kwargs or layer.disable_adapters:"),
+    # -- packed attention's cached document lengths
+    Curated("finetune/kernels/varlen_sdpa.py",
+            "and self._version == position_ids._version and self._length == length):",
+            "and self._length == length):"),
+    # -- kernel planner
+    Curated("finetune/kernels/planner.py",
+            "order = [c for c in ranked if verdicts[c.name][0] and c.auto]",
+            "order = [c for c in ranked if verdicts[c.name][0]]"),
+    Curated("finetune/kernels/planner.py", "        if requested != \"auto\":\n"
+            "            raise KernelOverrideError(\n"
+            "                family, requested, f\"{requested} failed its self-check: {failure}\",",
+            "        if False:\n"
+            "            raise KernelOverrideError(\n"
+            "                family, requested, f\"{requested} failed its self-check: {failure}\","),
+    # -- memory estimate
+    Curated("finetune/distributed/memory.py", "gradients=grads + unsharded_grads,",
+            "gradients=grads,"),
+    Curated("finetune/distributed/memory.py", "grads *= DDP_GRADIENT_COPIES", "pass"),
+    Curated("finetune/distributed/memory.py",
+            "layer_bytes * (2 if self.reshard_after_forward else s.layers)",
+            "layer_bytes * (1 if self.reshard_after_forward else s.layers)"),
+]
