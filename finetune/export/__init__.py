@@ -20,18 +20,26 @@ class ExportVerificationError(FinetuneError):
 
 
 def _load_merged(source: Path | str):
-    """(model, tokenizer) for a run, checkpoint, adapter or model folder; a LoRA merged into its
-    base as `finetune merge` does (QLoRA into the base in the run's 16-bit dtype)."""
+    """(model, tokenizer, chat template) for a run, checkpoint, adapter or model folder; a LoRA
+    merged into its base as `finetune merge` does (QLoRA into the base in the run's 16-bit
+    dtype). The template is the one the run trained with: final/'s tokenizer keeps it; for a
+    checkpoint it is resolved from the run's data.chat_template as training did."""
     from peft import PeftModel
 
     from finetune.adapters.export import _merge_dtype, describe_source, load_trained_model
+    from finetune.data.template import resolve_template
 
     found = describe_source(source)
     model, tokenizer = load_trained_model(source, dtype=_merge_dtype(found))
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     model.eval()
-    return model, tokenizer
+    template = tokenizer.chat_template or None
+    if found.kind == "checkpoint":
+        setting = (found.run_config() or {}).get("data", {}).get("chat_template")
+        template, _ = resolve_template(tokenizer, setting)
+        tokenizer.chat_template = template
+    return model, tokenizer, template
 
 
 def export_gguf(source: Path | str, out_dir: Path | str, *, quant: str = "f16",
@@ -61,9 +69,8 @@ def export_gguf(source: Path | str, out_dir: Path | str, *, quant: str = "f16",
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"OUT {out} is not an empty folder; not overwriting it. Choose a new "
                           "folder.")
-    model, tokenizer = _load_merged(source)
+    model, tokenizer, chat_template = _load_merged(source)
     gguf_architecture(model.config)  # refuse before anything is written
-    chat_template = tokenizer.chat_template or None
     name = out.name
     made, tmp = _merge_folder(out)
     try:
