@@ -49,8 +49,8 @@ def export_gguf(source: Path | str, out_dir: Path | str, *, quant: str = "f16",
     None when `verify` is False).
 
     The files are written in a temporary folder beside OUT_DIR and renamed into place only once
-    the round trip passed: a failed check raises ExportVerificationError (exit code 1), bad
-    input ConfigError (exit code 2), and either leaves no OUT_DIR, no temporary folder and no
+    the round trip passed: a failed check raises ExportVerificationError (exit code 1), a full
+    disk DiskFullError (exit code 1), bad input ConfigError (exit code 2), and each leaves no OUT_DIR, no temporary folder and no
     parent folder this export created."""
     from finetune.adapters.export import _merge_folder
     from finetune.checkpoint.files import share_as_umask_allows
@@ -99,10 +99,17 @@ def export_gguf(source: Path | str, out_dir: Path | str, *, quant: str = "f16",
         if out.exists():
             out.rmdir()
         tmp.rename(out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in reversed(made):
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        from finetune.checkpoint.store import disk_full, is_disk_full
+
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise disk_full(out.parent, None, f"the GGUF file {out.name}",
+                            keeps="Nothing was written there.",
+                            fix="Free some space (or choose another disk for OUT), then export "
+                                "again.") from None
         raise
     return out / f"{name}.gguf", result

@@ -107,6 +107,25 @@ def test_lora_adapter_is_merged_before_export(tiny_model_dir: Path, tmp_path: Pa
     assert (q - base_q).abs().max() > 1e-2  # the adapter's update is in the file
 
 
+def test_a_full_disk_while_writing_is_one_paragraph_and_leaves_nothing(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+
+    import finetune.export.gguf as writer
+
+    def fill_the_disk(model, tokenizer, path, **kwargs) -> None:
+        path.write_bytes(b"GGUF partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "write_gguf", fill_the_disk)
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_model_dir), str(out), "--format", "gguf"]) == 1
+    err = capsys.readouterr().err
+    assert "the GGUF file out" in err and "Nothing was written there" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unsupported_architecture_is_refused_with_the_supported_list(
         tmp_path: Path, capsys) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
