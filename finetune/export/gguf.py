@@ -124,7 +124,7 @@ def write_gguf(model, tokenizer, path: Path, *, quant: str = "f16", name: str = 
     n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
     state = model.state_dict()
     n_rows = int(state["model.embed_tokens.weight"].shape[0])
-    vocab = build_vocab(tokenizer, n_rows)
+    vocab = build_vocab(tokenizer, n_rows, chat_template)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
@@ -156,14 +156,12 @@ def write_gguf(model, tokenizer, path: Path, *, quant: str = "f16", name: str = 
 
 
 def modelfile(gguf_name: str, tokenizer, chat_template: str | None) -> str:
-    """An Ollama Modelfile for `gguf_name` beside it: FROM, and a stop parameter for each
-    end-of-turn token the chat template writes (the EOS token and known turn ends)."""
-    stops = []
-    template = chat_template or ""
-    for token in [tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>",
-                  "</s>"]:
-        if token and token not in stops and (token == tokenizer.eos_token or token in template):
-            stops.append(token)
+    """An Ollama Modelfile for `gguf_name` beside it: FROM, and a stop parameter for the EOS
+    token and each known end-of-turn token the chat template writes."""
+    from finetune.export.gguf_vocab import turn_ends
+
+    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+    stops += [token for token in turn_ends(tokenizer, chat_template) if token not in stops]
     lines = [f"FROM ./{gguf_name}"]
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
     return "\n".join(lines) + "\n"

@@ -32,9 +32,24 @@ _QWEN2_SPLIT = (
 )
 BYTE_LEVEL_PRE = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-F]{2}>$")
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "</s>")
 
 # llama.cpp's token types (gguf.TokenType), spelled here so this module imports without gguf.
 NORMAL, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 3, 4, 5, 6
+
+
+def turn_ends(tokenizer, chat_template: str | None) -> list[str]:
+    """The known end-of-turn tokens (END_OF_TURN) a conversation rendered through
+    `chat_template` contains, in that order; none without a template or when it cannot render."""
+    if not chat_template:
+        return []
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, chat_template=chat_template,
+                                             tokenize=False)
+    except Exception:  # a template with stricter rules (roles, system turn): no end tokens known
+        return []
+    return [token for token in END_OF_TURN if token in text]
 
 
 @dataclass
@@ -89,9 +104,10 @@ def _family(spec: dict) -> tuple[str, str, bool]:
         "file cannot describe it for llama.cpp.")
 
 
-def build_vocab(tokenizer, n_rows: int) -> GGUFVocab:
+def build_vocab(tokenizer, n_rows: int, chat_template: str | None = None) -> GGUFVocab:
     """The GGUF vocabulary of a Hugging Face fast tokenizer, padded to the model's `n_rows`
-    embedding rows (llama.cpp needs one token per row; the filler tokens are UNUSED).
+    embedding rows (llama.cpp needs one token per row; the filler tokens are UNUSED), with the
+    end-of-turn token `chat_template` writes.
 
     ConfigError (exit code 2): not a fast BPE tokenizer, a family llama.cpp cannot reproduce,
     or more tokens than embedding rows."""
@@ -132,7 +148,13 @@ def build_vocab(tokenizer, n_rows: int) -> GGUFVocab:
         types[token_id] = CONTROL if tok.get("special") else USER_DEFINED
     special_ids = {name: getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad",
                                                                             "unk")}
-    add_bos = bool(getattr(tokenizer, "add_bos_token", False))
+    # llama.cpp ends a chat turn at the end-of-turn token (it may differ from EOS, as Llama 3's
+    # <|eot_id|> does): the first known one the chat template writes.
+    ends = turn_ends(tokenizer, chat_template)
+    special_ids["eot"] = vocab.get(ends[0]) if ends else None
+    # Whether plain text gets BOS, as the tokenizer itself does it (its post-processor).
+    first = tokenizer("a")["input_ids"][:1]
+    add_bos = special_ids["bos"] is not None and first == [special_ids["bos"]]
     return GGUFVocab(ggml_model, pre, tokens, types, scores, merges,
                      {k: v for k, v in special_ids.items() if v is not None}, add_bos,
                      add_space_prefix)
@@ -150,7 +172,8 @@ def write_vocab(writer, vocab: GGUFVocab, chat_template: str | None) -> None:
     if vocab.merges:
         writer.add_token_merges(vocab.merges)
     adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id,
-              "pad": writer.add_pad_token_id, "unk": writer.add_unk_token_id}
+              "pad": writer.add_pad_token_id, "unk": writer.add_unk_token_id,
+              "eot": writer.add_eot_token_id}
     for name, token_id in vocab.special_ids.items():
         adders[name](token_id)
     writer.add_add_bos_token(vocab.add_bos)

@@ -44,6 +44,8 @@ def test_tiny_model_round_trips_in_f16_with_its_tokenizer_and_template(
     assert _field(reader, "tokenizer.ggml.model") == "llama"
     assert _field(reader, "tokenizer.chat_template") == TINY_CHAT_TEMPLATE
     assert _field(reader, "tokenizer.ggml.eos_token_id") == 2
+    assert _field(reader, "tokenizer.ggml.eot_token_id") == 2  # <|end|> closes every turn
+    assert _field(reader, "tokenizer.ggml.add_bos_token") is False  # the template writes BOS
     assert "blk.5.attn_q.weight" in {t.name for t in reader.tensors}
 
 

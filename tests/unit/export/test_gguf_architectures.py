@@ -80,6 +80,8 @@ def test_qwen2_with_gqa_tied_embeddings_and_a_byte_level_tokenizer(tmp_path: Pat
     assert fields == {"general.architecture": "qwen2", "tokenizer.ggml.model": "gpt2",
                       "tokenizer.ggml.pre": "qwen2", "qwen2.attention.head_count_kv": 2,
                       "qwen2.rope.freq_base": 1_000_000.0, "tokenizer.chat_template": CHATML}
+    eot = reader.fields["tokenizer.ggml.eot_token_id"].contents()
+    assert eot == tokenizer.convert_tokens_to_ids("<|im_end|>")
     names = {t.name for t in reader.tensors}
     assert "output.weight" not in names and "blk.1.attn_k.bias" in names  # tied; biases kept
     assert (path.parent / "Modelfile").read_text() == (
