@@ -8,6 +8,8 @@ weights are rounded exactly as the file stores them (f16, bf16, or q8_0 quantise
 dequantised by gguf.quants), which must agree within STORED_MAX_ABS_DIFF (what is left is float
 arithmetic: any wrong name, permutation or hyperparameter shows as a large difference); and with
 the merged model itself, whose top-1 next token must agree at MIN_TOP1_AGREEMENT of positions.
+That second figure measures the storage, not the file: on a near-random model (next-token logits
+near ties) q8_0 rounding alone can reorder the top two at a few positions.
 """
 
 from __future__ import annotations
