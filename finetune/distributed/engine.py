@@ -116,7 +116,8 @@ class FullyShard(Replicated):
     """fsdp2: decoder layers, then the whole model, sharded with `fully_shard`.
 
     Frozen base weights are sharded like trainable ones, so a LoRA run holds 1/world of the
-    base per process. Mixed precision: accelerate's autocast around the forward (as
+    base per process. Under several processes only rank 0 reads the weights; the others build
+    on the meta device and receive their shards (`send_weights_from_rank0`). Mixed precision: accelerate's autocast around the forward (as
     accelerate's prepare does for the replicated strategies) keeps the numerics of ddp;
     gradients are reduced in `reduce_dtype` (fp32 by default).
     """
@@ -150,12 +151,19 @@ class FullyShard(Replicated):
         options = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward,
                    "mp_policy": policy,
                    "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()}
-        if not self.cpu_offload:
+        from_rank0 = self.weights_from_rank0(accelerator)
+        # Rank 0's whole weights, kept on the host while they are sent (the tensors its
+        # parameters held before sharding replaced them).
+        full = _whole_state(model) if from_rank0 and accelerator.process_index == 0 else None
+        if not self.cpu_offload and not from_rank0:
             model.to(accelerator.device)
         layers = decoder_layers(model)
         for layer in layers:
             fully_shard(layer, **options)
         fully_shard(model, **options)
+        if from_rank0:
+            send_weights_from_rank0(model, full, accelerator.device, cpu_offload=self.cpu_offload)
+            del full
         logger.info("fsdp2: %d decoder layers and the model sharded over %d processes%s",
                     len(layers), accelerator.num_processes,
                     "; parameters, gradients and optimizer state offloaded to CPU"
@@ -164,6 +172,12 @@ class FullyShard(Replicated):
             _autocast_forward(accelerator, model)
         optimizer = make_optimizer(list(trainable_state(model).values()))
         return model, accelerator.prepare_optimizer(optimizer, device_placement=False)
+
+    def weights_from_rank0(self, accelerator) -> bool:
+        """Whether only rank 0 reads the weights: under several processes the others build
+        their model on the meta device, and `prepare` sends every rank its shards from rank 0's
+        host copy once the model is sharded, so no rank but 0 ever holds the whole model."""
+        return accelerator.num_processes > 1
 
     def no_sync(self, accelerator, model: torch.nn.Module) -> Callable[[], object] | None:
         if accelerator.num_processes == 1:
@@ -225,6 +239,42 @@ def total_norm(params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> t
     if get_total_norm is not None:
         return get_total_norm(grads)
     return torch.nn.utils.clip_grad_norm_(params, float("inf"))
+
+
+def _whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Rank 0: every parameter and persistent buffer of the unsharded model, by the names
+    `set_model_state_dict` uses (references, not copies)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model)
+
+
+def send_weights_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor] | None,
+                            device: torch.device, *, cpu_offload: bool = False) -> None:
+    """Every rank (collective), after `fully_shard`: give each rank its shards of rank 0's
+    weights. `full`: rank 0's whole state (None elsewhere). Ranks other than 0 built their
+    model on the meta device; their shards are allocated here and filled one tensor at a time
+    (`set_model_state_dict` with `broadcast_from_rank0`), so they hold one whole tensor at
+    most. Buffers (rotary frequencies, which no checkpoint holds) are broadcast whole, and so
+    is rank 0's random-number state: the others did not draw the adapter's random init, and
+    every rank draws from there on as it did when each built its own copy."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    if rank != 0:
+        model.to_empty(device="cpu" if cpu_offload else device)
+    set_model_state_dict(model, full if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.device != device:
+                buffer = buffer.to(device)
+                setattr(module, name, buffer)
+            dist.broadcast(buffer, src=0)
+    state = [torch.get_rng_state() if rank == 0 else None]
+    dist.broadcast_object_list(state, src=0)
+    torch.set_rng_state(state[0])
 
 
 def _refuse_deepspeed_checkpoint(checkpoint: Path, strategy: str) -> None:

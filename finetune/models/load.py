@@ -127,12 +127,15 @@ def _damaged_weights(source: str) -> list[str]:
     return damaged
 
 
-def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype, quantization=None):
+def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype, quantization=None,
+               empty: bool = False):
     """Load the causal LM with the plan's attention implementation and weight dtype.
 
     `quantization` is a transformers quantization config (QLoRA's 4-bit NF4:
     finetune.adapters.qlora.quantization_config); the quantized layers are then placed on the
     current accelerator (or the CPU) as they load, the other weights kept in `dtype`.
+    `empty`: build the model from its config on the meta device, without reading the weights
+    (an FSDP2 rank other than 0, which receives its shards from rank 0 once sharded).
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -142,6 +145,8 @@ def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype, quantizatio
         register_varlen_sdpa()
     if attn_implementation == VARLEN_ATTN:
         register_varlen_attn()
+    if empty:
+        return _empty_model(cfg, attn_implementation=attn_implementation, dtype=dtype)
     source = resolve_model_path(cfg)
     extra = {"quantization_config": quantization} if quantization is not None else {}
     try:
@@ -161,4 +166,22 @@ def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype, quantizatio
     logger.info("loaded %s (%s, %s%s, attention=%s)", cfg.name_or_path, type(model).__name__,
                 dtype, ", 4-bit NF4 linear layers" if quantization is not None else "",
                 model.config._attn_implementation)
+    return model
+
+
+def _empty_model(cfg: ModelConfig, *, attn_implementation: str, dtype):
+    """The model's modules, parameters and buffers on the meta device: shapes and dtypes as
+    `from_pretrained` would give them, no storage (`from_pretrained` also leaves the model in
+    eval mode)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=attn_implementation, dtype=dtype)
+    model.eval()
+    logger.info("built %s on the meta device (%s, attention=%s): its weights come from rank 0",
+                type(model).__name__, dtype, model.config._attn_implementation)
     return model

@@ -200,16 +200,17 @@ def total_steps(cfg: RunConfig, data: TrainData, world_size: int) -> int:
     return max(1, cfg.trainer.epochs * -(-per_epoch // per_step))
 
 
-def _build_model(cfg: RunConfig, kernel_plan: KernelPlan) -> torch.nn.Module:
+def _build_model(cfg: RunConfig, kernel_plan: KernelPlan, *, empty: bool = False
+                 ) -> torch.nn.Module:
     # Frozen weights load in the plan's base dtype; a full fine-tune trains every weight, which
     # then stay in the trainable dtype (fp32): bf16 weights would lose updates smaller than
-    # their rounding step.
+    # their rounding step. `empty`: on the meta device, weights from rank 0 (engine.prepare).
     full = str(cfg.peft.method) == "none"
     quantization = (quantization_config(kernel_plan.compute_dtype)
                     if str(cfg.peft.method) == "qlora" else None)
     model = load_model(cfg.model, attn_implementation=kernel_plan.attn_implementation,
                        dtype=kernel_plan.trainable_dtype if full else kernel_plan.base_dtype,
-                       quantization=quantization)
+                       quantization=quantization, empty=empty and quantization is None)
     apply_fused_ops(model, kernel_plan.fused_ops)
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -229,7 +230,11 @@ def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, 
 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = _build_model(cfg, kernel_plan)
+    # A sharding engine may have only rank 0 read the weights (FullyShard: the others build on
+    # the meta device and receive their shards in prepare).
+    from_rank0 = getattr(engine, "weights_from_rank0", None)
+    empty = bool(from_rank0 and from_rank0(accelerator) and accelerator.process_index != 0)
+    model = _build_model(cfg, kernel_plan, empty=empty)
     # The first process of each node fills the tokenized cache; the node's others then read it.
     with accelerator.local_main_process_first():
         data = build_data(cfg.data, tokenizer, attention=kernel_plan.attn_implementation,
