@@ -4,13 +4,10 @@ Ollama Modelfile, verified by a round trip through transformers' GGUF loader."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import shutil
 from pathlib import Path
 
 from finetune.errors import ConfigError, FinetuneError
-
-logger = logging.getLogger(__name__)
 
 
 class ExportVerificationError(FinetuneError):
@@ -50,11 +47,17 @@ def export_gguf(source: Path | str, out_dir: Path | str, *, quant: str = "f16",
 
     The files are written in a temporary folder beside OUT_DIR and renamed into place only once
     the round trip passed: a failed check raises ExportVerificationError (exit code 1), a full
-    disk DiskFullError (exit code 1), bad input ConfigError (exit code 2), and each leaves no OUT_DIR, no temporary folder and no
-    parent folder this export created."""
+    disk DiskFullError (exit code 1), bad input ConfigError (exit code 2), and each leaves no
+    OUT_DIR, no temporary folder and no parent folder this export created."""
     from finetune.adapters.export import _merge_folder
     from finetune.checkpoint.files import share_as_umask_allows
-    from finetune.export.gguf import QUANTS, gguf_architecture, modelfile, write_gguf
+    from finetune.export.gguf import (
+        QUANTS,
+        gguf_architecture,
+        modelfile,
+        rope_scaling,
+        write_gguf,
+    )
     from finetune.export.roundtrip import prompt_ids, reference_logits, round_as_stored
 
     if quant not in QUANTS:
@@ -71,6 +74,9 @@ def export_gguf(source: Path | str, out_dir: Path | str, *, quant: str = "f16",
                           "folder.")
     model, tokenizer, chat_template = _load_merged(source)
     gguf_architecture(model.config)  # refuse before anything is written
+    rope = rope_scaling(model.config)
+    inv_freq = (model.model.rotary_emb.inv_freq.detach().cpu().double().numpy()
+                if rope is not None else None)
     name = out.name
     made, tmp = _merge_folder(out)
     try:
@@ -88,7 +94,8 @@ def export_gguf(source: Path | str, out_dir: Path | str, *, quant: str = "f16",
             round_as_stored(model, quant)
             stored = reference_logits(model, ids)
             del model
-            result = round_trip(file, quant, ids, texts, expected, stored, chat_template)
+            result = round_trip(file, quant, ids, texts, expected, stored, chat_template,
+                                rope, inv_freq)
             if not result.passed:
                 raise ExportVerificationError(
                     f"the exported GGUF does not reproduce {source}: {result.summary()}. "

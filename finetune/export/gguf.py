@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 QUANTS = ("f16", "bf16", "q8_0")
 # transformers model_type -> the GGUF architecture llama.cpp runs it as.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-# The rope scalings llama.cpp reads from metadata alone.
-_ROPE_SCALING = {"linear", "yarn"}
+# The rope scalings written: linear as metadata, Llama 3.1's as llama.cpp's per-frequency factors
+# (the rope_freqs tensor).
+_ROPE_SCALING = {"linear", "llama3"}
 
 
 def gguf_architecture(config) -> str:
@@ -39,6 +40,11 @@ def gguf_architecture(config) -> str:
         raise ConfigError(f"GGUF export supports the architectures {supported}; this model is "
                           f"{config.model_type!r} ({', '.join(config.architectures or [])}).")
     return arch
+
+
+def rope_scaling(config) -> dict | None:
+    """The model's rope scaling (rope_type and its parameters), None without one."""
+    return _rope(config)[1]
 
 
 def _rope(config) -> tuple[float, dict | None]:
@@ -53,6 +59,19 @@ def _rope(config) -> tuple[float, dict | None]:
         raise ConfigError(f"rope scaling {kind!r} is not exported to GGUF (supported: none, "
                           f"{', '.join(sorted(_ROPE_SCALING))}).")
     return float(theta), dict(scaling, rope_type=kind)
+
+
+def base_inv_freq(theta: float, head_dim: int) -> np.ndarray:
+    """Unscaled rotary frequencies, one per pair of dimensions."""
+    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
+def rope_factors(model, head_dim: int) -> np.ndarray:
+    """llama.cpp's rope_freqs for a Llama 3.1-style scaled rope: how much each frequency is
+    divided by, read off the model's own scaled frequencies (rotary_emb.inv_freq)."""
+    theta, _ = _rope(model.config)
+    scaled = model.model.rotary_emb.inv_freq.detach().to("cpu").double().numpy()
+    return (base_inv_freq(theta, head_dim) / scaled).astype(np.float32)
 
 
 def interleave_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -78,15 +97,11 @@ def _write_hparams(writer, config, head_dim: int) -> None:
         writer.add_value_length(head_dim)
     theta, scaling = _rope(config)
     writer.add_rope_freq_base(theta)
-    if scaling is not None:
+    if scaling is not None and scaling["rope_type"] == "linear":
         import gguf
 
-        kind = gguf.RopeScalingType.LINEAR if scaling["rope_type"] == "linear" \
-            else gguf.RopeScalingType.YARN
-        writer.add_rope_scaling_type(kind)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-        if "original_max_position_embeddings" in scaling:
-            writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
     writer.add_vocab_size(int(config.vocab_size))
 
 
@@ -111,7 +126,7 @@ def write_gguf(model, tokenizer, path: Path, *, quant: str = "f16", name: str = 
                chat_template: str | None = None) -> None:
     """Write `model` (a transformers Llama/Qwen2/Mistral causal LM, merged, any dtype) and its
     `tokenizer` to `path` as GGUF. ConfigError (exit code 2) for an unsupported architecture,
-    rope scaling, tokenizer or `quant`."""
+    rope scaling (linear and Llama 3.1's llama3 are written), tokenizer or `quant`."""
     import gguf
 
     if quant not in QUANTS:
@@ -128,6 +143,11 @@ def write_gguf(model, tokenizer, path: Path, *, quant: str = "f16", name: str = 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
+    window = getattr(config, "sliding_window", None)
+    if arch == "llama" and window and window < config.max_position_embeddings:
+        logger.warning("the model attends within a sliding window of %d tokens; llama.cpp's "
+                       "llama architecture attends to the whole context, so beyond %d tokens "
+                       "it computes differently", window, window)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
     _write_hparams(writer, config, head_dim)
@@ -149,6 +169,9 @@ def write_gguf(model, tokenizer, path: Path, *, quant: str = "f16", name: str = 
             array = interleave_rotary(array, n_heads if ".attn_q." in gguf_name else n_kv)
         data, raw_dtype = _stored(gguf_name, array, quant)
         writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
+    if (rope_scaling(config) or {}).get("rope_type") == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                          rope_factors(model, head_dim))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -14,11 +14,8 @@ near ties) q8_0 rounding alone can reorder the top two at a few positions.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 STORED_MAX_ABS_DIFF = 1e-4
 MIN_TOP1_AGREEMENT = 0.99
@@ -43,10 +40,11 @@ class RoundTrip:
     top1_agreement: float
     tokens_match: bool
     template_match: bool
+    rope_match: bool = True
 
     @property
     def passed(self) -> bool:
-        if not (self.tokens_match and self.template_match):
+        if not (self.tokens_match and self.template_match and self.rope_match):
             return False
         return (self.stored_max_abs_diff <= STORED_MAX_ABS_DIFF
                 and self.top1_agreement >= MIN_TOP1_AGREEMENT)
@@ -58,7 +56,9 @@ class RoundTrip:
                 f"(needs <= {STORED_MAX_ABS_DIFF:g}); top-1 agreement {self.top1_agreement:.2%} "
                 f"(needs >= {MIN_TOP1_AGREEMENT:.0%}); token ids "
                 f"{'match' if self.tokens_match else 'DIFFER'}; chat template "
-                f"{'kept' if self.template_match else 'LOST'}: {'pass' if self.passed else 'FAIL'}")
+                f"{'kept' if self.template_match else 'LOST'}"
+                f"{'' if self.rope_match else '; rope scaling DIFFERS'}: "
+                f"{'pass' if self.passed else 'FAIL'}")
 
 
 def prompt_ids(tokenizer, chat_template: str | None) -> tuple[list[list[int]], list[str]]:
@@ -105,16 +105,52 @@ def round_as_stored(model, quant: str) -> None:
                 weight.copy_(weight.to(torch.bfloat16 if quant == "bf16" else torch.float16))
 
 
+def file_inv_freq(path: Path):
+    """The rotary frequencies a llama.cpp reader of `path` uses: base frequencies from the
+    file's theta and dimension count, divided by its linear factor or its rope_freqs tensor."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from finetune.export.gguf import base_inv_freq
+
+    reader = GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    theta = reader.fields[f"{arch}.rope.freq_base"].contents()
+    dim = reader.fields[f"{arch}.rope.dimension_count"].contents()
+    inv_freq = base_inv_freq(theta, dim)
+    if f"{arch}.rope.scaling.factor" in reader.fields:
+        inv_freq = inv_freq / reader.fields[f"{arch}.rope.scaling.factor"].contents()
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            inv_freq = inv_freq / np.asarray(tensor.data, dtype=np.float64)
+    return inv_freq
+
+
 def verify(path: Path, quant: str, ids: list[list[int]], texts: list[str], expected: list,
-           stored: list, chat_template: str | None) -> RoundTrip:
+           stored: list, chat_template: str | None, rope: dict | None = None,
+           inv_freq=None) -> RoundTrip:
     """Load `path` with transformers' GGUF loader and compare it with the merged model's logits
-    (`expected`) and those of the model rounded as stored (`stored`)."""
+    (`expected`) and those of the model rounded as stored (`stored`).
+
+    transformers' GGUF loader does not read rope scaling for these architectures: with `rope`
+    (the merged model's scaling) the file's own description (file_inv_freq) is compared with
+    the merged model's frequencies `inv_freq`, and the model is loaded with `rope` so that the
+    logits compare like with like."""
+    import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    extra = {}
+    rope_match = True
+    if rope is not None:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        config.rope_parameters = dict(rope)
+        extra["config"] = config
+        rope_match = bool(np.allclose(file_inv_freq(path), inv_freq, rtol=1e-5, atol=0))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 **extra)
     model.eval()
     add_special = chat_template is None
     tokens_match = all(tokenizer(text, add_special_tokens=add_special)["input_ids"] == row
@@ -128,4 +164,5 @@ def verify(path: Path, quant: str, ids: list[list[int]], texts: list[str], expec
             stored_worst = max(stored_worst, (got - rounded).abs().max().item())
             agree += int((got.argmax(-1) == want.argmax(-1)).sum())
             positions += len(row)
-    return RoundTrip(quant, positions, worst, stored_worst, agree / positions, tokens_match, template_match)
+    return RoundTrip(quant, positions, worst, stored_worst, agree / positions, tokens_match,
+                     template_match, rope_match)

@@ -122,3 +122,48 @@ def test_mistral_with_gqa_and_its_own_head_dim(tmp_path: Path, tiny_model_dir: P
     assert reader.fields["llama.attention.head_count_kv"].contents() == 1
     assert reader.fields["llama.rope.dimension_count"].contents() == 32
     assert reader.fields["llama.attention.key_length"].contents() == 32
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256}
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10_000.0, "factor": 4.0}
+
+
+def _scaled_llama(tmp_path: Path, tiny_model_dir: Path, rope: dict) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        rope_parameters=rope))
+    return _save(model, tokenizer, tmp_path / rope["rope_type"])
+
+
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, LINEAR_ROPE], ids=["llama3", "linear"])
+def test_rope_scaling_is_written_and_checked(tmp_path: Path, tiny_model_dir: Path,
+                                             rope: dict) -> None:
+    path, result = export_gguf(_scaled_llama(tmp_path, tiny_model_dir, rope), tmp_path / "out")
+    assert result.passed and result.rope_match, result.summary()
+    reader = GGUFReader(path)
+    if rope["rope_type"] == "llama3":  # llama.cpp's per-frequency factors: 1 up to `factor`
+        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+        assert factors.min() == pytest.approx(1.0) and factors.max() == pytest.approx(8.0)
+    else:
+        assert reader.fields["llama.rope.scaling.factor"].contents() == 4.0
+
+
+def test_a_file_without_the_llama3_rope_factors_fails_the_round_trip(
+        tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
+    import numpy as np
+
+    import finetune.export.gguf as writer
+    from finetune.export import ExportVerificationError
+
+    monkeypatch.setattr(writer, "rope_factors",
+                        lambda model, head_dim: np.ones(head_dim // 2, dtype=np.float32))
+    with pytest.raises(ExportVerificationError, match="rope scaling DIFFERS"):
+        export_gguf(_scaled_llama(tmp_path, tiny_model_dir, LLAMA3_ROPE), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
