@@ -4,9 +4,10 @@ Each mutant is one small change to one module (a curated, high-value change from
 scripts/mutants_catalog.py, or a generic operator: a comparison flipped, `and`/`or` swapped, a
 slice bound moved by one, a call statement dropped). It is applied in a private copy of the
 repository (never in this working tree), and only the tests that cover that module run against
-it, stopping at the first failure, under a per-mutant timeout. A mutant that no test notices is
-a survivor: either a hole in the tests, or an equivalent mutant whose reason is written in
-scripts/mutants_allowed.toml (file, line, mutation, why).
+it, stopping at the first failure, under a timeout (3 times the suite's unmutated time, at least
+--timeout). A mutant that no test notices is a survivor: either a hole in the tests, or an
+equivalent mutant whose reason is written in scripts/mutants_allowed.toml (file, line,
+mutation, why).
 
     python scripts/mutants.py                 # every module in the catalog
     python scripts/mutants.py --module loss   # modules whose path contains "loss"
@@ -184,19 +185,22 @@ def private_copy(source: str) -> Path:
     return copy
 
 
-def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float]:
-    """'killed', 'survived' or 'timeout', and the seconds taken. The copy comes first on the
-    path of this process and of any process it starts (the CLI, torchrun), and no bytecode is
-    cached, so a mutant is never hidden by the installed package or a stale .pyc."""
+def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
+    """'killed', 'survived' or 'timeout', the seconds taken and the output's tail. The copy
+    comes first on the path of this process and of any process it starts (the CLI, torchrun),
+    and no bytecode is cached, so a mutant is never hidden by the installed package or a stale
+    .pyc."""
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     start = time.monotonic()
     try:
-        done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, timeout=timeout)
+        done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
-        return "timeout", time.monotonic() - start
+        return "timeout", time.monotonic() - start, ""
+    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
     # 1: a test failed; 2-4: collection or usage failed (e.g. the mutant broke an import).
-    return ("survived" if done.returncode == 0 else "killed"), time.monotonic() - start
+    return ("survived" if done.returncode == 0 else "killed"), time.monotonic() - start, tail
 
 
 def check_imports_copy(copy: Path) -> None:
@@ -220,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="mutants run at once, one private copy each (default: 2)")
-    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per mutant")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds per unmutated suite and, at least, per mutant (a mutant "
+                             "also gets 3 times its suite's unmutated time)")
     parser.add_argument("--source", choices=("head", "worktree"), default="head",
                         help="mutate HEAD (default) or the tracked files as they are now")
     args = parser.parse_args(argv)
@@ -248,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     allowed = load_allowed()
     check_imports_copy(first)
     print(f"mutants: {len(mutants)} in {len(modules)} modules, copies under {first.parent}, "
-          f"{args.jobs} at a time, {args.timeout:.0f} s each at most", flush=True)
+          f"{args.jobs} at a time", flush=True)
 
-    def run(mutant: Mutant | None, tests: tuple[str, ...] = ()) -> tuple[str, float]:
+    limits: dict[tuple[str, ...], float] = {}
+
+    def run(mutant: Mutant | None, tests: tuple[str, ...] = ()) -> tuple[str, float, str]:
         copy = copies.get()
         try:
             target = copy / mutant.path if mutant else None
@@ -258,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             if target:
                 target.write_text(mutant.source, encoding="utf-8")
             try:
-                return run_tests(copy, mutant.tests if mutant else tests, args.timeout)
+                tests = mutant.tests if mutant else tests
+                return run_tests(copy, tests, limits.get(tests, args.timeout))
             finally:
                 if target:
                     target.write_text(original, encoding="utf-8")
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             copies.put(copy)
 
     try:
-        verdict, seconds = run(canary)
+        verdict, seconds, _ = run(canary)
         print(f"canary   {canary.path}:{canary.line}  {canary.mutation}  {verdict} "
               f"({seconds:.0f} s)", flush=True)
         if verdict != "killed":
@@ -275,13 +284,19 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
             suites = sorted({m.tests for m in mutants})
-            broken = [t for t, (v, _) in zip(suites, pool.map(lambda t: run(None, t), suites),
-                                             strict=True) if v != "survived"]
-            for tests in broken:
-                print(f"baseline FAILS unmutated: {' '.join(tests)}", flush=True)
+            broken = []
+            for tests, (verdict, seconds, tail) in zip(
+                    suites, pool.map(lambda t: run(None, t), suites), strict=True):
+                # A survivor runs the whole suite: give it three times the unmutated run.
+                limits[tests] = max(args.timeout, 3 * seconds)
+                if verdict != "survived":
+                    broken.append(tests)
+                    how = "timed out" if verdict == "timeout" else "failed"
+                    print(f"baseline {how} unmutated after {seconds:.0f} s, its mutants are not "
+                          f"run: {' '.join(tests)}\n{tail}", flush=True)
             todo = [m for m in mutants if m.tests not in broken]
             results = []
-            for m, (verdict, seconds) in zip(todo, pool.map(run, todo), strict=True):
+            for m, (verdict, seconds, _) in zip(todo, pool.map(run, todo), strict=True):
                 why = allowed.get((m.path, m.mutation)) if verdict == "survived" else None
                 shown = "equivalent" if why else verdict
                 print(f"{shown:<10} {m.path}:{m.line}  {m.mutation}  ({seconds:.0f} s)",
@@ -293,11 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     survivors = [(m, why) for m, v, why in results if v == "survived"]
     unexplained = [m for m, why in survivors if not why]
     killed = sum(v in ("killed", "timeout") for _, v, _ in results)
+    skipped = sum(m.tests in broken for m in mutants)
     timeouts = sum(v == "timeout" for _, v, _ in results)
     minutes = (time.monotonic() - started) / 60
     print(f"\n{len(results)} mutants: {killed} killed ({timeouts} by timeout), "
           f"{len(survivors) - len(unexplained)} equivalent (explained), "
-          f"{len(unexplained)} unexplained survivors; {minutes:.1f} min, "
+          f"{len(unexplained)} unexplained survivors, {skipped} not run (baseline failed); "
+          f"{minutes:.1f} min, "
           f"{datetime.date.today()}, {platform.node()} ({os.cpu_count()} CPUs)")
     for m in unexplained:
         print(f"SURVIVED {m.path}:{m.line}  {m.mutation}")
