@@ -285,10 +285,10 @@ def merge_to_folder(source: Path | str, out_dir: Path | str) -> Path:
     return out
 
 
-def _merge_folder(out: Path) -> tuple[list[Path], Path]:
+def _merge_folder(out: Path, what: str = "the merged model") -> tuple[list[Path], Path]:
     """Create OUT_DIR's missing parents and a temporary folder beside OUT_DIR: (the parents
     created, the temporary folder). ConfigError (exit code 2), with nothing left behind, when
-    that place cannot be written (read-only, no permission, not a folder)."""
+    that place cannot be written (read-only, no permission, not a folder); it names `what`."""
     made = [p for p in [out.parent, *out.parent.parents] if not p.exists()][::-1]
     try:
         for folder in made:
@@ -298,6 +298,6 @@ def _merge_folder(out: Path) -> tuple[list[Path], Path]:
         for folder in reversed(made):
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        raise ConfigError(f"cannot write the merged model to {out}: {exc.strerror or exc} "
+        raise ConfigError(f"cannot write {what} to {out}: {exc.strerror or exc} "
                           f"({out.parent}). Choose an OUT_DIR in a folder you can write.") \
             from None

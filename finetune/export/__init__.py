@@ -78,7 +78,7 @@ def export_gguf(source: Path | str, out_dir: Path | str, *, quant: str = "f16",
     inv_freq = (model.model.rotary_emb.inv_freq.detach().cpu().double().numpy()
                 if rope is not None else None)
     name = out.name
-    made, tmp = _merge_folder(out)
+    made, tmp = _merge_folder(out, "the GGUF export")
     try:
         file = tmp / f"{name}.gguf"
         if verify:

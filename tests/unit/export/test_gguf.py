@@ -155,6 +155,14 @@ def test_a_truncated_weight_file_is_a_clear_error(tiny_model_dir: Path, tmp_path
     assert _left_beside(out) == ["damaged"]
 
 
+def test_an_out_that_cannot_be_written_exits_2(tiny_model_dir: Path, capsys) -> None:
+    assert main(["export", str(tiny_model_dir), "/proc/finetune-export/out", "--format",
+                 "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the GGUF export to /proc/finetune-export/out" in err
+    assert "Traceback" not in err
+
+
 def test_a_non_empty_out_is_not_overwritten(tiny_model_dir: Path, tmp_path: Path,
                                             capsys) -> None:
     out = tmp_path / "out"
