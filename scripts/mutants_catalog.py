@@ -35,7 +35,8 @@ MODULES: dict[str, dict] = {
     "finetune/data/packing.py": {
         "tests": _PACKING_TESTS, "functions": ["pack_documents"], "generic": 2},
     "finetune/data/collate.py": {
-        "tests": ["tests/unit/train/test_loss_positions.py", *_PACKING_TESTS],
+        "tests": ["tests/unit/data/test_collate_padding.py",
+                  "tests/unit/train/test_loss_positions.py", *_PACKING_TESTS],
         "functions": ["Collator.__call__", "sequence_boundaries"], "generic": 3},
     "finetune/train/loss.py": {
         "tests": ["tests/unit/train/test_loss.py", "tests/unit/train/test_loss_positions.py"],
