@@ -1,5 +1,6 @@
-"""Unpacked rows are right-padded, and the attention mask marks exactly the real tokens: the
-input-token count behind tokens/s and MFU is read from it."""
+"""Unpacked rows are right-padded, and the attention mask marks exactly the real tokens (the
+input-token count behind tokens/s and MFU is read from it); flattened rows carry their document
+boundaries computed on the host, so no attention layer reads them back from the device."""
 
 from __future__ import annotations
 
@@ -24,3 +25,13 @@ def test_the_mask_covers_each_rows_tokens_and_no_padding() -> None:
     assert _input_tokens(batch) == 9
     assert document_lengths(batch) == [3, 5, 1]
     assert batch["attention_mask"].dtype == torch.int64
+
+
+def test_a_flattened_batch_carries_its_document_boundaries() -> None:
+    batch = Collator(pad_id=0, isolation="varlen")([[_doc(3), _doc(2)], [_doc(4)]])
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 5, 9]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 4
+    assert batch["document_lengths"] == (3, 2, 4)
+    assert "attention_mask" not in batch
