@@ -3,10 +3,10 @@ checkpoints the weights that train.
 
 `Replicated` (single, ddp) prepares model and optimizer with accelerate, which wraps the model in
 DistributedDataParallel under several processes. `FullyShard` (fsdp2) shards every decoder
-layer and then the whole model with `torch.distributed.fsdp.fully_shard` (FSDP2). Accelerate
-does not apply FSDP to CPU processes (its FSDP path is for accelerator devices), so the engine
-calls torch directly, the same way on every vendor, and keeps accelerate's autocast for the
-plan's mixed precision.
+layer, the embeddings, [norm, head] and then the whole model with
+`torch.distributed.fsdp.fully_shard` (FSDP2). Accelerate does not apply FSDP to CPU processes
+(its FSDP path is for accelerator devices), so the engine calls torch directly, the same way on
+every vendor, with FSDP2's mixed-precision policy for the plan's mixed precision.
 
 Checkpoints: a replicated run writes the trainable weights and the optimizer state from rank 0
 (`trainable.safetensors`, `optimizer.pt`); a sharded run writes one shard per rank with
@@ -117,9 +117,10 @@ class FullyShard(Replicated):
 
     Frozen base weights are sharded like trainable ones, so a LoRA run holds 1/world of the
     base per process. Under several processes only rank 0 reads the weights; the others build
-    on the meta device and receive their shards (`send_weights_from_rank0`). Mixed precision: accelerate's autocast around the forward (as
-    accelerate's prepare does for the replicated strategies) keeps the numerics of ddp;
-    gradients are reduced in `reduce_dtype` (fp32 by default).
+    on the meta device and receive their shards (`send_weights_from_rank0`). Mixed precision:
+    the policy gathers the weights in the plan's compute dtype, and the forward runs them with
+    no autocast on top (outputs in fp32, as for a replicated model); gradients are reduced in
+    `reduce_dtype` (fp32 by default).
     """
 
     sharded = True
@@ -157,19 +158,19 @@ class FullyShard(Replicated):
         full = _whole_state(model) if from_rank0 and accelerator.process_index == 0 else None
         if not self.cpu_offload and not from_rank0:
             model.to(accelerator.device)
-        layers = decoder_layers(model)
-        for layer in layers:
-            fully_shard(layer, **options)
-        fully_shard(model, **options)
+        layers = shard_units(model, functools.partial(fully_shard, **options),
+                             reshard_after_forward=self.reshard_after_forward)
         if from_rank0:
             send_weights_from_rank0(model, full, accelerator.device, cpu_offload=self.cpu_offload)
             del full
-        logger.info("fsdp2: %d decoder layers and the model sharded over %d processes%s",
-                    len(layers), accelerator.num_processes,
+        logger.info("fsdp2: %d decoder layers, the embeddings, the head and the model sharded "
+                    "over %d processes%s", len(layers), accelerator.num_processes,
                     "; parameters, gradients and optimizer state offloaded to CPU"
                     if self.cpu_offload else "")
         if accelerator.native_amp:
-            _autocast_forward(accelerator, model)
+            # The policy already runs the gathered weights in the compute dtype: no autocast on
+            # top of it (torchtitan's practice), only fp32 outputs, as for a replicated model.
+            _autocast_forward(None if self.param_dtype is not None else accelerator, model)
         optimizer = make_optimizer(list(trainable_state(model).values()))
         return model, accelerator.prepare_optimizer(optimizer, device_placement=False)
 
@@ -374,6 +375,49 @@ def save_shards(shards: dict, directory: Path) -> None:
             dcp_logger.disabled = False
 
 
+def shard_units(model: torch.nn.Module, shard: Callable[..., object], *,
+                reshard_after_forward: bool) -> list[torch.nn.Module]:
+    """Shard `model` unit by unit with `shard` (fully_shard with the run's options) and return
+    its decoder layers. The units, as torchtitan makes them: each decoder layer, the input
+    embeddings, [final norm, LM head] (the last two together, torch >= 2.6; the head alone
+    before), then the rest with the model. The embeddings and the head stay in the model's
+    unit when they share their weight. The last decoder layer and the head are not resharded
+    after the forward: the backward starts with them, and would gather them again at once."""
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+    embeddings, head = _edge_units(model)
+    if embeddings is not None:
+        shard(embeddings, reshard_after_forward=reshard_after_forward)
+    if head:
+        shard(head if len(head) > 1 else head[0], reshard_after_forward=False)
+    shard(model, reshard_after_forward=reshard_after_forward)
+    return layers
+
+
+def _edge_units(model: torch.nn.Module
+                ) -> tuple[torch.nn.Module | None, list[torch.nn.Module]]:
+    """(input embeddings, [final norm, LM head]) of a transformers model, to shard as their own
+    units; (None, []) when they share a weight or the model does not name them."""
+    from finetune.distributed.requirements import torch_version
+    from finetune.kernels.registry import version_at_least
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, []
+    if not isinstance(embeddings, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        return None, []
+    if any(p is q for p in embeddings.parameters() for q in head.parameters()):
+        return None, []
+    inner = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    norm = getattr(inner, "norm", None)
+    if isinstance(norm, torch.nn.Module) and version_at_least(torch_version(), "2.6"):
+        return embeddings, [norm, head]
+    return embeddings, [head]
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks to shard one by one: the modules transformers names in the model's
     `_no_split_modules` (LlamaDecoderLayer, Qwen2DecoderLayer, ...)."""
@@ -392,15 +436,16 @@ def _without_gradient_sync(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _autocast_forward(accelerator, model: torch.nn.Module) -> None:
-    """Run the forward under the plan's autocast and return fp32 outputs, as accelerate's
-    prepare does for a replicated model."""
+    """Make the forward return fp32 outputs, as accelerate's prepare does for a replicated
+    model; with an `accelerator`, run it under the plan's autocast as well (None: no
+    autocast)."""
     from accelerate.utils import convert_outputs_to_fp32
 
     forward = model.forward
 
     @functools.wraps(forward)
     def autocast_forward(*args, **kwargs):
-        with accelerator.autocast():
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
             return forward(*args, **kwargs)
 
     model.forward = convert_outputs_to_fp32(autocast_forward)
