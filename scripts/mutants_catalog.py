@@ -39,7 +39,8 @@ MODULES: dict[str, dict] = {
                   "tests/unit/train/test_loss_positions.py", *_PACKING_TESTS],
         "functions": ["Collator.__call__", "sequence_boundaries"], "generic": 3},
     "finetune/train/loss.py": {
-        "tests": ["tests/unit/train/test_loss.py", "tests/unit/train/test_loss_positions.py"],
+        "tests": ["tests/unit/train/test_loss_grad_scale.py", "tests/unit/train/test_loss.py",
+                  "tests/unit/train/test_loss_positions.py"],
         "functions": ["causal_lm_loss", "accumulate_gradients"], "generic": 3},
     "finetune/train/trainer.py": {
         "tests": ["tests/unit/train/test_trainer_state.py", "tests/unit/train/test_resume_rng.py",
