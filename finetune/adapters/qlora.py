@@ -88,7 +88,70 @@ def is_quantized(model: torch.nn.Module) -> bool:
 def prepare_quantized(model: torch.nn.Module) -> torch.nn.Module:
     """Make a 4-bit base ready for adapter training (peft's prepare_model_for_kbit_training:
     frozen weights, fp32 norms, embeddings and head for stable gradients). Activation
-    checkpointing is left as the run set it (trainer.gradient_checkpointing)."""
+    checkpointing is left as the run set it (trainer.gradient_checkpointing). Weights still read
+    in place from a memory-mapped weights file are first copied out, so the file is released
+    (own_mapped_weights)."""
     from peft import prepare_model_for_kbit_training
 
+    own_mapped_weights(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """The address ranges of this process's file-backed memory mappings (Linux's
+    /proc/self/maps); empty where the system does not list them."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            lines = maps.readlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+            low, high = fields[0].split("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    return ranges
+
+
+def mapped_tensors(model: torch.nn.Module) -> list[str]:
+    """The names of `model`'s parameters and buffers whose storage lies in a file mapping (a
+    weights file read without a copy)."""
+    ranges = _file_mappings()
+    names = []
+    for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        address = tensor.untyped_storage().data_ptr()
+        if any(low <= address < high for low, high in ranges):
+            names.append(name)
+    return names
+
+
+def own_mapped_weights(model: torch.nn.Module) -> int:
+    """Copy every parameter and buffer that still points into a memory-mapped weights file into
+    memory of its own; return the bytes copied.
+
+    transformers reads safetensors files through a memory map and, on the CPU, keeps the
+    tensors it needs not convert (embeddings, norms) as views of that map. The map then stays
+    open for the life of the model, and with it every page of the file read to quantise the
+    linear layers: about the model's size in full precision, resident on top of its 4-bit
+    copy. Once nothing points into it, the map is closed and those pages leave the process.
+    Ties (a shared embedding and output head) are kept: the parameter objects stay the same.
+    """
+    ranges = _file_mappings()
+    if not ranges:
+        return 0
+    copied = 0
+    for module in model.modules():
+        for group in (module._parameters, module._buffers):
+            for tensor in group.values():
+                if tensor is None:
+                    continue
+                address = tensor.untyped_storage().data_ptr()
+                if any(low <= address < high for low, high in ranges):
+                    copied += tensor.untyped_storage().nbytes()
+                    tensor.data = tensor.data.clone()
+    if copied:
+        logger.info("copied %.1f MiB of weights out of the memory-mapped weights file, which "
+                    "is then released", copied / 2**20)
+    return copied
