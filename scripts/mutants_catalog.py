@@ -48,7 +48,8 @@ MODULES: dict[str, dict] = {
                   "tests/unit/train/test_resume_schedule.py"],
         "functions": ["Trainer.load_state_dict"], "generic": 2},
     "finetune/checkpoint/files.py": {
-        "tests": ["tests/unit/checkpoint/test_store.py"],
+        "tests": ["tests/unit/checkpoint/test_manifest_files.py",
+                  "tests/unit/checkpoint/test_store.py"],
         "functions": ["verify_manifest", "write_manifest"], "generic": 2},
     "finetune/checkpoint/store.py": {
         "tests": ["tests/unit/checkpoint/test_store.py"],
