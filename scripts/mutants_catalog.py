@@ -59,7 +59,8 @@ MODULES: dict[str, dict] = {
         "tests": ["tests/unit/checkpoint/test_resume_changes.py"],
         "functions": ["config_changes", "global_batch_changes"], "generic": 2},
     "finetune/distributed/engine.py": {
-        "tests": ["tests/unit/distributed/test_sharded_optimizer_state.py",
+        "tests": ["tests/unit/distributed/test_deepspeed_checkpoint_refused.py",
+                  "tests/unit/distributed/test_sharded_optimizer_state.py",
                   "tests/unit/distributed/test_shards_one_process.py",
                   "tests/unit/distributed/test_engine.py"],
         "functions": ["load_shards", "Replicated.load_state"], "generic": 1},
