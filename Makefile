@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint install clean wheelhouse mutants test-extras
+.PHONY: run test lint install clean wheelhouse mutants test-extras test-offline
 
 # `make wheelhouse PY=3.12 PLATFORM=manylinux_2_28_x86_64`: finetune and every dependency a node
 # with torch installed lacks, for that Python and platform (torch, CUDA, ROCm, Triton left out).
@@ -43,6 +43,11 @@ EXTRAS_TESTS := tests/unit/metrics/test_trackers.py tests/unit/scripts/test_benc
 test-extras: $(STAMP)
 	$(BIN)/pip install -e ".[dev,bench,mlflow,deepspeed]"
 	$(BIN)/python -m pytest -q -rs $(EXTRAS_TESTS)
+
+# The offline-node install round trip (tests/e2e/test_wheelhouse.py): builds the wheelhouse from
+# the package index, then installs it into a fresh venv with no index; 5-10 minutes, not in CI.
+test-offline: $(STAMP)
+	FINETUNE_TEST_WHEELHOUSE=1 $(BIN)/python -m pytest -q -rs tests/e2e/test_wheelhouse.py
 
 wheelhouse:
 	$(PYTHON) scripts/wheelhouse.py --out $(WHEELHOUSE) --python-version $(PY) \
