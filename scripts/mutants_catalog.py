@@ -78,12 +78,14 @@ MODULES: dict[str, dict] = {
         "tests": ["tests/unit/kernels/test_varlen_sdpa.py"],
         "functions": ["_LengthsOfLastRow.__call__", "document_lengths"], "generic": 2},
     "finetune/kernels/planner.py": {
-        "tests": ["tests/unit/kernels/test_kernel_plan_golden.py",
+        "tests": ["tests/unit/kernels/test_kernel_selfcheck.py",
+                  "tests/unit/kernels/test_kernel_plan_golden.py",
                   "tests/unit/kernels/test_kernel_overrides.py",
                   "tests/unit/kernels/test_kernel_attention_ranking.py"],
         "functions": ["_select"], "generic": 3},
     "finetune/distributed/memory.py": {
-        "tests": ["tests/unit/distributed/test_memory_fsdp2_gradients.py",
+        "tests": ["tests/unit/distributed/test_memory_gathered.py",
+                  "tests/unit/distributed/test_memory_fsdp2_gradients.py",
                   "tests/unit/distributed/test_memory.py"],
         "functions": ["Workload.estimate"], "generic": 3},
 }
