@@ -97,11 +97,11 @@ def export_gguf(source: Path | str, out_dir: Path | str, *, quant: str = "f16",
             result = round_trip(file, quant, ids, texts, expected, stored, chat_template,
                                 rope, inv_freq)
             if not result.passed:
+                report = "Try --quant f16, or report" if quant != "f16" else "Report"
                 raise ExportVerificationError(
                     f"the exported GGUF does not reproduce {source}: {result.summary()}. "
-                    f"Nothing was written to {out}. {'Try --quant f16, or r' if quant != 'f16' else 'R'}"
-                    "eport the model's architecture and tokenizer; --no-verify writes the file "
-                    "unchecked.")
+                    f"Nothing was written to {out}. {report} the model's architecture and "
+                    "tokenizer; --no-verify writes the file unchecked.")
         share_as_umask_allows(tmp)
         if out.exists():
             out.rmdir()
