@@ -192,3 +192,26 @@ def test_gpu_plan_passes_selfcheck() -> None:
     kernel_plan = plan(detect(), KernelsConfig(), ModelFacts(32, 8, 64))
     assert kernel_plan.kernels["attention"].details["selfcheck"] == "passed"
     assert kernel_plan.kernels["optimizer"].details["selfcheck"] == "passed"
+
+
+def test_auto_never_tries_a_candidate_kept_for_asking_by_name(cpu_profile) -> None:
+    """A candidate with auto=False (used only when asked for by name) is neither chosen nor even
+    self-checked by kernels.attention=auto, however high it ranks; the plan says why."""
+    tried: list[int] = []
+
+    def records_the_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        tried.append(1)
+        raise RuntimeError("an auto plan must not try this candidate")
+
+    registries = default_registries()
+    registries.attention.register(
+        AttentionCandidate("by_name_only", lambda p, f: (True, "works here"), default_rank=-1,
+                           forward=records_the_call, packing_isolation="varlen", auto=False,
+                           not_auto_reason="used only when asked for by name"))
+    attention = plan(cpu_profile, KernelsConfig(), FACTS, run_selfcheck=True,
+                     registries=registries).kernels["attention"]
+    assert attention.choice == "sdpa_varlen" and tried == []
+    assert attention.details["selfcheck"] == "passed"
+    rejected = {r.name: r.reason for r in attention.rejected}
+    assert rejected["by_name_only"] == "supported; used only when asked for by name"
