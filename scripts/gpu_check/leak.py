@@ -55,9 +55,10 @@ def section_leak(ctx: Context, out: dict[str, Any]) -> None:
     use_attention(ctx, plan_candidate(ctx))
     # The leaking run: one causal row over all documents (positions still restart per
     # document), through an explicit 4D mask, which transformers passes on unchanged.
-    leaking = Collator(pad_id=0, isolation="varlen", mask_dtype=ctx.dtype)([docs])
+    leaking = Collator(pad_id=0, isolation="varlen", mask_dtype=ctx.dtype,
+                       device=ctx.device)([docs])
     n = leaking["input_ids"].shape[1]
-    causal = torch.full((n, n), torch.finfo(ctx.dtype).min).triu(1)
+    causal = torch.full((n, n), torch.finfo(ctx.dtype).min, device=ctx.device).triu(1)
     leaking["attention_mask"] = causal[None, None].to(ctx.dtype)
     leak_logits, leak_grads = _forward_backward(reference, to_device(leaking, ctx.device), spans)
     out["unsupported"] = unsupported(ctx, packing=True)
@@ -65,14 +66,17 @@ def section_leak(ctx: Context, out: dict[str, Any]) -> None:
         if candidate.packing_isolation is None:
             continue
         model = llama(ctx, shape, use_attention(ctx, candidate), init_range=0.1, state=state)
-        collate = Collator(pad_id=0, isolation=candidate.packing_isolation, mask_dtype=ctx.dtype)
+        # The mask (4D or flex) is built on the device it runs on, as in training.
+        collate = Collator(pad_id=0, isolation=candidate.packing_isolation, mask_dtype=ctx.dtype,
+                           device=ctx.device)
         packed_logits, packed_grads = _forward_backward(model, to_device(collate([docs]),
                                                                          ctx.device),
                                                         spans)
         alone_grads: dict[str, torch.Tensor] = {}
         logit_err = leak_err = 0.0
         for doc, (s, e) in zip(docs, spans, strict=True):
-            single = Collator(pad_id=0, isolation=None, mask_dtype=ctx.dtype)([[doc]])
+            single = Collator(pad_id=0, isolation=None, mask_dtype=ctx.dtype,
+                              device=ctx.device)([[doc]])
             logits, grads = _forward_backward(model, to_device(single, ctx.device), [(0, e - s)])
             scale = logits.abs().max().item()
             error = (packed_logits[0, s:e] - logits[0]).abs().max().item() / scale

@@ -60,12 +60,14 @@ def packed_rows(ctx: Context, seed: int) -> list[list[tuple[Any, Any]]]:
 
 def step_batches(ctx: Context, isolation: str | None, count: int) -> list[StepBatch]:
     """`count` packed batches collated for `isolation` by finetune's collator, moved to the
-    device; the counts the trainer takes from the host batch are kept beside them."""
+    device; the counts the trainer takes from the host batch are kept beside them. The
+    collator builds a mask (4D or flex) on the run's device, where it is used, as the trainer
+    does; only the token ids cross from the host."""
     from finetune.data.collate import Collator
     from finetune.metrics.flops import document_lengths
     from finetune.train.loss import trained_tokens
 
-    collate = Collator(pad_id=0, isolation=isolation, mask_dtype=ctx.dtype)
+    collate = Collator(pad_id=0, isolation=isolation, mask_dtype=ctx.dtype, device=ctx.device)
     out = []
     for seed in range(count):
         host = collate(packed_rows(ctx, seed))
@@ -74,16 +76,19 @@ def step_batches(ctx: Context, isolation: str | None, count: int) -> list[StepBa
     return out
 
 
-def step_model(ctx: Context, attn: str, lora_kernel: str) -> Any:
+def step_model(ctx: Context, attn: str, lora_kernel: str, *, layers: int | None = None,
+               dropout: float = 0.0) -> Any:
     """The Llama-3-8B-shaped model with LoRA r=16 on every linear layer, seeded: every call
-    gives the same weights."""
+    gives the same weights. `layers` overrides the step's layer count (the resume and fsdp2
+    sections need fewer); `dropout` is the adapters' dropout (it draws from the RNG)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune.kernels import apply_lora_kernel
 
-    hidden, intermediate, layers, heads, kv_heads, vocab = ctx.sizes.step_model
+    hidden, intermediate, step_layers, heads, kv_heads, vocab = ctx.sizes.step_model
+    layers = layers or step_layers
     register_attention(attn)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads,
@@ -93,17 +98,19 @@ def step_model(ctx: Context, attn: str, lora_kernel: str) -> Any:
     with torch.device(ctx.device):
         model = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=ctx.dtype)
         model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK,
+                                                 lora_dropout=dropout,
                                                  target_modules="all-linear"))
     apply_lora_kernel(model, lora_kernel)
     model.train()
     return model
 
 
-def step_optimizer(ctx: Context, model: Any) -> Any:
-    """The plan's optimizer over the adapters."""
+def step_optimizer(ctx: Context, model: Any, params: list[Any] | None = None) -> Any:
+    """The plan's optimizer over the adapters (or over `params`)."""
     from finetune.kernels import build_optimizer
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     return build_optimizer(ctx.packed_plan.choice("optimizer"), params, lr=1e-3, betas=(0.9, 0.999),
                            eps=1e-8, weight_decay=0.0)
 

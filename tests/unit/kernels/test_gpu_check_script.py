@@ -112,13 +112,20 @@ def test_without_a_gpu_it_refuses_unless_dry_run(capsys) -> None:
 
 
 def _cpu_context():
+    """The dry run's context with this machine's plan (its self-checks are the plan
+    section's business, not run here)."""
     import argparse
 
-    from scripts.gpu_check.machine import section_plan
+    from finetune.config.kernels import KernelsConfig
+    from finetune.hardware import detect
+    from finetune.kernels import ModelFacts, plan
 
     ctx = context.Context(argparse.Namespace(dry_run=True, skip_lora=True), context.CPU, "cpu",
                           torch.float32)
-    section_plan(ctx, {})
+    ctx.profile = detect()
+    facts = ModelFacts(32, 8, 64)
+    ctx.plan = plan(ctx.profile, KernelsConfig(), facts, run_selfcheck=False)
+    ctx.packed_plan = plan(ctx.profile, KernelsConfig(), facts, run_selfcheck=False, packing=True)
     return ctx
 
 
@@ -318,3 +325,67 @@ def test_op_shares_group_matmuls_and_attention() -> None:
                                device_type="DeviceType.CUDA", self_device_time_total=10.0)]
     assert op_profile.op_shares(kernels, 40.0, device=True) == {"matrix products": 75.0,
                                                                "attention": 25.0}
+
+
+def _mask_builds(monkeypatch) -> list[str]:
+    """Where the collator builds packed rows' masks: 'host' (numpy, then moved) or the device
+    of the document ids it builds them from."""
+    import finetune.data.collate as collate
+
+    built: list[str] = []
+    on_host, on_device = collate.block_diagonal_mask, collate.document_mask
+
+    def host(*args):
+        built.append("host")
+        return on_host(*args)
+
+    def device(doc_index, dtype):
+        built.append(f"4d on {doc_index.device.type}")
+        return on_device(doc_index, dtype)
+
+    def flex(doc_index):  # a BlockMask cannot be made on the meta device; where is what counts
+        built.append(f"flex on {doc_index.device.type}")
+        return "block mask"
+
+    monkeypatch.setattr(collate, "block_diagonal_mask", host)
+    monkeypatch.setattr(collate, "document_mask", device)
+    monkeypatch.setattr(collate, "flex_block_mask", flex)
+    return built
+
+
+def test_step_batches_build_their_masks_on_the_run_device(monkeypatch) -> None:
+    """On a GPU the step, syncs and op_profile sections build each batch's 4D or flex mask on
+    the GPU, as training does, not on the host then moved (a 2048 x 2048 mask per row). The
+    meta device stands in for the GPU."""
+    from scripts.gpu_check import step
+
+    built = _mask_builds(monkeypatch)
+    ctx = context.Context(SimpleNamespace(dry_run=True), context.CPU, "meta", torch.float32)
+    batches = step.step_batches(ctx, "block_mask_4d", 2)
+    assert built == ["4d on meta", "4d on meta"]
+    assert batches[0].batch["attention_mask"].device.type == "meta"
+    assert batches[0].trained > 0  # counted on the host batch
+    built.clear()
+    step.step_batches(ctx, "flex_block_mask", 1)
+    assert built == ["flex on meta"]
+
+
+def test_leak_check_builds_its_masks_on_the_run_device(monkeypatch) -> None:
+    """The leak section's packed batches get their masks where the models run (meta stands in
+    for the GPU; the forward and backward are stubbed, only the batches are looked at)."""
+    ctx = _cpu_context()
+    ctx.device = "meta"
+    built = _mask_builds(monkeypatch)
+    masks: list[str] = []
+
+    def forward_backward(model, batch, spans):
+        mask = batch.get("attention_mask")
+        masks.append("none" if mask is None else f"{mask.dim()}d on {mask.device.type}")
+        return torch.ones(1, batch["input_ids"].shape[1], 1), {"w": torch.ones(1)}
+
+    monkeypatch.setattr(leak, "_forward_backward", forward_backward)
+    out: dict = {}
+    leak.section_leak(ctx, out)
+    four_d = [name for name in ("sdpa", "eager") if out[name]["isolation"] == "block_mask_4d"]
+    assert four_d and "host" not in built and built.count("4d on meta") == len(four_d)
+    assert "4d on cpu" not in masks
