@@ -45,6 +45,8 @@ from mutants_catalog import CANARY, CURATED, MODULES, Curated  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ALLOWED = Path(__file__).resolve().parent / "mutants_allowed.toml"
+# Packages that live outside finetune/ (pyproject's [tool.setuptools.package-dir]).
+PACKAGE_DIRS = {"recipes": "recipes", "configs": "configs"}
 _FLIP = {ast.Lt: ast.GtE, ast.GtE: ast.Lt, ast.Gt: ast.LtE, ast.LtE: ast.Gt,
          ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Is: ast.IsNot, ast.IsNot: ast.Is,
          ast.In: ast.NotIn, ast.NotIn: ast.In}
@@ -182,6 +184,11 @@ def private_copy(source: str) -> Path:
             if (ROOT / name).is_file():
                 (copy / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ROOT / name, copy / name)
+    # The editable install maps finetune.recipes and finetune.configs to this working tree's
+    # recipes/ and configs/ (pyproject's package-dir). Links inside the copy's finetune/ are
+    # found first on its path, so the copy's recipes (and their mutants) are the ones imported.
+    for package, folder in PACKAGE_DIRS.items():
+        (copy / "finetune" / package).symlink_to(Path("..") / folder, target_is_directory=True)
     return copy
 
 
@@ -204,12 +211,19 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
 
 
 def check_imports_copy(copy: Path) -> None:
+    """Stop unless finetune and the packages outside finetune/ are imported from the copy."""
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
-    where = subprocess.run([sys.executable, "-c", "import finetune; print(finetune.__file__)"],
-                           cwd=copy, env=env, capture_output=True, text=True, check=True)
-    if not Path(where.stdout.strip()).resolve().is_relative_to(copy.resolve()):
-        sys.exit(f"mutants: the copy in {copy} imports finetune from {where.stdout.strip()}; "
-                 "mutants would not be tested. Stopping.")
+    names = ["finetune", *(f"finetune.{p}" for p in PACKAGE_DIRS)]
+    code = ("import importlib\n"
+            f"for name in {names!r}:\n"
+            "    print(name, list(importlib.import_module(name).__path__)[0])")
+    where = subprocess.run([sys.executable, "-c", code], cwd=copy, env=env, capture_output=True,
+                           text=True, check=True)
+    for line in where.stdout.splitlines():
+        name, folder = line.split(" ", 1)
+        if not Path(folder).resolve().is_relative_to(copy.resolve()):
+            sys.exit(f"mutants: the copy in {copy} imports {name} from {folder}; its mutants "
+                     "would not be tested. Stopping.")
 
 
 def _remove(copies: Queue[Path]) -> None:

@@ -57,3 +57,19 @@ def test_generic_operators_change_what_they_name() -> None:
 def test_logger_calls_are_not_dropped() -> None:
     source = "def f(x):\n    logger.warning('x %s', x)\n    return x\n"
     assert mutants.generic_mutants("m.py", source, ["f"], 9, ["t.py"]) == []
+
+
+def test_the_private_copy_holds_the_recipes_and_configs_it_imports() -> None:
+    # The editable install maps finetune.recipes / finetune.configs to this working tree; the
+    # copy must find its own first on its path, or recipes/ mutants are never imported.
+    from importlib.machinery import PathFinder
+
+    copy = mutants.private_copy("head")
+    try:
+        for package, folder in mutants.PACKAGE_DIRS.items():
+            spec = PathFinder.find_spec(f"finetune.{package}", [str(copy / "finetune")])
+            assert spec is not None, package
+            found = Path(spec.submodule_search_locations[0]).resolve()
+            assert found == (copy / folder).resolve(), (package, found)
+    finally:
+        mutants.shutil.rmtree(copy, ignore_errors=True)
