@@ -126,3 +126,27 @@ def test_a_learning_rate_changed_on_resume_is_used(make_trainer, tmp_path: Path)
     assert changed.scheduler.get_last_lr()[0] == pytest.approx(lr_same / 2)
     same.close()
     changed.close()
+
+
+def test_the_grad_scalers_state_is_saved_and_loaded(make_trainer, tmp_path: Path) -> None:
+    # fp16 runs carry a GradScaler whose scale has moved away from its start; a resume must
+    # continue from the saved scale, not restart at init_scale. A CPU GradScaler stands in for
+    # the one accelerate builds for fp16 on a GPU.
+    saved = make_trainer(tmp_path / "run", "trainer.max_steps=1")
+    saved.acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    saved.acc.scaler.scale(torch.ones(()))
+    saved.acc.scaler.update(2.0**10)  # as after overflows backed the scale off
+    state = saved.state_dict()
+    assert state.scaler["scale"] == 2.0**10
+
+    # A run without a scaler (bf16 or fp32) resumes an fp16 checkpoint, ignoring its scaler.
+    saved.acc.scaler = None
+    saved.load_state_dict(state, source=tmp_path / "run")
+    assert saved.acc.scaler is None
+    saved.close()
+
+    resumed = make_trainer(tmp_path / "run", "trainer.max_steps=1")
+    resumed.acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    resumed.load_state_dict(state, source=tmp_path / "run")
+    assert resumed.acc.scaler.get_scale() == 2.0**10
+    resumed.close()
