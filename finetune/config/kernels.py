@@ -15,6 +15,15 @@ class FusedLinearCrossEntropy(Choice):
     off = "off"
 
 
+class Autotune(Choice):
+    """Time the candidates that pass their self-check and choose by measurement: auto tunes
+    runs expected to last over 10x what tuning costs (and whenever the timings are cached)."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 @dataclass
 class KernelsConfig:
     """Kernel choices; `auto` lets `finetune.kernels.plan` pick per detected vendor and arch.
@@ -34,3 +43,5 @@ class KernelsConfig:
     # Liger's fused linear + cross-entropy, when fused_ops is liger; auto: off on gfx950.
     fused_linear_cross_entropy: FusedLinearCrossEntropy = FusedLinearCrossEntropy.auto
     selfcheck: bool = True  # run the numerical self-check of attention and optimizer
+    # Time candidates at the run's shapes and take the fastest (finetune.kernels.autotune).
+    autotune: Autotune = Autotune.auto

@@ -38,6 +38,9 @@ class KernelPlan:
     env: dict[str, str] = field(default_factory=dict)
     env_reasons: dict[str, str] = field(default_factory=dict)
     model_facts: ModelFacts = field(default_factory=ModelFacts)
+    # kernels.autotune's outcome (finetune.kernels.tuned_plan): mode, whether candidates were
+    # timed and why, the cache, the device's measured matmul TFLOP/s; None when not asked.
+    autotune: dict[str, Any] | None = None
 
     def choice(self, family: str) -> str:
         """The chosen candidate name of `family` (one of FAMILIES)."""
@@ -134,10 +137,20 @@ class KernelPlan:
         """How LoRA linear layers compute: fused | peft (see `apply_lora_kernel`)."""
         return self.choice("lora")
 
+    @property
+    def measured_tflops(self) -> float | None:
+        """The device's measured dense matmul rate (TFLOP/s) in the run's precision (fp16 is
+        read as bf16's); None when it was not measured."""
+        rates = (self.autotune or {}).get("matmul_tflops") or {}
+        return rates.get("fp32" if self.precision == "fp32" else "bf16")
+
     def to_dict(self) -> dict[str, Any]:
-        """{"hardware": {...}, "kernels": {family: {...}}, "env": {...}}."""
-        return {
+        """{"hardware": {...}, "kernels": {family: {...}}, "env": {...}} (+ "autotune")."""
+        result = {
             "hardware": self.hardware.to_dict(),
             "kernels": {name: self.kernels[name].to_dict() for name in FAMILIES},
             "env": dict(self.env),
         }
+        if self.autotune is not None:
+            result["autotune"] = dict(self.autotune)
+        return result

@@ -34,6 +34,7 @@ from finetune.kernels.attention import (
     attention_details,
     attention_env,
 )
+from finetune.kernels.autotune import Timing, Tuner, pick
 from finetune.kernels.collective import COLLECTIVE
 from finetune.kernels.compilation import COMPILE
 from finetune.kernels.fused_ops import FUSED_OPS, fused_ops_details
@@ -96,6 +97,8 @@ class _Selection:
     reason: str
     rejected: list[Rejection]
     failures: list[tuple[str, str]]
+    measured: dict[str, Timing] | None = None
+    verdict: str | None = None
 
 
 def _select(
@@ -105,6 +108,7 @@ def _select(
     profile: HardwareProfile,
     facts: ModelFacts,
     check: Callable[[Any], str | None] | None = None,
+    tuner: Tuner | None = None,
 ) -> _Selection:
     ranked = registry.ranked(profile, facts.packing)
     verdicts = {c.name: c.supports(profile, facts) for c in ranked}
@@ -127,11 +131,16 @@ def _select(
         order = [c for c in ranked if verdicts[c.name][0] and c.auto]
     failures: list[tuple[str, str]] = []
     chosen: Candidate | None = None
+    tuning = tuner is not None and requested == "auto"
+    passing: list[Candidate] = []
     for candidate in order:
         failure = check(candidate) if check is not None else None
         if failure is None:
-            chosen = candidate
-            break
+            chosen = chosen or candidate
+            passing.append(candidate)
+            if not tuning:
+                break
+            continue
         logger.warning("%s: %s failed its self-check: %s", family, candidate.name, failure)
         failures.append((candidate.name, failure))
         if requested != "auto":
@@ -142,6 +151,14 @@ def _select(
     if chosen is None:
         detail = "; ".join(f"{n}: {w}" for n, w in failures) or "no candidate is supported"
         raise RuntimeError(f"no {family} kernel works on {_machine(profile)}: {detail}")
+    measured: dict[str, Timing] | None = None
+    verdict: str | None = None
+    if tuning and len(passing) > 1:
+        assert tuner is not None
+        measured = tuner.timings(family, passing)
+        if measured:
+            name, verdict = pick([c.name for c in passing], measured)
+            chosen = registry.get(name)
     failed = dict(failures)
     rejected: list[Rejection] = []
     for candidate in ranked:
@@ -154,6 +171,9 @@ def _select(
             why = f"supported; not requested (kernels.{family}={requested})"
         elif ok and not candidate.auto:
             why = f"supported; {candidate.not_auto_reason}"
+        elif ok and measured and candidate.name in measured:
+            why = (f"supported; measured {measured[candidate.name].median_ms:.3g} ms vs "
+                   f"{chosen.name} {measured[chosen.name].median_ms:.3g} ms: {why}")
         elif ok:
             rows = " for packed rows" if facts.packing else ""
             why = f"supported; ranked below {chosen.name} on {rank_family(profile)}{rows}: {why}"
@@ -164,7 +184,9 @@ def _select(
     else:
         above = [r for r in rejected if ranked.index(registry.get(r.name)) < ranked.index(chosen)]
         reason = "; ".join([own] + [f"{r.name}: {r.reason}" for r in above])
-    return _Selection(chosen, reason, rejected, failures)
+        if verdict is not None:
+            reason = f"{reason}; {verdict}"
+    return _Selection(chosen, reason, rejected, failures, measured, verdict)
 
 
 def check_choices(cfg: KernelsConfig, registries: KernelRegistries | None = None) -> None:
@@ -201,6 +223,9 @@ def _selfcheck_status(skip: str | None, selection: _Selection) -> str:
 
 
 def _decision(family: str, selection: _Selection, details: dict[str, Any]) -> FamilyDecision:
+    if selection.measured:
+        details = {**details, "measured_ms": {n: round(t.median_ms, 4)
+                                              for n, t in selection.measured.items()}}
     return FamilyDecision(
         family, selection.candidate.name, selection.reason, tuple(selection.rejected), details
     )
@@ -215,6 +240,7 @@ def plan(
     registries: KernelRegistries | None = None,
     packing: bool = False,
     prepare_env: Callable[[Mapping[str, str]], object] | None = None,
+    tuner: Tuner | None = None,
 ) -> KernelPlan:
     """Choose every op family's kernel for `profile`.
 
@@ -228,6 +254,8 @@ def plan(
             then takes only paths that keep documents apart, ranked for packed rows.
         prepare_env: puts the plan's environment variables in place before the self-checks
             (only called when they run); `apply_env_vars` by default.
+        tuner: times the candidates of a family that pass their self-checks when several do
+            (kernels.autotune, finetune.kernels.autotune); the measured winner is chosen.
 
     Raises:
         KernelOverrideError: an explicit choice is unknown, unsupported here, or fails its
@@ -250,16 +278,16 @@ def plan(
     started = time.perf_counter()
     attention = _select(
         "attention", regs.attention, cfg.attention, profile, facts,
-        check=None if skip else lambda c: check_attention(c, check_facts, device),
+        check=None if skip else lambda c: check_attention(c, check_facts, device), tuner=tuner,
     )
     optimizer = _select(
         "optimizer", regs.optimizer, cfg.optimizer, profile, facts,
-        check=None if skip else lambda c: check_optimizer(c, device),
+        check=None if skip else lambda c: check_optimizer(c, device), tuner=tuner,
     )
     if skip is None:
         logger.debug("kernel self-checks took %.2fs", time.perf_counter() - started)
-    fused_ops = _select("fused_ops", regs.fused_ops, cfg.fused_ops, profile, facts)
-    lora = _select("lora", regs.lora, cfg.lora, profile, facts)
+    fused_ops = _select("fused_ops", regs.fused_ops, cfg.fused_ops, profile, facts, tuner=tuner)
+    lora = _select("lora", regs.lora, cfg.lora, profile, facts, tuner=tuner)
     compile_ = _select("compile", regs.compile, cfg.compile, profile, facts)
     collective = _select("collective", regs.collective, cfg.collective, profile, facts)
 
