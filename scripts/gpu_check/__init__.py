@@ -23,6 +23,8 @@ Sections, most valuable first (one module each; `runner` holds the shared timing
   selfcheck       selfcheck.py  the attention self-checks at training shapes
   sdpa_backend    sdpa_backend.py  the SDPA backend that ran against the one the plan claimed
   loss_parity, lora_forward, liger  parity.py  fast paths against their references
+  resume          resume.py     k steps, checkpoint, resume: bitwise the losses of N straight
+  fsdp2           fsdp2.py      finetune's FSDP2 engine on one GPU against the unsharded losses
   adamw, tf32     numerics.py   fused vs foreach AdamW; the TF32 state against the plan
   memory, gemm    memory.py     peak memory per attention; a bf16 matmul against the peak
   lora            lora_run.py   `finetune run lora_sft` of a ~1B Llama end to end

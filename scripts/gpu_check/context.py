@@ -58,6 +58,7 @@ class Sizes:
     step_rows: int
     step_docs: int  # documents per row (about)
     step_steps: int  # timed optimizer steps per attention
+    small_step_layers: int  # the step model's layers in the resume and fsdp2 sections
     leak: tuple[int, int, int, int, int]  # hidden, layers, heads, kv_heads, vocab
     leak_docs: tuple[int, ...]
     memory_model: tuple[int, int, int, int, int]
@@ -79,14 +80,14 @@ class Sizes:
 # steps inside the step section's budget. The step section reports both numbers.
 LLAMA3_8B_LAYERS = 32
 GPU = Sizes(step_model=(4096, 14336, 16, 32, 8, 128_256), step_seq=2048, step_rows=2, step_docs=8,
-            step_steps=10,
+            step_steps=10, small_step_layers=2,
             leak=(512, 2, 8, 4, 1024), leak_docs=(300, 700, 1000),
             memory_model=(2048, 2, 16, 8, 4096), memory_seqs=(4096, 8192), gemm=8192,
             parity_model=(1024, 4, 8, 4, 4096), parity_seq=1024, parity_steps=3,
             adamw_numel=16_000_000, adamw_steps=20, check_heads=(16, 8, 128), check_seq=2048,
             masked_seq=2112, lora_seq=2048, lora_steps=40)
 CPU = Sizes(step_model=(64, 128, 2, 4, 2, 256), step_seq=128, step_rows=1, step_docs=8,
-            step_steps=1,
+            step_steps=1, small_step_layers=1,
             leak=(64, 2, 4, 2, 128), leak_docs=(7, 13, 20), memory_model=(64, 1, 4, 2, 128),
             memory_seqs=(64, 128), gemm=256, parity_model=(64, 2, 4, 2, 128), parity_seq=32,
             parity_steps=2, adamw_numel=4096, adamw_steps=3, check_heads=(4, 2, 32),

@@ -26,7 +26,8 @@ SECTIONS: tuple[tuple[str, str, float], ...] = (
     ("versions", "machine", 5), ("plan", "machine", 25),
     ("step", "step", 100), ("syncs", "syncs", 15), ("op_profile", "op_profile", 15),
     ("leak", "leak", 25), ("selfcheck", "selfcheck", 15), ("sdpa_backend", "sdpa_backend", 8),
-    ("loss_parity", "parity", 15), ("lora_forward", "parity", 15), ("adamw", "numerics", 10),
+    ("loss_parity", "parity", 15), ("lora_forward", "parity", 15), ("resume", "resume", 15),
+    ("fsdp2", "fsdp2", 15), ("adamw", "numerics", 10),
     ("tf32", "numerics", 2), ("memory", "memory", 20), ("gemm", "memory", 8),
     ("liger", "parity", 15), ("lora", "lora_run", 90), ("multi_gpu", "multi_gpu", 60),
 )

@@ -22,9 +22,12 @@ from scripts.gpu_check import main as gpu_check_main
 ROOT = Path(__file__).resolve().parents[3]
 # An image with torch, transformers, accelerate and peft but none of these.
 ABSENT = ("hydra", "omegaconf", "orjson", "datasets", "wandb")
+# finetune's other dependencies that such an image may lack too (none of the four requires
+# pyarrow, matplotlib or tensorboard; rich comes only with some huggingface-hub releases).
+ALSO_ABSENT = ("pyarrow", "rich", "matplotlib", "tensorboard")
 PRELUDE = f"""
 import runpy, sys
-for name in {ABSENT!r}:
+for name in {ABSENT + ALSO_ABSENT!r}:
     sys.modules[name] = None  # `import name` raises ModuleNotFoundError, find_spec gives None
 sys.argv = ["scripts/gpu_check.py", *sys.argv[1:]]
 runpy.run_path({str(ROOT / "scripts" / "gpu_check.py")!r}, run_name="__main__")
@@ -45,7 +48,8 @@ def dry_run(tmp_path_factory) -> tuple[dict, Path]:
 def test_dry_run_runs_every_in_process_section(dry_run) -> None:
     report, doc = dry_run
     for name in ("versions", "plan", "step", "op_profile", "sdpa_backend", "leak", "memory",
-                 "gemm", "loss_parity", "lora_forward", "adamw", "tf32", "selfcheck"):
+                 "gemm", "loss_parity", "lora_forward", "resume", "fsdp2", "adamw", "tf32",
+                 "selfcheck"):
         assert report[name]["status"] == "ok", (name, report[name])
     assert report["versions"]["missing_packages"] == ["hydra-core", *ABSENT[1:]]
     assert report["liger"]["status"].startswith("skipped: ")
@@ -62,6 +66,35 @@ def test_sections_run_most_valuable_first(dry_run) -> None:
              and "status" in section]
     assert names[:5] == ["versions", "plan", "step", "syncs", "op_profile"]
     assert names.index("leak") < names.index("memory") < names.index("lora")
+    # (d), the correctness sections, in the issue's order, before the other measurements
+    assert (names.index("leak") < names.index("selfcheck") < names.index("loss_parity")
+            < names.index("resume") < names.index("fsdp2") < names.index("memory"))
+
+
+def test_the_sections_through_correctness_fit_the_run_budget() -> None:
+    """Every section up to the last correctness check gets its whole budget inside the run's,
+    which leaves time for the interpreter's start within 5 minutes; the end-to-end sections
+    after them use what the earlier ones left."""
+    names = [name for name, _, _ in gpu_check_main.SECTIONS]
+    through = names.index("tf32") + 1
+    assert names.index("fsdp2") < through
+    assert sum(seconds for _, _, seconds in gpu_check_main.SECTIONS[:through]) <= (
+        gpu_check_main.BUDGET_S)
+    assert gpu_check_main.BUDGET_S <= 300 - 15
+
+
+def test_dry_run_resumes_exactly_and_fsdp2_matches(dry_run) -> None:
+    report, _ = dry_run
+    resume = report["resume"]
+    assert resume["device_repeats_bitwise"] is True  # the CPU repeats a run bit for bit
+    assert resume["bitwise_equal"] is True and resume["adapters_bitwise_equal"] is True
+    assert resume["resumed_losses"] == resume["straight_losses"]
+    assert len(resume["straight_losses"]) == resume["steps"] > resume["resumed_at"] > 0
+    assert resume["lora_dropout"] > 0  # the RNG's state matters to the resumed steps
+    fsdp2 = report["fsdp2"]
+    assert (fsdp2["backend"], fsdp2["world_size"]) == ("gloo", 1)
+    assert len(fsdp2["losses"]) == fsdp2["steps"] == len(fsdp2["losses_unsharded"])
+    assert fsdp2["losses_agree"] is True and fsdp2["max_rel_diff"] < 1e-4
 
 
 def test_dry_run_measures_the_realistic_step(dry_run) -> None:
