@@ -367,7 +367,7 @@ def config_for_estimate(cfg: ModelConfig) -> tuple[Any, str]:
 
     hf_logging.disable_progress_bar()  # as load_model does: building the tiny model shows one
     name = cfg.name_or_path
-    if Path(resolve_model_path(cfg)).is_dir():  # the tiny model or a local folder
+    if Path(resolve_model_path(cfg)).exists():  # the tiny model, a local folder or GGUF file
         return load_model_config(cfg), name
     try:
         return AutoConfig.from_pretrained(name, revision=cfg.revision, local_files_only=True,

@@ -15,17 +15,27 @@ from finetune.errors import ConfigError
 from finetune.kernels.registry import ModelFacts
 from finetune.kernels.varlen_sdpa import VARLEN_SDPA, register_varlen_sdpa
 from finetune.kernels.varlen_torch import VARLEN_ATTN, register_varlen_attn
+from finetune.models.gguf_input import (
+    gguf_path,
+    is_gguf,
+    load_gguf_config,
+    load_gguf_model,
+    load_gguf_tokenizer,
+)
 from finetune.models.tiny import TINY_NAME, ensure_tiny_model
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
-    """Return a local folder or hub id for `cfg.name_or_path`; build the tiny model if asked.
+    """Return a local folder, GGUF file or hub id for `cfg.name_or_path`; build the tiny model if
+    asked.
 
     Raises ConfigError when a path-like value does not exist.
     """
     name = cfg.name_or_path
+    if is_gguf(name):
+        return str(gguf_path(name))
     if name == TINY_NAME:
         return str(ensure_tiny_model(Path(cfg.cache_dir) if cfg.cache_dir else None))
     path = Path(name).expanduser()
@@ -72,6 +82,8 @@ def load_model_config(cfg: ModelConfig):
     """The transformers config of the model (no weights loaded)."""
     from transformers import AutoConfig
 
+    if is_gguf(cfg.name_or_path):
+        return load_gguf_config(cfg.name_or_path)
     source = resolve_model_path(cfg)
     try:
         return AutoConfig.from_pretrained(source, revision=cfg.revision,
@@ -102,8 +114,9 @@ def load_tokenizer(cfg: ModelConfig):
 
     source = resolve_model_path(cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
-                                                  trust_remote_code=cfg.trust_remote_code)
+        tokenizer = (load_gguf_tokenizer(cfg.name_or_path) if is_gguf(cfg.name_or_path) else
+                     AutoTokenizer.from_pretrained(source, revision=cfg.revision,
+                                                   trust_remote_code=cfg.trust_remote_code))
     except (OSError, ValueError) as exc:
         raise _hub_error(cfg.name_or_path, exc) from None
     if tokenizer.pad_token_id is None:
@@ -147,6 +160,9 @@ def load_model(cfg: ModelConfig, *, attn_implementation: str, dtype, quantizatio
         register_varlen_attn()
     if empty:
         return _empty_model(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    if is_gguf(cfg.name_or_path):
+        return load_gguf_model(cfg.name_or_path, attn_implementation=attn_implementation,
+                               dtype=dtype, quantization=quantization)
     source = resolve_model_path(cfg)
     extra = {"quantization_config": quantization} if quantization is not None else {}
     try:
