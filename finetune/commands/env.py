@@ -7,6 +7,9 @@ it needs per device with the strategy `distributed=auto` would pick.
     finetune env --table                          plan per named profile, as Markdown
     finetune env --profile h100 --nproc 8 model=llama3_1_8b peft=none
                                                   memory of a full 8B fine-tune on 8 GPUs
+    finetune env --autotune [--doc-length N] data.packing=true
+                                                  time every candidate that passes its
+                                                  self-check at the run's shapes, here
 
 The memory estimate is for `--recipe` (default lora_sft) with the other overrides in Hydra
 syntax (model=..., peft=..., trainer.micro_batch_size=...), on `--nproc` processes.
@@ -145,6 +148,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "starts them (default 1)",
     )
     parser.add_argument(
+        "--autotune", action="store_true",
+        help="time every candidate that passes its self-check on this machine at the recipe's "
+        "shapes (kernels.autotune) and print the measurements and the plan they give",
+    )
+    parser.add_argument(
+        "--doc-length", type=_process_count, default=None, metavar="N",
+        help="with --autotune: the mean document length timed (default: a quarter of the row "
+        "with data.packing=true, half a row without)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="OVERRIDES",
         help="kernel choices to force (kernels.KEY=VALUE) and config overrides for the memory "
         "estimate (model=llama3_1_8b peft=none trainer.micro_batch_size=1)",
@@ -176,8 +189,13 @@ def main(argv: list[str]) -> int:
         if args.table:
             print(markdown_kernel_table(args.assume_packages or "all"), end="")
             return 0
+        if args.autotune and args.profile:
+            raise UsageError("--autotune times this machine's kernels; it cannot be combined "
+                             "with --profile (a simulated machine has no kernels to time).")
         profile = _profile(args.profile, args.assume_packages)
         run_cfg = compose_run_config(args.recipe, kernel_items + config_items)
+        if args.autotune:
+            return _autotune(profile, cfg, run_cfg, args.doc_length, as_json=args.json)
         model = model_config(run_cfg)
         facts = TINY_MODEL_FACTS if isinstance(model, str) else model_facts(model[0])
         kernel_plan = plan(profile, cfg, facts, packing=run_cfg.data.packing)
@@ -198,3 +216,47 @@ def main(argv: list[str]) -> int:
         print("\n".join(report.lines()))
     return 0
 
+
+
+def _autotune(profile: HardwareProfile, cfg: KernelsConfig, run_cfg, doc_length: int | None, *,
+              as_json: bool) -> int:
+    """`finetune env --autotune`: measure, print the timings and the plan they give."""
+    from finetune.hardware.arch import device_type
+    from finetune.kernels.autotune import (
+        MeasuringTuner,
+        cache_path,
+        measure_matmul_rates,
+        measured_dict,
+        write_cache,
+    )
+    from finetune.models import load_model_config
+    from finetune.train.tuning import run_shapes
+
+    hf_config = load_model_config(run_cfg.model)
+    facts = model_facts(hf_config)
+    table = plan(profile, cfg, facts, packing=run_cfg.data.packing)
+    device = device_type(profile)
+    shapes = run_shapes(run_cfg, hf_config, table, device, mean_document=doc_length)
+    tuner = MeasuringTuner(shapes, device)
+    tuned = plan(profile, cfg, facts, packing=run_cfg.data.packing, tuner=tuner)
+    rates = measure_matmul_rates(device)
+    measured = measured_dict(tuner.measured)
+    write_cache(cache_path(profile, shapes), {"shapes": shapes.describe(), "measured": measured})
+    write_cache(cache_path(profile, None), {"tflops": rates})
+    if as_json:
+        print(json.dumps({"shapes": shapes.describe(), "matmul_tflops": rates,
+                          "measured": measured, "seconds": round(tuner.seconds, 3),
+                          "kernel_plan": tuned.to_dict()}, indent=2))
+        return 0
+    print(f"autotune on {profile.name} at {shapes.describe()} ({tuner.seconds:.1f} s)")
+    print(f"dense matmul: bf16 {rates['bf16']:.4g} TFLOP/s, fp32 {rates['fp32']:.4g} TFLOP/s")
+    for family, found in tuner.measured.items():
+        table_first = table.choice(family)
+        for name, timing in sorted(found.items(), key=lambda item: item[1].median_ms):
+            marks = [m for m, on in (("chosen", name == tuned.choice(family)),
+                                     ("table's choice", name == table_first)) if on]
+            print(f"  {family:<10} {name:<16} {timing.median_ms:10.3f} ms "
+                  f"({timing.low_ms:.3f}-{timing.high_ms:.3f}) {', '.join(marks)}")
+    print()
+    print(format_plan_table(tuned))
+    return 0

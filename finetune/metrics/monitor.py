@@ -64,6 +64,8 @@ class RunMonitor:
         self.console = console or make_console()
         self.rich = wants_live(cfg.logger.display, self.console)
         self.peak_flops = peak_flops(kernel_plan)
+        measured = kernel_plan.measured_tflops
+        self.measured_flops = measured * 1e12 if measured else None
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl") if self.is_main else None
         self.display: StepDisplay | None = None
         self.flops: FlopCounter | None = None
@@ -88,7 +90,7 @@ class RunMonitor:
 
         `model` is the unwrapped model (a peft model for adapter runs).
         """
-        if self.peak_flops is not None:
+        if self.peak_flops is not None or self.measured_flops is not None:
             self.flops = FlopCounter(model.config, TrainingMode.of(model),
                                      head_at_loss_positions=_head_at_loss_positions(
                                          self.cfg.recipe, model))
@@ -151,6 +153,8 @@ class RunMonitor:
 
         MFU is rank 0's: its batches' FLOPs over the step time and one device's peak. Ranks
         step together on equal shares, so it stands for the run without a collective.
+        `mfu_measured` divides by the device's measured dense matmul rate instead
+        (kernels.autotune measures it, in the run's precision); None where it was not measured.
         """
         if not self.is_main:
             return
@@ -158,6 +162,8 @@ class RunMonitor:
         record = {**record, "tokens_per_s": record["tokens"] / seconds if seconds > 0 else 0.0,
                   "mfu": (flops / seconds / self.peak_flops
                           if flops and self.peak_flops and seconds > 0 else None),
+                  "mfu_measured": (flops / seconds / self.measured_flops
+                                   if flops and self.measured_flops and seconds > 0 else None),
                   "peak_mem_gb": round(peak_memory_gb(self.accelerator.device), 3)}
         self.metrics.write(record)
         self.accelerator.log(numbers(record), step=record["step"])

@@ -39,6 +39,7 @@ from finetune.train.run_dir import (
 from finetune.train.setup import build_runtime, plan_kernels, setup, strategy_with_data
 from finetune.train.signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from finetune.train.trainer import Trainer
+from finetune.train.tuning import tune_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def _train(cfg: RunConfig, recipe: Recipe, run_dir: Path, fresh_dir: FreshRunDir
     kernel_plan = plan_kernels(cfg)
     strategy, engine, acc = build_runtime(cfg, recipe, kernel_plan, trackers=trackers,
                                           run_dir=run_dir)
+    kernel_plan = tune_kernels(cfg, kernel_plan, acc)  # rank 0 measures, every rank follows
     monitor = RunMonitor(cfg, run_dir, acc, kernel_plan)
     acc.wait_for_everyone()  # every rank checked output_dir before rank 0 writes into it
     # Each rank's own log file; only now, when no rank can mistake logs/ for an old run.

@@ -248,3 +248,20 @@ def test_with_real_accelerate_and_tensorboard(cfg, model, tmp_path: Path) -> Non
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.5), (2, 2.0)]
     assert "peak_mem_gb" in events.Tags()["scalars"] and "mfu" not in events.Tags()["scalars"]
+
+
+def test_measured_matmul_rate_gives_mfu_measured_where_no_peak_is_known(cfg, model,
+                                                                         tmp_path: Path) -> None:
+    measured = dataclasses.replace(_plan("cpu"), autotune={"matmul_tflops": {"bf16": 2.0,
+                                                                             "fp32": 0.5}})
+    monitor, _ = _monitor(cfg, tmp_path, measured)
+    _start(monitor, model)
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
+    flops = monitor.step_flops([batch])
+    assert flops is not None and flops > 0
+    monitor.step(STEP, flops=flops)
+    monitor.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    rate = 0.5e12 if measured.precision == "fp32" else 2.0e12
+    assert row["mfu"] is None
+    assert row["mfu_measured"] == pytest.approx(flops / STEP["step_time_s"] / rate)
