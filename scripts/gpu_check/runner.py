@@ -129,6 +129,11 @@ def validation_section(report: dict[str, Any], json_path: Path) -> str:
             for name, r in s.get("runs", {}).items() if isinstance(r, dict)),
         "syncs": lambda s: f"{s.get('syncs_per_step')} host syncs per optimizer step",
         "tf32": lambda s: f"planned {s.get('planned')}, consistent {s.get('consistent')}",
+        "resume": lambda s: (f"losses bitwise equal {s.get('bitwise_equal')}, adapters "
+                             f"{s.get('adapters_bitwise_equal')} (the device repeats a run bit "
+                             f"for bit: {s.get('device_repeats_bitwise')})"),
+        "fsdp2": lambda s: (f"{s.get('backend')}, losses within {s.get('max_rel_diff')} "
+                            f"(relative) of unsharded, peak {s.get('peak_gib')} GiB"),
         "lora_forward": lambda s: (f"fused/peft step {s.get('speedup')}x, grad cosine "
                                    f"{s.get('grad_cosine')}, peak {s.get('peak_gib_fused')} vs "
                                    f"{s.get('peak_gib_peft')} GiB"),

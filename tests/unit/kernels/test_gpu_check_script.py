@@ -38,10 +38,13 @@ runpy.run_path({str(ROOT / "scripts" / "gpu_check.py")!r}, run_name="__main__")
 def dry_run(tmp_path_factory) -> tuple[dict, Path]:
     tmp = tmp_path_factory.mktemp("gpu_check")
     doc = tmp / "hardware-validation.md"
+    page = ROOT / "docs" / "hardware-validation.md"
+    before = page.read_bytes()
     proc = subprocess.run([sys.executable, "-c", PRELUDE, "--dry-run", "--out",
                            str(tmp / "report.json"), "--doc", str(doc)],
                           cwd=tmp, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert page.read_bytes() == before  # a dry run never touches the checkout's page
     return json.loads((tmp / "report.json").read_text()), doc
 
 
@@ -274,10 +277,16 @@ def test_validation_section_quotes_only_measured_figures() -> None:
         "gemm": {"status": "ok", "tflops": 812.3, "fraction_of_peak": 0.821},
         "lora": {"status": "timed out: ran past its 120s budget (partial results kept)",
                  "median_tokens_per_s": 123.0},
+        "resume": {"status": "ok", "bitwise_equal": True, "adapters_bitwise_equal": True,
+                   "device_repeats_bitwise": False},
+        "fsdp2": {"status": "ok", "backend": "nccl", "max_rel_diff": 0.0031, "peak_gib": 4.2},
     }
     text = runner.validation_section(report, Path("gpu_check-2026-12-01.json"))
     assert text.startswith("### 2026-12-01: NVIDIA H200 (sm_90), torch 2.10.0")
     assert "812.3 TFLOP/s" in text
+    assert "| resume | ok | losses bitwise equal True, adapters True (the device repeats a run " \
+           "bit for bit: False) |" in text
+    assert "| fsdp2 | ok | nccl, losses within 0.0031 (relative) of unsharded, peak 4.2 GiB |" in text
     assert "123.0" not in text  # a section that did not finish quotes no figure
 
 
