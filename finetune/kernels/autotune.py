@@ -56,7 +56,8 @@ AUTO_FACTOR = 10
 
 @dataclass(frozen=True)
 class Timing:
-    """One candidate's measurement: median and spread (min, max) of its repetitions, in ms."""
+    """One candidate's measurement, in ms: the median of its repetitions and their spread
+    (lower and upper quartile from 4 repetitions on, else min and max)."""
 
     median_ms: float
     low_ms: float
@@ -73,7 +74,7 @@ class Timing:
 
 def within_noise(a: Timing, b: Timing) -> bool:
     """True when `a` and `b` cannot be told apart: medians within NOISE of the faster one, or
-    overlapping spreads."""
+    overlapping spreads (quartiles: one slow outlier on a busy machine does not count)."""
     fast, slow = sorted((a.median_ms, b.median_ms))
     overlap = a.low_ms <= b.high_ms and b.low_ms <= a.high_ms
     return slow - fast <= NOISE * fast or overlap
@@ -114,7 +115,7 @@ def time_workload(step: Workload, *, sync: Callable[[], None], warmup: int = WAR
                   repeats: int = REPEATS, clock: Callable[[], float] = time.perf_counter
                   ) -> Timing:
     """Run `step` `warmup` times, then time `repeats` runs (fewer when one step is slower
-    than SLOW_STEP_S: MIN_REPEATS); median and spread in milliseconds."""
+    than SLOW_STEP_S: MIN_REPEATS); median and spread (`Timing`) in milliseconds."""
     first = 0.0
     for _ in range(warmup):
         start = clock()
@@ -128,6 +129,9 @@ def time_workload(step: Workload, *, sync: Callable[[], None], warmup: int = WAR
         step()
         sync()
         times.append((clock() - start) * 1e3)
+    if len(times) >= 4:
+        low, _, high = statistics.quantiles(times, n=4, method="inclusive")
+        return Timing(statistics.median(times), low, high)
     return Timing(statistics.median(times), min(times), max(times))
 
 

@@ -224,7 +224,12 @@ def test_time_workload_takes_the_median_after_warmup() -> None:
                   10, 10.001, 20, 20.003, 30, 30.002, 40, 40.010, 50, 50.002])
     timing = time_workload(lambda: None, sync=lambda: None, clock=lambda: next(ticks))
     assert timing.median_ms == pytest.approx(2.0)
-    assert timing.low_ms == pytest.approx(1.0) and timing.high_ms == pytest.approx(10.0)
+    # quartiles of 1, 2, 2, 3, 10 ms: the one slow outlier does not widen the spread
+    assert timing.low_ms == pytest.approx(2.0) and timing.high_ms == pytest.approx(3.0)
+    ticks = iter([0, 0.5, 0.5, 1.0, 2, 2.3, 3, 3.1, 4, 4.2])  # slow steps: three repetitions
+    timing = time_workload(lambda: None, sync=lambda: None, clock=lambda: next(ticks))
+    assert (timing.low_ms, timing.median_ms) == (pytest.approx(100), pytest.approx(200))
+    assert timing.high_ms == pytest.approx(300)
 
 
 @pytest.mark.parametrize("family", ["attention", "lora", "optimizer"])
