@@ -28,7 +28,7 @@ import sys
 from finetune.commands.run import _process_count
 from finetune.commands.validate import MemoryReport, estimate_run, model_config
 from finetune.config.compose import compose_run_config
-from finetune.config.kernels import FusedLinearCrossEntropy, KernelsConfig
+from finetune.config.kernels import Autotune, FusedLinearCrossEntropy, KernelsConfig
 from finetune.errors import ConfigError
 from finetune.hardware import PROFILE_NAMES, detect, profile_by_name
 from finetune.hardware.profile import GPU_TORCH_PACKAGES, OPTIONAL_PACKAGES, HardwareProfile
@@ -61,6 +61,7 @@ def _allowed_values() -> dict[str, tuple[str, ...]]:
         for f in dataclasses.fields(registries)
     }
     allowed["fused_linear_cross_entropy"] = tuple(m.value for m in FusedLinearCrossEntropy)
+    allowed["autotune"] = tuple(m.value for m in Autotune)
     return allowed
 
 
@@ -112,8 +113,9 @@ def parse_kernel_overrides(items: list[str]) -> KernelsConfig:
                 f"{', '.join(allowed[name])}."
             )
         else:
-            values[name] = (FusedLinearCrossEntropy(value)
-                            if name == "fused_linear_cross_entropy" else value)
+            choices = {"fused_linear_cross_entropy": FusedLinearCrossEntropy,
+                       "autotune": Autotune}
+            values[name] = choices[name](value) if name in choices else value
     return KernelsConfig(**values)  # type: ignore[arg-type]
 
 

@@ -45,7 +45,8 @@ def _decide(profile: HardwareProfile, cfg: KernelsConfig, facts: ModelFacts | No
             packing: bool, shapes: TuningShapes, device: str,
             run_seconds: Callable[[Mapping[str, float]], float | None], write: bool,
             measure: Callable[[str, Any], Timing | None] | None,
-            measure_matmul: Callable[[str], dict[str, float]] | None) -> dict[str, Any]:
+            measure_matmul: Callable[[str], dict[str, float]] | None,
+            under_test: bool) -> dict[str, Any]:
     """Rank 0's part: the matmul rate, whether to tune, and the timings."""
     started = time.perf_counter()
     kwargs = {"measure": measure_matmul} if measure_matmul else {}
@@ -54,7 +55,7 @@ def _decide(profile: HardwareProfile, cfg: KernelsConfig, facts: ModelFacts | No
     cached = load_tuning(path)
     mode = str(cfg.autotune)
     tune, why = auto_decision(mode, run_seconds=run_seconds(rates), cached=cached is not None,
-                              kind=device_kind(device))
+                              kind=device_kind(device), under_test=under_test)
     decision: dict[str, Any] = {
         "mode": mode, "tuned": tune, "why": why, "shapes": shapes.describe(),
         "matmul_tflops": rates, "matmul_cache": "hit" if rates_cached else "measured",
@@ -77,8 +78,8 @@ def plan_with_autotune(profile: HardwareProfile, cfg: KernelsConfig,
                        run_seconds: Callable[[Mapping[str, float]], float | None],
                        rank: int = 0, local_rank: int = 0, broadcast: Broadcast | None = None,
                        measure: Callable[[str, Any], Timing | None] | None = None,
-                       measure_matmul: Callable[[str], dict[str, float]] | None = None
-                       ) -> KernelPlan:
+                       measure_matmul: Callable[[str], dict[str, float]] | None = None,
+                       under_test: bool = False) -> KernelPlan:
     """`table_plan` (made by `plan` without a tuner) with kernels.autotune applied.
 
     Args:
@@ -91,6 +92,8 @@ def plan_with_autotune(profile: HardwareProfile, cfg: KernelsConfig,
             (torch.distributed.broadcast_object_list with src=0); None for one process.
         measure, measure_matmul: replace the timing of a candidate (family, candidate) and of
             the matmul rate (device) -- for tests.
+        under_test: a test session's run: `auto` measures the matmul rate but times no
+            candidate (`autotune.auto_decision`).
     Returns the plan every rank shares; its `autotune` holds the outcome (kernel_plan.json).
     """
     if str(cfg.autotune) == "off":
@@ -100,7 +103,8 @@ def plan_with_autotune(profile: HardwareProfile, cfg: KernelsConfig,
     if rank == 0:
         decision = _decide(profile, cfg, model_facts, packing=packing, shapes=shapes,
                            device=device, run_seconds=run_seconds, write=local_rank == 0,
-                           measure=measure, measure_matmul=measure_matmul)
+                           measure=measure, measure_matmul=measure_matmul,
+                           under_test=under_test)
     decision = broadcast_object(decision, broadcast)
     assert decision is not None
     if rank != 0 and local_rank == 0:

@@ -12,6 +12,7 @@ row), the hidden size and the LoRA rank.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 TUNE_SEQ_LEN = 512  # the row length timed when data.max_seq_len=auto
 OPTIMIZER_TENSORS = 32  # trainable tensors the optimizer is timed over, at most
+# Set by pytest for each test and inherited by the runs a test starts: kernels.autotune=auto
+# then times nothing, so a test's plan never depends on how busy the machine is.
+TEST_SESSION_ENV = "PYTEST_CURRENT_TEST"
 
 
 def run_shapes(cfg: RunConfig, hf_config: Any, kernel_plan: KernelPlan, device: str, *,
@@ -91,7 +95,7 @@ def tune_kernels(cfg: RunConfig, kernel_plan: KernelPlan, accelerator: Any) -> K
         run_seconds=_run_seconds(cfg, hf_config, kernel_plan, shapes,
                                  accelerator.num_processes),
         rank=accelerator.process_index, local_rank=accelerator.local_process_index,
-        broadcast=broadcast)
+        broadcast=broadcast, under_test=TEST_SESSION_ENV in os.environ)
     outcome = tuned.autotune or {}
     logger.info("kernels.autotune: %s%s", "tuned" if outcome.get("tuned") else "not tuned",
                 f" ({outcome.get('why')})" if outcome.get("why") else "")

@@ -59,3 +59,8 @@ def test_env_autotune_json(fake_timings, capsys) -> None:
 def test_env_autotune_refuses_a_simulated_profile(capsys) -> None:
     assert main(["--autotune", "--profile", "h100"]) == 2
     assert "--autotune times this machine's kernels" in capsys.readouterr().err
+
+
+def test_env_checks_the_autotune_value(capsys) -> None:
+    assert main(["kernels.autotune=maybe"]) == 2
+    assert "use one of: auto, on, off" in capsys.readouterr().err

@@ -209,6 +209,10 @@ def test_auto_decision() -> None:
     assert auto_decision("auto", run_seconds=10.0, cached=True, kind="cpu")[0] is True
     assert auto_decision("on", run_seconds=1.0, cached=False, kind="cpu")[0] is True
     assert auto_decision("off", run_seconds=None, cached=True, kind="cpu")[0] is False
+    assert auto_decision("auto", run_seconds=None, cached=True, kind="cpu",
+                         under_test=True)[0] is False
+    assert auto_decision("on", run_seconds=None, cached=False, kind="cpu",
+                         under_test=True)[0] is True
 
 
 def test_matmul_rate_is_measured_once_and_cached(cpu_profile, cache) -> None:
