@@ -104,19 +104,17 @@ def child(finetune_args: list[str]) -> int:
     from finetune.cli import main
 
     record: dict[str, Any] = {}
-    setup, settle = run.setup, run.strategy_with_data
+    setup = run.setup
 
     def setup_recorded(*args: Any, **kwargs: Any) -> Any:
         record["baseline"] = resident_bytes()
-        return setup(*args, **kwargs)
+        parts = setup(*args, **kwargs)
+        # The strategy re-made with the data's row length: the estimate the run printed.
+        record["estimate"] = parts.strategy.estimate.to_dict()
+        record["strategy"] = str(parts.strategy.strategy)
+        return parts
 
-    def settle_recorded(*args: Any, **kwargs: Any) -> Any:
-        choice = settle(*args, **kwargs)
-        record["estimate"] = choice.estimate.to_dict()
-        record["strategy"] = str(choice.strategy)
-        return choice
-
-    run.setup, run.strategy_with_data = setup_recorded, settle_recorded
+    run.setup = setup_recorded
     code = main(finetune_args)
     record["peak"] = peak_resident_bytes()
     Path(os.environ[CHILD_OUT]).write_text(json.dumps(record))

@@ -20,6 +20,7 @@ from finetune.hardware.profile import HardwareProfile
 
 if TYPE_CHECKING:  # torch-importing modules stay out of the parser every `finetune` call builds
     from finetune.config.schema import RunConfig
+    from finetune.distributed.checkpointing import CheckpointingChoice
     from finetune.distributed.choose import StrategyChoice
     from finetune.kernels.kernel_plan import KernelPlan
 
@@ -51,6 +52,7 @@ class MemoryReport:
     profile: HardwareProfile
     seq_len_from: str = ""
     error: str | None = None
+    checkpointing: CheckpointingChoice | None = None
 
     @classmethod
     def unavailable(cls, model: str, nproc: int, profile: HardwareProfile,
@@ -69,14 +71,21 @@ class MemoryReport:
             return [*head, f"not estimated: {self.error}"]
         if self.seq_len_from not in ("data", "data.max_seq_len"):
             head.append(f"row length: {self.seq_len_from}")
-        return [*head, *self.choice.describe().splitlines()]
+        lines = [*head, *self.choice.describe().splitlines()]
+        if self.checkpointing is not None:
+            lines.append(self.checkpointing.headline())
+        return lines
 
     def to_dict(self) -> dict[str, Any]:
         """The `memory` block of `finetune env --json`."""
         data: dict[str, Any] = {"model": self.model, "nproc": self.nproc}
         if self.choice is None:
             return {**data, "error": self.error}
-        return {**data, "seq_len_from": self.seq_len_from, **self.choice.to_dict()}
+        checkpointing = (None if self.checkpointing is None else
+                         {"enabled": self.checkpointing.enabled,
+                          "reason": self.checkpointing.reason})
+        return {**data, "seq_len_from": self.seq_len_from, **self.choice.to_dict(),
+                "gradient_checkpointing": checkpointing}
 
 
 def estimate_run(cfg: RunConfig, profile: HardwareProfile, nproc: int, *, pairs: bool,
@@ -89,6 +98,7 @@ def estimate_run(cfg: RunConfig, profile: HardwareProfile, nproc: int, *, pairs:
     or kernel choice that is not available here gives a report with `error`; a strategy that
     cannot run on `nproc` processes raises ConfigError, as the run would.
     """
+    from finetune.distributed.checkpointing import with_checkpointing
     from finetune.distributed.choose import choose_strategy, workload_from_run
     from finetune.kernels import plan
     from finetune.models import model_facts
@@ -107,7 +117,10 @@ def estimate_run(cfg: RunConfig, profile: HardwareProfile, nproc: int, *, pairs:
                 source, nproc, profile, f"{exc} (--profile NAME estimates for another machine)")
     workload = workload_from_run(cfg, hf_config, kernel_plan, pairs=pairs)
     choice = choose_strategy(cfg.distributed, workload, profile, nproc, local_processes=nproc)
-    return MemoryReport(choice, source, nproc, profile, seq_len_from=workload.seq_len_from)
+    checkpointing, choice = with_checkpointing(cfg.trainer.gradient_checkpointing, choice,
+                                               cfg.distributed, profile, nproc)
+    return MemoryReport(choice, source, nproc, profile, seq_len_from=workload.seq_len_from,
+                        checkpointing=checkpointing)
 
 
 def model_config(cfg: RunConfig) -> tuple[Any, str] | str:

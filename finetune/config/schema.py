@@ -117,7 +117,9 @@ class TrainerConfig:
     micro_batch_size: int = 4
     grad_accum_steps: int = 1
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
+    # auto: on only when the memory estimate does not fit the device (or the host's free
+    # memory on a CPU); true | false as said
+    gradient_checkpointing: Any = "auto"
     eval_every_n_steps: int = 0  # 0: only at the end
     eval_max_batches: int = 50
     save_every_n_steps: int = 0  # 0: only at the end

@@ -62,6 +62,11 @@ def validate_run_config(run: RunConfig) -> None:
         raise ConfigError(f"data.max_seq_len={length!r} must be auto (99% of rows fit, within "
                           "the model's context) or a whole number of tokens, 2 or more, e.g. "
                           "data.max_seq_len=2048.")
+    checkpointing = run.trainer.gradient_checkpointing
+    if checkpointing is not True and checkpointing is not False and checkpointing != "auto":
+        raise ConfigError(f"trainer.gradient_checkpointing={checkpointing!r} must be auto (on "
+                          "only when the memory estimate does not fit the device), true or "
+                          "false, e.g. trainer.gradient_checkpointing=true.")
     if run.trainer.max_steps == 0 or run.trainer.max_steps < -1:
         raise ConfigError(f"trainer.max_steps={run.trainer.max_steps} must be positive, or -1 to "
                           "run trainer.epochs full passes over the data.")

@@ -288,7 +288,9 @@ def workload_from_run(cfg: RunConfig, hf_config: Any, kernel_plan: KernelPlan, *
         shape=shape, peft_method=str(cfg.peft.method), lora_r=cfg.peft.r,
         target_modules=cfg.peft.target_modules, peft_bias=str(cfg.peft.bias),
         micro_batch_size=cfg.trainer.micro_batch_size, pairs=pairs, seq_len=length,
-        gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+        # auto is decided once the data is read (finetune.distributed.checkpointing): until
+        # then the estimate is made without it
+        gradient_checkpointing=cfg.trainer.gradient_checkpointing is True,
         base_dtype=kernel_plan.base_dtype, trainable_dtype=kernel_plan.trainable_dtype,
         compute_dtype=kernel_plan.compute_dtype, optimizer=kernel_plan.optimizer,
         fused_linear_cross_entropy="fused_linear_cross_entropy" in kernel_plan.fused_ops,

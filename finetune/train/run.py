@@ -36,7 +36,7 @@ from finetune.train.run_dir import (
     open_resume,
     start_run_files,
 )
-from finetune.train.setup import build_runtime, plan_kernels, setup, strategy_with_data
+from finetune.train.setup import build_runtime, plan_kernels, setup
 from finetune.train.signals import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from finetune.train.trainer import Trainer
 from finetune.train.tuning import tune_kernels
@@ -93,11 +93,13 @@ def _train(cfg: RunConfig, recipe: Recipe, run_dir: Path, fresh_dir: FreshRunDir
                 run_dir.mkdir(parents=True, exist_ok=True)
                 store.remove_stale_tmp(run_dir)
                 (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-            parts = setup(cfg, kernel_plan, recipe, acc, engine, run_dir=run_dir)
+            parts = setup(cfg, kernel_plan, recipe, acc, engine, run_dir=run_dir,
+                          strategy=strategy)
             # Said with the row length the data settled on (`finetune validate` shows the whole
             # estimate, for the length it assumes).
-            strategy = strategy_with_data(cfg, kernel_plan, strategy, parts.data)
+            strategy = parts.strategy
             monitor.line(strategy.headline())
+            monitor.line(parts.checkpointing.headline())
             if strategy.fits is False:
                 logger.warning("%s", strategy.reason)
             trainer = Trainer(cfg, parts, recipe, run_dir=run_dir, kernel_plan=kernel_plan,

@@ -63,6 +63,10 @@ class Components:
     scheduler: Any
     total_steps: int
     extra_models: dict[str, torch.nn.Module] = field(default_factory=dict)
+    # finetune.distributed.choose.StrategyChoice, its estimate made with the data's row length
+    strategy: Any = None
+    # finetune.distributed.checkpointing.CheckpointingChoice: whether layers recompute, and why
+    checkpointing: Any = None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -200,6 +204,24 @@ def total_steps(cfg: RunConfig, data: TrainData, world_size: int) -> int:
     return max(1, cfg.trainer.epochs * -(-per_epoch // per_step))
 
 
+def choose_checkpointing_for(cfg: RunConfig, kernel_plan: KernelPlan, strategy):
+    """(gradient checkpointing choice, strategy) for this run, `strategy` being its
+    StrategyChoice with the data's row length (`strategy_with_data`); see
+    finetune.distributed.checkpointing.with_checkpointing."""
+    from finetune.distributed.checkpointing import with_checkpointing
+
+    world, local = _world_size()
+    return with_checkpointing(cfg.trainer.gradient_checkpointing, strategy, cfg.distributed,
+                              kernel_plan.hardware, world, local_processes=local)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward (transformers' non-reentrant
+    checkpointing, the inputs' gradient kept on so a frozen embedding still feeds it)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
 def _build_model(cfg: RunConfig, kernel_plan: KernelPlan, *, empty: bool = False
                  ) -> torch.nn.Module:
     # Frozen weights load in the plan's base dtype; a full fine-tune trains every weight, which
@@ -212,9 +234,8 @@ def _build_model(cfg: RunConfig, kernel_plan: KernelPlan, *, empty: bool = False
                        dtype=kernel_plan.trainable_dtype if full else kernel_plan.base_dtype,
                        quantization=quantization, empty=empty and quantization is None)
     apply_fused_ops(model, kernel_plan.fused_ops)
-    if cfg.trainer.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if cfg.trainer.gradient_checkpointing is True:  # auto: decided in setup, once data is read
+        enable_checkpointing(model)
     model = apply_adapter(model, cfg.peft)
     apply_lora_kernel(model, kernel_plan.lora)
     if kernel_plan.compile:
@@ -223,11 +244,15 @@ def _build_model(cfg: RunConfig, kernel_plan: KernelPlan, *, empty: bool = False
 
 
 def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, engine, *,
-          run_dir: Path) -> Components:
+          run_dir: Path, strategy=None) -> Components:
     """Build the run's components on `accelerator`, wrapped by the strategy's `engine` (see the
-    module docstring for the order)."""
+    module docstring for the order). `strategy` is the StrategyChoice the engine was built
+    for (None: chosen here); the components carry it re-made with the data's row length, and
+    the gradient checkpointing decided with it (trainer.gradient_checkpointing=auto)."""
     from accelerate.utils import set_seed
 
+    if strategy is None:
+        strategy = choose_strategy_for(cfg, recipe, kernel_plan)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     # A sharding engine may have only rank 0 read the weights (FullyShard: the others build on
@@ -251,6 +276,10 @@ def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, 
                     accelerator.device)
     if recipe.data_formats:
         recipe.check_data_format(data.stats.format)
+    strategy = strategy_with_data(cfg, kernel_plan, strategy, data)
+    checkpointing, strategy = choose_checkpointing_for(cfg, kernel_plan, strategy)
+    if checkpointing.enabled and cfg.trainer.gradient_checkpointing is not True:
+        enable_checkpointing(model)
     steps = total_steps(cfg, data, accelerator.num_processes)
     extra = (dict(recipe.extra_models(cfg, model, data=data, plan=kernel_plan,
                                       device=accelerator.device))
@@ -266,4 +295,4 @@ def setup(cfg: RunConfig, kernel_plan: KernelPlan, recipe: Recipe, accelerator, 
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     return Components(accelerator=accelerator, engine=engine, model=model, tokenizer=tokenizer,
                       data=data, optimizer=optimizer, scheduler=scheduler, total_steps=steps,
-                      extra_models=extra)
+                      extra_models=extra, strategy=strategy, checkpointing=checkpointing)
