@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     from finetune.config import config_yaml
     from finetune.config.compose import compose_run_config
     from finetune.hardware import detect, profile_by_name
+    from finetune.train.activation_offload import check_activation_offload
     from finetune.train.recipe import load_recipe
     from finetune.train.run import check_before_work
 
@@ -150,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         profile = profile_by_name(args.profile) if args.profile else detect()
     except ValueError as exc:
         raise ConfigError(f"--profile: {exc}") from None
+    check_activation_offload(cfg.trainer.activation_offload, profile)
     report = estimate_run(cfg, profile, args.nproc, pairs=recipe.pairs)
     print(config_yaml(cfg), end="")
     sys.stdout.flush()

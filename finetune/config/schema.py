@@ -120,6 +120,7 @@ class TrainerConfig:
     # auto: on only when the memory estimate does not fit the device (or the host's free
     # memory on a CPU); true | false as said
     gradient_checkpointing: Any = "auto"
+    activation_offload: bool = False  # saved activations to pinned host memory (GPUs)
     eval_every_n_steps: int = 0  # 0: only at the end
     eval_max_batches: int = 50
     save_every_n_steps: int = 0  # 0: only at the end

@@ -40,6 +40,7 @@ from finetune.models import (
     load_tokenizer,
     model_facts,
 )
+from finetune.train.activation_offload import check_activation_offload
 from finetune.train.recipe import Recipe
 from finetune.train.schedule import build_scheduler
 
@@ -82,6 +83,7 @@ def plan_kernels(cfg: RunConfig) -> KernelPlan:
     kernel_plan = plan(detect(), cfg.kernels, facts, packing=cfg.data.packing)
     if str(cfg.peft.method) == "qlora":
         check_qlora(kernel_plan.hardware)
+    check_activation_offload(cfg.trainer.activation_offload, kernel_plan.hardware)
     apply_env(kernel_plan)
     return kernel_plan
 

@@ -79,6 +79,15 @@ class Trainer:
         self.data = parts.data
         self.loss_fn: LossFn = (functools.partial(recipe.loss, **parts.extra_models)
                                 if parts.extra_models else recipe.loss)
+        if cfg.trainer.activation_offload:  # refused before any work where it cannot run
+            from finetune.train.activation_offload import (
+                ActivationOffload,
+                CudaTransfers,
+                with_activation_offload,
+            )
+
+            self.loss_fn = with_activation_offload(self.loss_fn,
+                                                   ActivationOffload(CudaTransfers()))
         self.recipe_metrics = recipe.metrics
         self.num_items = recipe.num_items
         self.counts_pairs = recipe.pairs  # the loss's items are pairs: logged as `pairs`
