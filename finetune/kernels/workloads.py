@@ -50,6 +50,7 @@ class TuningShapes:
     hidden: int = 256
     lora_rank: int = 8
     trainable: tuple[tuple[int, ...], ...] = field(default=())  # the optimizer's tensors
+    vocab: int = 0  # the LM head's rows (the loss head's workload); 0: not timed
 
     @property
     def seq_len(self) -> int:
@@ -241,8 +242,38 @@ def optimizer_workload(candidate: OptimizerCandidate, shapes: TuningShapes,
     return step
 
 
-# Workloads of families outside attention, LoRA and the optimizer, by (family, candidate name):
-# a family whose candidates have no entry here is not timed (the table's order stands).
+# Positions the loss head is timed over, at most: the unfused path holds [positions, vocab]
+# logits and their gradient.
+LOSS_POSITIONS = {"cpu": 256, "gpu": 8192}
+
+
+def loss_head_workload(loss: Callable[..., torch.Tensor], shapes: TuningShapes,
+                       device: str) -> Workload | None:
+    """Forward + backward of a loss head `loss(hidden, weight, bias, targets, ignore_index)`
+    (the LM head's matmul and the cross-entropy, summed) over the micro-batch's positions, with
+    the head weight frozen as in an adapter run; None without a vocabulary size."""
+    if not shapes.vocab:
+        return None
+    dtype = TORCH_DTYPES[shapes.dtype]
+    kind = "cpu" if torch.device(device).type == "cpu" else "gpu"
+    positions = min(shapes.tokens, LOSS_POSITIONS[kind])
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(positions, shapes.hidden, generator=gen).to(device=device, dtype=dtype)
+    hidden.requires_grad_()
+    weight = (torch.randn(shapes.vocab, shapes.hidden, generator=gen) * 0.02).to(device=device,
+                                                                                 dtype=dtype)
+    targets = torch.randint(0, shapes.vocab, (positions,), generator=gen).to(device)
+
+    def step() -> None:
+        hidden.grad = None
+        loss(hidden, weight, None, targets, -100).backward()
+
+    return step
+
+
+# Workloads of families outside attention, LoRA, the optimizer and the loss heads, by (family,
+# candidate name): a family whose candidates have no workload is not timed (the table's order
+# stands).
 EXTRA_WORKLOADS: dict[tuple[str, str], Callable[[TuningShapes, str], Workload | None]] = {}
 
 
@@ -257,5 +288,8 @@ def workload(family: str, candidate: Candidate, shapes: TuningShapes,
     if family == "optimizer" and isinstance(candidate, OptimizerCandidate):
         return optimizer_workload(candidate, shapes, device)
     extra = EXTRA_WORKLOADS.get((family, candidate.name))
-    return extra(shapes, device) if extra is not None else None
+    if extra is not None:
+        return extra(shapes, device)
+    loss = getattr(candidate, "loss", None)  # a loss-head candidate: its summed loss function
+    return loss_head_workload(loss, shapes, device) if callable(loss) else None
 

@@ -53,7 +53,8 @@ def run_shapes(cfg: RunConfig, hf_config: Any, kernel_plan: KernelPlan, device: 
     assert facts.num_heads and facts.num_kv_heads and facts.head_dim
     return TuningShapes(facts.num_heads, facts.num_kv_heads, facts.head_dim,
                         kernel_plan.precision, rows, packing, hidden=hidden, lora_rank=rank,
-                        trainable=trainable * count)
+                        trainable=trainable * count,
+                        vocab=int(getattr(hf_config, "vocab_size", 0) or 0))
 
 
 def _run_seconds(cfg: RunConfig, hf_config: Any, kernel_plan: KernelPlan, shapes: TuningShapes,

@@ -263,3 +263,29 @@ def test_measuring_tuner_reuses_cached_family() -> None:
                            measure=lambda f, c: pytest.fail("cached"))
     lora = default_registries().lora
     assert tuner.timings("lora", list(lora)) == {"fused": ms(1), "peft": ms(2)}
+
+
+def test_a_loss_head_candidate_is_timed_through_its_loss() -> None:
+    from dataclasses import dataclass
+
+    import torch.nn.functional as F
+
+    from finetune.kernels.registry import Candidate
+
+    calls = []
+
+    def summed(hidden, weight, bias, targets, ignore_index):
+        calls.append(tuple(hidden.shape))
+        return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets,
+                               ignore_index=ignore_index, reduction="sum")
+
+    @dataclass(frozen=True)
+    class WithLoss(Candidate):
+        loss: object = None
+
+    candidate = WithLoss("chunked", lambda p, f: (True, ""), loss=summed)
+    assert workload("fused_linear_cross_entropy", candidate, SHAPES, "cpu") is None  # no vocab
+    step = workload("fused_linear_cross_entropy", candidate, replace(SHAPES, vocab=64), "cpu")
+    assert step is not None
+    step()
+    assert calls == [(SHAPES.tokens, SHAPES.hidden)]
