@@ -6,9 +6,11 @@ Trains on exactly the micro-batches `finetune run lora_sft` trains on (bench.py 
 finetune's data pipeline into WORKDIR/batches/MODE/, MODE being `packed` or `unpacked`), with
 the same model, precision, LoRA, AdamW variant, learning rate and gradient clipping, in the
 smallest loop that does so: load a batch, forward under autocast, backward, clip, step. It is
-the limit of this machine for this workload. The seed is set before the model is loaded and
-the adapter attached, in the order finetune's setup does it, so the LoRA initialisation and
-hence the loss curve match finetune's.
+the limit of this machine for this workload. Gradient checkpointing is on when settings.json
+says so (scripts/bench_memory.py), enabled as finetune's setup does it. The seed is set before
+the model is loaded and the adapter attached, in the order finetune's setup does it, so the
+LoRA initialisation and hence the loss curve match finetune's. On a GPU the peak device memory
+is recorded too.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def main(argv: list[str]) -> int:
     np.random.seed(settings["seed"])
     torch.manual_seed(settings["seed"])
     model = load_side_model(workdir / "model", plan).to(plan["device"])
+    if settings.get("gradient_checkpointing"):  # as finetune's setup: before the adapter
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(
         r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
         target_modules="all-linear", bias="none", task_type="CAUSAL_LM"),
@@ -67,7 +72,9 @@ def main(argv: list[str]) -> int:
         if first_unix is None:
             first_unix = time.time()
     result_path.write_text(json.dumps({"step_ends": step_ends, "step_cpu": step_cpu,
-                                       "losses": losses, "first_step_end_unix": first_unix}),
+                                       "losses": losses, "first_step_end_unix": first_unix,
+                                       "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30
+                                                       if plan["device"] == "cuda" else None)}),
                            encoding="utf-8")
     return 0
 

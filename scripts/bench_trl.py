@@ -9,8 +9,9 @@ where the plan picks finetune's `sdpa_varlen`, see bench_workload.trl_attention)
 on every linear layer, AdamW (TRL's default, fused), the learning rate (constant, no warmup), gradient
 clipping at 1.0, max_length = data.max_seq_len, the micro-batch size, the precision (bf16
 autocast when the plan picks it), the loss on assistant tokens only, and gradient checkpointing
-off (finetune's default; SFTConfig turns it on by default, which would cost TRL a third more
-compute). The dataset is read with `datasets.load_dataset("json", ...)`, as TRL's docs do.
+as settings.json says (off unless bench_memory.py turns it on for every side; SFTConfig turns it
+on by default, which would cost TRL a third more compute). The dataset is read with
+`datasets.load_dataset("json", ...)`, as TRL's docs do.
 
 Real tokens are counted on each training step's inputs with the one rule of
 bench_workload.real_tokens; the clock is read at `on_step_end` (after the optimizer step). On a
@@ -38,7 +39,8 @@ def sft_config_kwargs(settings: dict, plan: dict, *, packing: bool, output_dir: 
         "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
         "max_grad_norm": 1.0, "max_length": settings["max_seq_len"], "packing": packing,
         "bf16": plan["precision"] == "bf16", "fp16": plan["precision"] == "fp16",
-        "gradient_checkpointing": False, "assistant_only_loss": True, "logging_steps": 1,
+        "gradient_checkpointing": bool(settings.get("gradient_checkpointing", False)),
+        "assistant_only_loss": True, "logging_steps": 1,
         "save_strategy": "no", "report_to": "none", "seed": settings["seed"],
         "use_cpu": use_cpu,
     }

@@ -46,6 +46,10 @@ class ModelShape:
 SIZES: dict[str, ModelShape] = {
     "small": ModelShape(hidden=256, intermediate=1024, layers=6, heads=8, kv_heads=4),
     "medium": ModelShape(hidden=512, intermediate=1792, layers=8, heads=8, kv_heads=4),
+    # Llama-3's vocabulary and proportions (intermediate 3.5x hidden, 4 query heads per kv
+    # head, rope theta) at a width two CPU cores train: the LM head and loss hold most memory.
+    "llama3_head": ModelShape(hidden=256, intermediate=896, layers=2, heads=8, kv_heads=2,
+                              vocab=128256, rope_theta=500000.0),
     # meta-llama/Meta-Llama-3-8B's config.json.
     "llama3_8b": ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8,
                             vocab=128256, rope_theta=500000.0),
@@ -62,7 +66,7 @@ class Settings:
     """What every side trains with. `precision` is `plan` (the kernel plan's choice), `bf16` or
     `fp32`; `timing_warmup` optimizer steps are left out of the tokens/s. `model` and `data`
     (absolute paths, None: built here) are the user's model folder and data file; `size` and
-    `rows` then only name the preset."""
+    `rows` then only name the preset. `gradient_checkpointing` is set alike on every side."""
 
     size: str = "medium"
     max_seq_len: int = 512
@@ -77,6 +81,7 @@ class Settings:
     rows: int = 2000
     model: str | None = None
     data: str | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -113,6 +118,7 @@ def ours_overrides(settings: Settings, *, model_dir: Path, data_path: Path, pack
         f"trainer.micro_batch_size={settings.micro_batch_size}", "trainer.grad_accum_steps=1",
         "trainer.eval_every_n_steps=0", "trainer.save_every_n_steps=0",
         "trainer.max_grad_norm=1.0",
+        f"trainer.gradient_checkpointing={str(settings.gradient_checkpointing).lower()}",
         f"optim.lr={settings.lr}", "optim.scheduler=constant", "optim.warmup_steps=0",
         "optim.weight_decay=0.0",
         "peft.method=lora", f"peft.r={settings.lora_r}", f"peft.alpha={settings.lora_alpha}",
