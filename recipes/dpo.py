@@ -27,11 +27,17 @@ import torch
 import torch.nn.functional as F
 
 from finetune.config.dpo import DpoConfig, DpoLoss, check_dpo
-from finetune.data.collate import IGNORE_INDEX
+from finetune.data.collate import IGNORE_INDEX, LOSS_POSITIONS
 from finetune.data.pairs import check_pair_settings
 from finetune.data.preference import scored_pairs
 from finetune.errors import ConfigError
-from finetune.train.loss import LossOutput
+from finetune.kernels.chunked_loss import (
+    ChunkedLossHead,
+    chunked_head_of,
+    install_chunked_head,
+    request_loss,
+)
+from finetune.train.loss import LossOutput, selects_logits
 from finetune.train.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -43,8 +49,14 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accu
 def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its trained tokens (fp32) and their count.
 
-    Rows are done one at a time so that only one row's fp32 logits are alive at once.
+    Rows are done one at a time so that only one row's fp32 logits are alive at once. With the
+    chunked loss head (finetune.kernels.chunked_loss) the model's head returns each trained
+    position's label log-probability instead of logits, computed a chunk of positions at a
+    time.
     """
+    head = chunked_head_of(model)
+    if head is not None and selects_logits(model):
+        return _chunked_sequence_logps(model, head, batch)
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 position_ids=batch.get("position_ids"), use_cache=False)
     labels = batch["labels"][:, 1:]
@@ -57,6 +69,20 @@ def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, t
         token_logps = picked - torch.logsumexp(logits, dim=-1)
         sums.append((token_logps * mask[row]).sum())
     return torch.stack(sums), mask.sum(dim=1)
+
+
+def _chunked_sequence_logps(model: torch.nn.Module, head: ChunkedLossHead,
+                            batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    keep = batch.get(LOSS_POSITIONS)
+    if keep is None:
+        keep = torch.nonzero(mask.any(dim=0)).flatten()
+    with request_loss(head, labels[:, keep], "token_logps", IGNORE_INDEX):
+        logps = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      position_ids=batch.get("position_ids"), logits_to_keep=keep,
+                      use_cache=False).logits
+    return logps.sum(dim=1), mask.sum(dim=1)
 
 
 def _peft_model(model: torch.nn.Module):
@@ -196,6 +222,8 @@ def dpo_models(cfg, policy: torch.nn.Module, *, data=None, plan=None,
             attn_implementation=(plan.attn_implementation if plan is not None
                                  else policy.config._attn_implementation),
             dtype=plan.compute_dtype if plan is not None else next(policy.parameters()).dtype)
+        if chunked_head_of(policy) is not None:  # the reference's head runs as the policy's
+            install_chunked_head(reference)
         reference.requires_grad_(False).eval()
         if device is not None:
             reference.to(device)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data.collate import LOSS_POSITIONS
+from finetune.kernels.chunked_loss import chunked_head_of, request_loss
 
 IGNORE_INDEX = -100
 
@@ -64,7 +65,10 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict, num_items: torch.Tensor)
     projection and hold no logits, which is most of a large vocabulary's share of a step. The
     collator computed those positions on the host (`loss_positions`), so choosing them reads
     nothing back from the device; a batch without them has them found here (`nonzero`, a
-    device sync on a GPU). A model whose forward was replaced (Liger's fused linear
+    device sync on a GPU). With the chunked loss head (`kernels.fused_linear_cross_entropy`,
+    finetune.kernels.chunked_loss) the head returns the summed loss of those positions
+    instead of their logits, so not even those logits are held at once. A model whose forward
+    was replaced (Liger's fused linear
     cross-entropy, which never materialises logits) or that takes no `logits_to_keep` computes
     the loss on its own path (`num_items_in_batch`).
     """
@@ -79,6 +83,10 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict, num_items: torch.Tensor)
     if keep is None or keep.numel() == 0:
         out = model(**inputs, labels=labels, num_items_in_batch=num_items, use_cache=False)
         return out.loss
+    head = chunked_head_of(model)
+    if head is not None:
+        with request_loss(head, targets[:, keep], "sum", IGNORE_INDEX):
+            return model(**inputs, logits_to_keep=keep, use_cache=False).logits / num_items
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum") / num_items

@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     # torch's varlen attention behind transformers' interface; other calls go to sdpa_varlen
     "varlen_torch": {"registry", "sdpa", "varlen_sdpa"},
     "lora_linear": set(),  # the fused LoRA forward apply patches in
+    "chunked_loss": set(),  # the chunked linear cross-entropy and the LM head that runs it
     **{name: {"registry"} for name in FAMILY_MODULES},
     "attention": {"registry", "sdpa", "varlen_sdpa", "varlen_torch"},
     "kernel_plan": {"registry"},
