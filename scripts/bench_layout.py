@@ -123,7 +123,9 @@ def op_shares(model, batches: list[dict], plan: dict, repeats: int) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["small", "medium"], default="medium")
+    parser.add_argument("--size", choices=["smoke", "small", "medium"], default="medium",
+                        help="smoke: the small model on short rows (64 tokens, micro-batches "
+                             "of 2), for this script's tests")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", choices=["plan", "bf16", "fp32"], default="plan")

@@ -1,23 +1,29 @@
-"""scripts/bench_layout.py on the small model: the layouts of a mode hold the same trained
-tokens and give the same losses (peft's LoRA forward and the fused one too), and the JSON line
-carries a ratio for each comparison."""
+"""scripts/bench_layout.py on the small model and short rows (`--size smoke`): the layouts of a
+mode hold the same trained tokens and give the same losses (peft's LoRA forward and the fused one
+too), and the JSON line carries a ratio for each comparison. In-process, but six models and a
+profiled run take tens of seconds, so it lives with the end-to-end tests."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
-from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parents[3] / "scripts"
+import pytest
+
+from tests._cli import REPO
+
+SCRIPTS = REPO / "scripts"
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
 import bench_layout  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 def test_small_run_compares_the_layouts_on_the_same_examples(capsys) -> None:
-    assert bench_layout.main(["--size", "small", "--steps", "2", "--repeats", "1",
+    assert bench_layout.main(["--size", "smoke", "--steps", "2", "--repeats", "1",
                               "--profile"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     found = json.loads(lines[-1])
