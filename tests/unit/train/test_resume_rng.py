@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-DROPOUT = ("trainer.max_steps=4", "peft.dropout=0.5")
+# Three steps, split after two: LoRA's B starts at zero, so the first loss sees no dropout; the
+# third is the first step after the resume, and its loss depends on the restored RNG.
+DROPOUT = ("trainer.max_steps=3", "peft.dropout=0.5")
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -33,22 +35,16 @@ def test_resume_with_dropout_gives_the_straight_runs_losses_bitwise(
     second.close()
 
     losses = _losses(tmp_path / "straight")
+    assert len(losses) == 3
     assert _losses(tmp_path / "split") == losses
     for name, tensor in second.state_dict().trainable.items():
         assert torch.equal(tensor, straight.state_dict().trainable[name]), name
 
-
-def test_dropout_draws_make_the_rng_matter(make_trainer, tmp_path: Path) -> None:
-    """The oracle above can fail: the same steps from another RNG state give other losses
-    (from the second step on: LoRA's B starts at zero, so the first loss sees no dropout)."""
-    first = make_trainer(tmp_path / "a", *DROPOUT)
-    first.total_steps = 2
-    first.fit()
-    first.close()
-    torch.manual_seed(1234)  # another RNG state, the same weights, data and optimizer
-    other = make_trainer(tmp_path / "b", *DROPOUT)
+    # The oracle can fail: the same two steps from another RNG state (the same weights, data
+    # and optimizer) give another second loss.
+    other = make_trainer(tmp_path / "other", *DROPOUT)
     torch.manual_seed(4321)
     other.total_steps = 2
     other.fit()
     other.close()
-    assert _losses(tmp_path / "a") != _losses(tmp_path / "b")
+    assert _losses(tmp_path / "other") != losses[:2]
