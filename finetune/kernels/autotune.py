@@ -319,20 +319,18 @@ def matmul_rates(profile: HardwareProfile, device: str, *, write: bool = True,
 
 # ------------------------------------------------------------------ when to tune
 
-def auto_decision(mode: str, *, run_seconds: float | None, cached: bool,
-                  kind: str, under_test: bool = False) -> tuple[bool, str]:
-    """Whether to time candidates, and why. `run_seconds`: the run's expected length (None:
-    unknown, e.g. epochs over data not read yet); `cached`: the timings are in the cache;
-    `under_test`: the run is part of a test session, where `auto` never tunes (a test's plan
-    must not depend on how busy the machine is)."""
+def auto_decision(mode: str, *, run_seconds: float | None, kind: str,
+                  under_test: bool = False) -> tuple[bool, str]:
+    """Whether to tune, and why. `run_seconds`: the run's expected length (None: unknown, e.g.
+    epochs over data not read yet); `under_test`: the run is part of a test session, where
+    `auto` never tunes (a test's plan must not depend on how busy the machine is). A tuned run
+    whose timings are cached times nothing (`MeasuringTuner`)."""
     if mode == "off":
         return False, "kernels.autotune=off"
     if mode == "on":
         return True, "kernels.autotune=on"
     if under_test:
         return False, "auto: not tuned in a test session (kernels.autotune=on tunes anyway)"
-    if cached:
-        return True, "auto: the timings for these shapes are cached"
     estimate = TUNING_ESTIMATE_S[kind]
     if run_seconds is None:
         return True, "auto: the run's length is not known up front"

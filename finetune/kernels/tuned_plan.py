@@ -24,6 +24,7 @@ from finetune.kernels.autotune import (
     Timing,
     auto_decision,
     broadcast_object,
+    cache_dir,
     cache_path,
     device_kind,
     load_tuning,
@@ -39,11 +40,13 @@ from finetune.kernels.registry import ModelFacts
 from finetune.kernels.workloads import TuningShapes
 
 Broadcast = Callable[[list[Any]], None]
+# The run's expected seconds from the measured matmul rates (None: unknown).
+RunSeconds = Callable[[Mapping[str, float]], float | None]
 
 
 def _decide(profile: HardwareProfile, cfg: KernelsConfig, facts: ModelFacts | None, *,
-            packing: bool, shapes: TuningShapes, device: str,
-            run_seconds: Callable[[Mapping[str, float]], float | None], write: bool,
+            packing: bool, shapes: TuningShapes | Callable[[], TuningShapes], device: str,
+            run_seconds: RunSeconds, write: bool,
             measure: Callable[[str, Any], Timing | None] | None,
             measure_matmul: Callable[[str], dict[str, float]] | None,
             under_test: bool) -> dict[str, Any]:
@@ -51,16 +54,21 @@ def _decide(profile: HardwareProfile, cfg: KernelsConfig, facts: ModelFacts | No
     started = time.perf_counter()
     kwargs = {"measure": measure_matmul} if measure_matmul else {}
     rates, rates_cached = matmul_rates(profile, device, write=write, **kwargs)
+    mode = str(cfg.autotune)
+    decision: dict[str, Any] = {
+        "mode": mode, "matmul_tflops": rates,
+        "matmul_cache": "hit" if rates_cached else "measured", "measured": {},
+    }
+    tune, why = auto_decision(mode, run_seconds=run_seconds(rates), kind=device_kind(device),
+                              under_test=under_test)
+    decision.update(tuned=tune, why=why)
+    if not tune:  # decided without the shapes: no data is read for them
+        decision["seconds"] = round(time.perf_counter() - started, 3)
+        return decision
+    shapes = shapes() if callable(shapes) else shapes
     path = cache_path(profile, shapes)
     cached = load_tuning(path)
-    mode = str(cfg.autotune)
-    tune, why = auto_decision(mode, run_seconds=run_seconds(rates), cached=cached is not None,
-                              kind=device_kind(device), under_test=under_test)
-    decision: dict[str, Any] = {
-        "mode": mode, "tuned": tune, "why": why, "shapes": shapes.describe(),
-        "matmul_tflops": rates, "matmul_cache": "hit" if rates_cached else "measured",
-        "measured": {},
-    }
+    decision.update(shapes=shapes.describe(), cache_file=path.name)
     if tune:
         tuner = MeasuringTuner(shapes, device, cached=cached, measure=measure)
         plan(profile, cfg, facts, packing=packing, tuner=tuner)
@@ -73,9 +81,9 @@ def _decide(profile: HardwareProfile, cfg: KernelsConfig, facts: ModelFacts | No
 
 
 def plan_with_autotune(profile: HardwareProfile, cfg: KernelsConfig,
-                       model_facts: ModelFacts | None, *, packing: bool, shapes: TuningShapes,
-                       device: str, table_plan: KernelPlan,
-                       run_seconds: Callable[[Mapping[str, float]], float | None],
+                       model_facts: ModelFacts | None, *, packing: bool,
+                       shapes: TuningShapes | Callable[[], TuningShapes],
+                       device: str, table_plan: KernelPlan, run_seconds: RunSeconds,
                        rank: int = 0, local_rank: int = 0, broadcast: Broadcast | None = None,
                        measure: Callable[[str, Any], Timing | None] | None = None,
                        measure_matmul: Callable[[str], dict[str, float]] | None = None,
@@ -83,7 +91,8 @@ def plan_with_autotune(profile: HardwareProfile, cfg: KernelsConfig,
     """`table_plan` (made by `plan` without a tuner) with kernels.autotune applied.
 
     Args:
-        shapes: what candidates are timed at (the run's shapes).
+        shapes: what candidates are timed at (the run's shapes), or a function giving them,
+            called on rank 0 only and only when they are needed (it may read the data).
         device: the torch device to time on ("cpu", "cuda:0", ...).
         run_seconds: the run's expected length from the measured matmul rates
             ({"bf16": TFLOP/s, "fp32": ...}); None when unknown.
@@ -108,7 +117,7 @@ def plan_with_autotune(profile: HardwareProfile, cfg: KernelsConfig,
     decision = broadcast_object(decision, broadcast)
     assert decision is not None
     if rank != 0 and local_rank == 0:
-        _write_node_cache(profile, shapes, decision)
+        _write_node_cache(profile, decision)
     result = table_plan
     if decision["tuned"]:
         replay = ReplayTuner(measured_from_dict(decision["measured"]))
@@ -117,12 +126,11 @@ def plan_with_autotune(profile: HardwareProfile, cfg: KernelsConfig,
     return replace(result, autotune=outcome)
 
 
-def _write_node_cache(profile: HardwareProfile, shapes: TuningShapes,
-                      decision: Mapping[str, Any]) -> None:
+def _write_node_cache(profile: HardwareProfile, decision: Mapping[str, Any]) -> None:
     """On another node's first process: keep rank 0's measurements in this node's cache."""
     path = cache_path(profile, None)
     if read_cache(path) is None:
         write_cache(path, {"tflops": decision["matmul_tflops"]})
-    if decision["tuned"] and load_tuning(cache_path(profile, shapes)) is None:
-        write_cache(cache_path(profile, shapes), {"shapes": shapes.describe(),
-                                                  "measured": decision["measured"]})
+    timings = cache_dir() / decision["cache_file"] if decision.get("cache_file") else None
+    if decision["tuned"] and timings is not None and load_tuning(timings) is None:
+        write_cache(timings, {"shapes": decision["shapes"], "measured": decision["measured"]})

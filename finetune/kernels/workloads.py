@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -74,24 +74,27 @@ class TuningShapes:
 
 
 def document_rows(seq_len: int, micro_batch: int, mean_document: int, *, packing: bool,
-                  device_kind: str = "cpu") -> tuple[tuple[int, ...], ...]:
-    """One micro-batch's documents: `micro_batch` rows; packed rows are filled with documents
-    around `mean_document` tokens (0.5x, 1x, 1.5x in turn) up to `seq_len`, unpacked rows hold
-    one document each (0.5x-1.5x the mean, at most `seq_len`). Rows are dropped (never
-    shortened) beyond MAX_TOKENS for `device_kind` (cpu | gpu), keeping at least one."""
+                  device_kind: str = "cpu", lengths: Sequence[int] = ()
+                  ) -> tuple[tuple[int, ...], ...]:
+    """One micro-batch's documents: `micro_batch` rows. Document lengths are taken in turn
+    from `lengths` (a sample of the data's, see finetune.train.tuning) or, without them, around
+    `mean_document` tokens (0.5x, 1x, 1.5x); each is at most `seq_len`. Packed rows are filled
+    with documents up to `seq_len`; unpacked rows hold one document each. Rows are dropped
+    (never shortened) beyond MAX_TOKENS for `device_kind` (cpu | gpu), keeping at least one."""
     mean = max(1, min(mean_document, seq_len))
-    spread = (mean // 2 or 1, mean, min(seq_len, mean + mean // 2))
+    spread = [max(1, min(n, seq_len)) for n in lengths] or [
+        mean // 2 or 1, mean, min(seq_len, mean + mean // 2)]
     rows: list[tuple[int, ...]] = []
     turn = 0
     for _ in range(micro_batch):
         if packing:
             row: list[int] = []
             while sum(row) < seq_len:
-                row.append(min(spread[turn % 3], seq_len - sum(row)))
+                row.append(min(spread[turn % len(spread)], seq_len - sum(row)))
                 turn += 1
             rows.append(tuple(row))
         else:
-            rows.append((spread[turn % 3],))
+            rows.append((spread[turn % len(spread)],))
             turn += 1
     budget = MAX_TOKENS[device_kind]
     while len(rows) > 1 and sum(map(sum, rows)) > budget:

@@ -80,7 +80,7 @@ def _train(cfg: RunConfig, recipe: Recipe, run_dir: Path, fresh_dir: FreshRunDir
     kernel_plan = plan_kernels(cfg)
     strategy, engine, acc = build_runtime(cfg, recipe, kernel_plan, trackers=trackers,
                                           run_dir=run_dir)
-    kernel_plan = tune_kernels(cfg, kernel_plan, acc)  # rank 0 measures, every rank follows
+    kernel_plan = tune_kernels(cfg, kernel_plan, acc, pairs=recipe.pairs)  # rank 0 decides
     monitor = RunMonitor(cfg, run_dir, acc, kernel_plan)
     acc.wait_for_everyone()  # every rank checked output_dir before rank 0 writes into it
     # Each rank's own log file; only now, when no rank can mistake logs/ for an old run.

@@ -119,7 +119,8 @@ def test_explicit_choice_is_not_tuned(cpu_profile) -> None:
 def _plan(profile, mode="on", **kwargs):
     cfg = KernelsConfig(autotune=Autotune(mode))
     table = plan(profile, KernelsConfig(), FACTS)
-    return plan_with_autotune(profile, cfg, FACTS, packing=False, shapes=SHAPES, device="cpu",
+    return plan_with_autotune(profile, cfg, FACTS, packing=False,
+                              shapes=kwargs.pop("shapes", SHAPES), device="cpu",
                               table_plan=table, run_seconds=kwargs.pop("run_seconds",
                                                                        lambda rates: None),
                               measure_matmul=kwargs.pop("measure_matmul", lambda d: RATES),
@@ -188,7 +189,8 @@ def test_off_and_tiny_runs_leave_the_table_plan_unchanged(cpu_profile, cache) ->
                 measure_matmul=lambda d: pytest.fail("off measures"))
     assert off.kernels == table.kernels and off.autotune["tuned"] is False
     tiny = _plan(cpu_profile, mode="auto", run_seconds=lambda rates: 3.0,
-                 measure=lambda f, c: pytest.fail("a tiny run is not tuned"))
+                 measure=lambda f, c: pytest.fail("a tiny run is not tuned"),
+                 shapes=lambda: pytest.fail("a tiny run reads no data for its shapes"))
     assert tiny.kernels == table.kernels
     assert tiny.autotune["tuned"] is False and tiny.autotune["matmul_tflops"] == RATES
 
@@ -204,15 +206,13 @@ def test_table_choice_measured_fastest_gives_the_same_plan(cpu_profile, cache) -
 
 
 def test_auto_decision() -> None:
-    assert auto_decision("auto", run_seconds=10.0, cached=False, kind="cpu")[0] is False
-    assert auto_decision("auto", run_seconds=3600.0, cached=False, kind="cpu")[0] is True
-    assert auto_decision("auto", run_seconds=10.0, cached=True, kind="cpu")[0] is True
-    assert auto_decision("on", run_seconds=1.0, cached=False, kind="cpu")[0] is True
-    assert auto_decision("off", run_seconds=None, cached=True, kind="cpu")[0] is False
-    assert auto_decision("auto", run_seconds=None, cached=True, kind="cpu",
-                         under_test=True)[0] is False
-    assert auto_decision("on", run_seconds=None, cached=False, kind="cpu",
-                         under_test=True)[0] is True
+    assert auto_decision("auto", run_seconds=10.0, kind="cpu")[0] is False
+    assert auto_decision("auto", run_seconds=3600.0, kind="cpu")[0] is True
+    assert auto_decision("auto", run_seconds=None, kind="cpu")[0] is True
+    assert auto_decision("on", run_seconds=1.0, kind="cpu")[0] is True
+    assert auto_decision("off", run_seconds=None, kind="cpu")[0] is False
+    assert auto_decision("auto", run_seconds=3600.0, kind="cpu", under_test=True)[0] is False
+    assert auto_decision("on", run_seconds=None, kind="cpu", under_test=True)[0] is True
 
 
 def test_matmul_rate_is_measured_once_and_cached(cpu_profile, cache) -> None:
