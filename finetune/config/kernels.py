@@ -8,11 +8,14 @@ from finetune.config.choice import Choice
 
 
 class FusedLinearCrossEntropy(Choice):
-    """Liger's fused linear + cross-entropy: let the planner decide, force it on, or off."""
+    """How the LM head and the loss run: auto (Liger's fused linear cross-entropy where it runs
+    and passes its self-check, else the plain-torch chunked one), on (Liger's), chunked (the
+    plain-torch chunked one), off (whole logits, then the loss)."""
 
     auto = "auto"
     on = "on"
     off = "off"
+    chunked = "chunked"
 
 
 class Autotune(Choice):
@@ -40,7 +43,8 @@ class KernelsConfig:
     compile: str = "auto"  # e.g. off (torch.compile)
     precision: str = "auto"  # e.g. bf16
     collective: str = "auto"  # e.g. nccl
-    # Liger's fused linear + cross-entropy, when fused_ops is liger; auto: off on gfx950.
+    # The loss head: Liger's fused linear + cross-entropy when fused_ops is liger (auto: not
+    # on gfx950), else the chunked plain-torch one; off materialises the logits.
     fused_linear_cross_entropy: FusedLinearCrossEntropy = FusedLinearCrossEntropy.auto
     selfcheck: bool = True  # run the numerical self-check of attention and optimizer
     # Time candidates at the run's shapes and take the fastest (finetune.kernels.autotune).

@@ -8,6 +8,7 @@ from finetune.kernels.apply import (
     apply_env_vars,
     apply_fused_ops,
     apply_lora_kernel,
+    apply_loss_head,
     route_sdpa,
 )
 from finetune.kernels.attention import (
@@ -47,6 +48,7 @@ __all__ = [
     "apply_env",
     "apply_env_vars",
     "apply_fused_ops",
+    "apply_loss_head",
     "apply_lora_kernel",
     "build_optimizer",
     "check_choices",

@@ -7,7 +7,8 @@ The planner only decides; everything here changes process state. Order matters:
    TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL once, at the first SDPA call).
 2. `apply_env(plan)` once the plan is final: the variables again (a no-op when unchanged), TF32,
    and the SDPA routing of cuDNN attention (`plan.cudnn_sdpa`), before the model is built.
-3. `apply_fused_ops(model, plan.fused_ops)` on the loaded model, before adapters are attached.
+3. `apply_fused_ops(model, plan.fused_ops)` and `apply_loss_head(model, plan.loss_head)` on the
+   loaded model, before adapters are attached.
 4. `apply_lora_kernel(model, plan.lora)` once the adapters are attached, before the model is
    wrapped or sharded.
 """
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from finetune.hardware.arch import AMD_TF32_EMULATED, is_amd
+from finetune.kernels.chunked_loss import install_chunked_head
 from finetune.kernels.fused_ops import LIGER_OPS
 from finetune.kernels.kernel_plan import KernelPlan
 from finetune.kernels.lora import LORA
@@ -156,6 +158,23 @@ def apply_fused_ops(model: torch.nn.Module, ops: Sequence[str]) -> list[str]:
     )
     logger.info("fused_ops: liger applied to %s (%s)", model_type, ", ".join(ops))
     return list(ops)
+
+
+def apply_loss_head(model: torch.nn.Module, choice: str) -> bool:
+    """Carry out `plan.loss_head` on a loaded Hugging Face model: `chunked` turns its LM head
+    into a `ChunkedLossHead` (finetune.kernels.chunked_loss), so the training loss never
+    builds the whole logits; `liger` and `unfused` leave the head alone. Returns True when the
+    chunked head was installed; a model it cannot serve (the head is not a plain nn.Linear,
+    or the logits are rescaled after it) keeps the unfused loss, with a warning saying why.
+    """
+    if choice != "chunked":
+        return False
+    installed, why = install_chunked_head(model)
+    if installed:
+        logger.info("loss head: chunked (%s)", why)
+    else:
+        logger.warning("loss head: unfused, not chunked: %s", why)
+    return installed
 
 
 def apply_lora_kernel(model: torch.nn.Module, choice: str) -> int:

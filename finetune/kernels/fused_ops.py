@@ -19,7 +19,8 @@ LIGER_OPS: tuple[str, ...] = ("rms_norm", "rope", "swiglu", "fused_linear_cross_
 FLCE_SLOW_ARCHS: frozenset[str] = frozenset({"gfx950"})
 
 
-def _liger(profile: HardwareProfile, facts: ModelFacts) -> Support:
+def liger_support(profile: HardwareProfile, facts: ModelFacts) -> Support:
+    """Whether Liger's Triton kernels run on `profile` (shared by the loss-head family)."""
     if profile.vendor not in ("nvidia", "amd", "intel"):
         return False, "needs CUDA, ROCm or XPU (Liger's Triton kernels have no CPU/MPS backend)"
     if profile.vendor == "nvidia" and not is_nvidia_sm80_plus(profile):
@@ -41,7 +42,7 @@ def _none(profile: HardwareProfile, facts: ModelFacts) -> Support:
 
 FUSED_OPS: Registry[Candidate] = Registry(
     "fused_ops",
-    [Candidate("liger", _liger, default_rank=0), Candidate("none", _none, default_rank=1)],
+    [Candidate("liger", liger_support, default_rank=0), Candidate("none", _none, default_rank=1)],
 )
 
 
@@ -56,11 +57,15 @@ def flce_enabled(profile: HardwareProfile, setting: str) -> tuple[bool, str]:
     return True, "fuses lm_head and the loss so full logits are never materialised"
 
 
-def fused_ops_details(profile: HardwareProfile, choice: str, flce_setting: str) -> dict[str, Any]:
-    """The fields recorded next to the fused_ops choice: which Liger ops are patched."""
+def fused_ops_details(profile: HardwareProfile, choice: str, flce_setting: str,
+                      loss_head: str = "liger") -> dict[str, Any]:
+    """The fields recorded next to the fused_ops choice: which Liger ops are patched. Liger's
+    fused linear cross-entropy is among them only when the loss-head family chose it
+    (`loss_head`, see finetune.kernels.loss_head)."""
     if choice != "liger":
         return {"ops": []}
     use_flce, why = flce_enabled(profile, flce_setting)
+    use_flce = use_flce and loss_head == "liger"
     ops = [op for op in LIGER_OPS if use_flce or op != "fused_linear_cross_entropy"]
     return {"ops": ops, "fused_linear_cross_entropy": why}
 

@@ -133,6 +133,14 @@ class KernelPlan:
         return tuple(self.kernels["fused_ops"].details["ops"])
 
     @property
+    def loss_head(self) -> str:
+        """How the LM head and its loss run: liger | chunked | unfused (see
+        `finetune.kernels.loss_head`; `apply_loss_head` installs the chunked one)."""
+        details = self.kernels["fused_ops"].details
+        default = "liger" if "fused_linear_cross_entropy" in details["ops"] else "unfused"
+        return str(details.get("loss_head", default))
+
+    @property
     def lora(self) -> str:
         """How LoRA linear layers compute: fused | peft (see `apply_lora_kernel`)."""
         return self.choice("lora")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from finetune.config.kernels import KernelsConfig
@@ -37,9 +37,16 @@ from finetune.kernels.attention import (
 from finetune.kernels.autotune import Timing, Tuner, pick
 from finetune.kernels.collective import COLLECTIVE
 from finetune.kernels.compilation import COMPILE
-from finetune.kernels.fused_ops import FUSED_OPS, fused_ops_details
+from finetune.kernels.fused_ops import FUSED_OPS, flce_enabled, fused_ops_details
 from finetune.kernels.kernel_plan import FAMILIES, KernelPlan
 from finetune.kernels.lora import LORA
+from finetune.kernels.loss_head import (
+    LOSS_HEAD,
+    SETTING_TO_CANDIDATE,
+    LossHeadCandidate,
+    loss_heads_for,
+    setting_reason,
+)
 from finetune.kernels.optimizer import OPTIMIZER, OptimizerCandidate
 from finetune.kernels.precision import PRECISION, precision_details, precision_env
 from finetune.kernels.registry import (
@@ -50,7 +57,7 @@ from finetune.kernels.registry import (
     Registry,
     Rejection,
 )
-from finetune.kernels.selfcheck import check_attention, check_optimizer
+from finetune.kernels.selfcheck import check_attention, check_loss_head, check_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +76,7 @@ class KernelRegistries:
     compile: Registry[Candidate]
     precision: Registry[Candidate]
     collective: Registry[Candidate]
+    loss_head: Registry[LossHeadCandidate] = field(default_factory=LOSS_HEAD.copy)
 
 
 def default_registries() -> KernelRegistries:
@@ -298,6 +306,12 @@ def plan(
             f"needs kernels.fused_ops=liger, and fused_ops is {fused_ops.candidate.name} here",
             machine=_machine(profile), alternatives=["off"],
         )
+    loss_head = _select(
+        "fused_linear_cross_entropy",
+        loss_heads_for(regs.loss_head, fused_ops.candidate.name, flce_enabled(profile, flce)),
+        SETTING_TO_CANDIDATE.get(str(flce), "auto"), profile, facts,
+        check=None if skip else lambda c: check_loss_head(c, device, facts.dtype),
+    )
 
     attention_candidate = attention.candidate
     assert isinstance(attention_candidate, AttentionCandidate)
@@ -309,9 +323,14 @@ def plan(
         "optimizer": _decision("optimizer", optimizer, {
             "selfcheck": _selfcheck_status(skip, optimizer),
         }),
-        "fused_ops": _decision(
-            "fused_ops", fused_ops, fused_ops_details(profile, fused_ops.candidate.name, flce)
-        ),
+        "fused_ops": _decision("fused_ops", fused_ops, {
+            **fused_ops_details(profile, fused_ops.candidate.name, flce,
+                                loss_head.candidate.name),
+            "loss_head": loss_head.candidate.name,
+            "loss_head_reason": setting_reason(loss_head.reason, str(flce)),
+            "loss_head_selfcheck": _selfcheck_status(skip, loss_head),
+            "loss_head_rejected": [r.to_dict() for r in loss_head.rejected],
+        }),
         "lora": _decision("lora", lora, {}),
         "compile": _decision("compile", compile_, {}),
         "precision": _decision(

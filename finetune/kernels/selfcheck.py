@@ -14,6 +14,7 @@ import torch
 
 from finetune.kernels.attention import AttentionCandidate, default_scale
 from finetune.kernels.kernel_plan import TORCH_DTYPES
+from finetune.kernels.loss_head import LossHeadCandidate, unfused_loss
 from finetune.kernels.optimizer import OptimizerBuilder, OptimizerCandidate
 from finetune.kernels.registry import ModelFacts
 
@@ -22,6 +23,9 @@ from finetune.kernels.registry import ModelFacts
 ATTENTION_TOLERANCE: dict[str, float] = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 1e-4}
 # The optimizer update must match plain AdamW to this fraction of how far the params moved.
 OPTIMIZER_TOLERANCE = 1e-3
+# Loss head: loss and gradients relative to the fp32 reference's largest magnitude. A chunk
+# dropped or a wrong softmax moves them by order 1e-1 and more.
+LOSS_HEAD_TOLERANCE: dict[str, float] = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 1e-4}
 SELFCHECK_BATCH = 2
 SELFCHECK_SEQ = 64
 
@@ -143,4 +147,41 @@ def check_optimizer(candidate: OptimizerCandidate, device: str) -> str | None:
             f"{candidate.name} differs from torch AdamW by {error:.3g} after 2 steps "
             f"(update size {moved:.3g})"
         )
+    return None
+
+
+def check_loss_head(candidate: LossHeadCandidate, device: str, dtype: str | None) -> str | None:
+    """The candidate's summed linear cross-entropy and its gradients (hidden states and a
+    trainable head weight), in the run's dtype, vs the unfused fp32 path; some positions are
+    ignored (-100). None when they agree."""
+    if candidate.loss is None:
+        return f"{candidate.name} has no loss to check"
+    name = dtype or "fp32"
+    tolerance = LOSS_HEAD_TOLERANCE[name]
+    gen = torch.Generator().manual_seed(0)
+    hidden32 = torch.randn(96, 32, generator=gen)
+    weight32 = torch.randn(512, 32, generator=gen) * 0.2
+    targets = torch.randint(0, 512, (96,), generator=gen)
+    targets[::5] = -100
+    try:
+        hidden = hidden32.to(device, TORCH_DTYPES[name], copy=True).requires_grad_()
+        weight = weight32.to(device, TORCH_DTYPES[name], copy=True).requires_grad_()
+        loss = candidate.loss(hidden, weight, None, targets.to(device), -100)
+        loss.backward()
+    except Exception as exc:  # any failure of a kernel means: do not use it
+        return f"{candidate.name} raised {_describe(exc)}"
+    ref_hidden = hidden32.clone().requires_grad_()
+    ref_weight = weight32.clone().requires_grad_()
+    reference = unfused_loss(ref_hidden, ref_weight, None, targets, -100)
+    reference.backward()
+    checks = [("loss", loss.reshape(()).cpu(), reference.detach()),
+              ("grad of the hidden states", hidden.grad, ref_hidden.grad),
+              ("grad of the head weight", weight.grad, ref_weight.grad)]
+    for what, got, want in checks:
+        if got is None:
+            return f"{candidate.name} produced no {what}"
+        assert want is not None
+        error = _relative_error(got.cpu(), want)
+        if not error <= tolerance:
+            return f"{candidate.name} {what} max relative error {error:.3g} > {tolerance:g} ({name})"
     return None

@@ -61,6 +61,9 @@ def format_plan_table(kernel_plan: KernelPlan) -> str:
             )
         if family == "fused_ops" and kernel_plan.fused_ops:
             notes.append("ops " + ", ".join(kernel_plan.fused_ops))
+        if family == "fused_ops" and "loss_head" in details:
+            notes.append(f"loss head {details['loss_head']}: {details['loss_head_reason']}; "
+                         f"self-check {details['loss_head_selfcheck']}")
         lines.append(f"{family}: {decision.choice} ({'; '.join(notes)})")
     for name, value in kernel_plan.env.items():
         lines.append(f"env: {name}={value} ({kernel_plan.env_reasons.get(name, '')})")

@@ -30,6 +30,7 @@ from finetune.kernels import (
     apply_env,
     apply_fused_ops,
     apply_lora_kernel,
+    apply_loss_head,
     build_optimizer,
     plan,
 )
@@ -236,6 +237,7 @@ def _build_model(cfg: RunConfig, kernel_plan: KernelPlan, *, empty: bool = False
                        dtype=kernel_plan.trainable_dtype if full else kernel_plan.base_dtype,
                        quantization=quantization, empty=empty and quantization is None)
     apply_fused_ops(model, kernel_plan.fused_ops)
+    apply_loss_head(model, kernel_plan.loss_head)
     if cfg.trainer.gradient_checkpointing is True:  # auto: decided in setup, once data is read
         enable_checkpointing(model)
     model = apply_adapter(model, cfg.peft)

@@ -27,10 +27,13 @@ ALLOWED: dict[str, set[str]] = {
     **{name: {"registry"} for name in FAMILY_MODULES},
     "attention": {"registry", "sdpa", "varlen_sdpa", "varlen_torch"},
     "kernel_plan": {"registry"},
-    "selfcheck": {"registry", "attention", "optimizer", "kernel_plan"},
-    "apply": {"kernel_plan", "fused_ops", "lora", "lora_linear", "sdpa"},
+    # the loss-head family: Liger's (its support shared with fused_ops), chunked, unfused
+    "loss_head": {"registry", "fused_ops", "chunked_loss"},
+    "selfcheck": {"registry", "attention", "optimizer", "kernel_plan", "loss_head"},
+    "apply": {"kernel_plan", "fused_ops", "lora", "lora_linear", "sdpa", "chunked_loss"},
     # The planner calls apply's environment step before its self-checks (see planner.py).
-    "planner": {"registry", "kernel_plan", "selfcheck", "apply", "sdpa", *FAMILY_MODULES},
+    "planner": {"registry", "kernel_plan", "selfcheck", "apply", "sdpa", "loss_head",
+                *FAMILY_MODULES},
     "table": {"kernel_plan", "planner"},
 }
 
