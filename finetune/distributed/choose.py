@@ -294,6 +294,7 @@ def workload_from_run(cfg: RunConfig, hf_config: Any, kernel_plan: KernelPlan, *
         base_dtype=kernel_plan.base_dtype, trainable_dtype=kernel_plan.trainable_dtype,
         compute_dtype=kernel_plan.compute_dtype, optimizer=kernel_plan.optimizer,
         fused_linear_cross_entropy="fused_linear_cross_entropy" in kernel_plan.fused_ops,
+        chunked_loss=kernel_plan.loss_head == "chunked",
         eager_attention=kernel_plan.attn_implementation == "eager",
         reference_model=pairs and full and not cfg.dpo.precompute_ref,
         reshard_after_forward=cfg.distributed.reshard_after_forward, seq_len_from=source,

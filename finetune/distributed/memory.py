@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from finetune.config.schema import PeftConfig
+from finetune.kernels.chunked_loss import chunk_rows
 from finetune.kernels.kernel_plan import TORCH_DTYPES
 
 GIB = 2**30
@@ -255,6 +256,7 @@ class Workload:
     compute_dtype: torch.dtype | str = torch.bfloat16
     optimizer: str = "adamw"
     fused_linear_cross_entropy: bool = False
+    chunked_loss: bool = False
     eager_attention: bool = False
     reference_model: bool = False
     reshard_after_forward: bool = True
@@ -462,7 +464,11 @@ class Workload:
         recomputed at a time. Outside the layers: the final norm, the head's input (full
         fine-tune) and the logits: the fp32 log-softmax kept for the backward, and while the
         loss is computed the head's output and its fp32 upcast (vocab*(c + 8)); fused linear
-        cross-entropy never holds them, counted as two fp32 hidden states.
+        cross-entropy never holds them, counted as two fp32 hidden states. The chunked loss
+        (`chunked_loss`, finetune.kernels.chunked_loss) keeps the gradient of the head's input
+        (r*h a token) and, when the head trains, its weight's fp32 gradient (4*vocab*h); while
+        the loss is computed, one chunk of `chunk_rows(vocab)` positions holds its fp32 logits
+        and one more fp32 or compute-dtype copy of them (8 bytes an element at the peak).
         """
         s, c = self.shape, _itemsize(self.compute_dtype)
         r = _itemsize(self.trainable_dtype if self.full else self.base_dtype)
@@ -482,12 +488,19 @@ class Workload:
         layer = 2 * norms + core + inputs
         tokens = self.tokens
         fused = self.fused_linear_cross_entropy
+        if self.chunked_loss and not fused:
+            rows = min(tokens, chunk_rows(s.vocab))
+            kept = tokens * r * h + (4 * s.vocab * h if self.full else 0)
+            transient = rows * s.vocab * 8
+        else:
+            kept = tokens * (2 * 4 * h if fused else 4 * s.vocab)
+            transient = 0 if fused else tokens * (c + 4) * s.vocab
         return {
             "layers": tokens * s.layers * (r * h if self.gradient_checkpointing else layer),
             "recomputed": tokens * layer if self.gradient_checkpointing else 0,
             "outside": tokens * outside,
-            "logits_kept": tokens * (2 * 4 * h if fused else 4 * s.vocab),
-            "logits_transient": 0 if fused else tokens * (c + 4) * s.vocab,
+            "logits_kept": kept,
+            "logits_transient": transient,
         }
 
 
@@ -516,7 +529,7 @@ def estimate_memory(hf_config: Any, *, peft: PeftConfig, micro_batch_size: int, 
                     trainable_dtype: torch.dtype | str, compute_dtype: torch.dtype | str,
                     strategy: str, world_size: int = 1, cpu_offload: bool = False,
                     optimizer: str = "adamw", fused_linear_cross_entropy: bool = False,
-                    eager_attention: bool = False, reference_model: bool = False,
+                    chunked_loss: bool = False, eager_attention: bool = False, reference_model: bool = False,
                     reshard_after_forward: bool = True) -> MemoryEstimate:
     """The memory one device needs to train the model `hf_config` describes.
 
@@ -530,6 +543,7 @@ def estimate_memory(hf_config: Any, *, peft: PeftConfig, micro_batch_size: int, 
         micro_batch_size=micro_batch_size,
         seq_len=seq_len, gradient_checkpointing=gradient_checkpointing, base_dtype=base_dtype,
         trainable_dtype=trainable_dtype, compute_dtype=compute_dtype, optimizer=optimizer,
-        fused_linear_cross_entropy=fused_linear_cross_entropy, eager_attention=eager_attention,
+        fused_linear_cross_entropy=fused_linear_cross_entropy, chunked_loss=chunked_loss,
+        eager_attention=eager_attention,
         reference_model=reference_model, reshard_after_forward=reshard_after_forward)
     return workload.estimate(strategy, world_size, cpu_offload)
