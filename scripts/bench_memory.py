@@ -4,6 +4,7 @@ SFTTrainer on a model with Llama-3's vocabulary, with gradient checkpointing off
     python scripts/bench_memory.py                     # rows of 2048 and 512 tokens
     python scripts/bench_memory.py --seq-lens 2048 --no-trl --repeats 3
     python scripts/bench_memory.py --smoke             # tiny shapes, for tests
+    python scripts/bench_memory.py --summarize WORKDIR # the figures of a run kept with --keep
 
 The model is bench_workload's `llama3_head`: Llama-3's 128,256-token vocabulary and proportions
 at hidden 256 and 2 layers, random init, so the LM head and the loss hold most of a step's
@@ -71,6 +72,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--no-doc", action="store_true", help="do not write the doc")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    parser.add_argument("--summarize", type=Path, metavar="WORKDIR",
+                        help="print and record the figures of the finished runs of a folder "
+                             "kept with --keep (also one stopped early), running nothing")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -225,8 +229,15 @@ def markdown(cells: dict[int, dict[str, dict]]) -> str:
 
 def doc_section(argv: list[str], cells: dict, line: dict, found: list[report.Target],
                 notes: list[str], plan: dict, load: tuple[float, float]) -> str:
-    command = " ".join(["python", "scripts/bench_memory.py",
-                        *[a for a in argv if a not in ("--no-doc",)]])
+    kept, skip = [], False
+    for arg in argv:  # without the options that only say where files go
+        if skip:
+            skip = False
+        elif arg in ("--doc", "--keep", "--summarize"):
+            skip = True
+        elif arg != "--no-doc":
+            kept.append(arg)
+    command = " ".join(["python", "scripts/bench_memory.py", *kept])
     cores = os.cpu_count() or 1
     shared = ("above the core count: the machine was shared with other jobs, so tokens/s are "
               "noisy; compare the ratios, measured in the same run" if max(load) > cores
@@ -290,6 +301,35 @@ def run(args: argparse.Namespace, workdir: Path, env: dict[str, str], *, compare
     return cells, head, plan
 
 
+def read_kept(workdir: Path) -> tuple[dict, dict, dict]:
+    """`run`'s result from the runs finished in a kept workdir (seq<N>/runs/<side>-<setting>-
+    <rep>/, each with launch.json and result.json; a row length or setting without a finished
+    run is left out)."""
+    cells: dict[int, dict[str, dict]] = {}
+    head: dict[int, float] = {}
+    plan: dict = {}
+    for folder in sorted(workdir.glob("seq*"), key=lambda f: int(f.name[3:])):
+        settings = workload.Settings.from_json(
+            json.loads((folder / "settings.json").read_text(encoding="utf-8")))
+        stats = json.loads((folder / "prepared.json").read_text(encoding="utf-8"))["stats"]
+        plan = json.loads((folder / "plan.json").read_text(encoding="utf-8"))["packed"]
+        groups: dict[str, list[report.RunResult]] = {}
+        for run_dir in sorted((folder / "runs").iterdir()):
+            if (run_dir / "launch.json").is_file() and (run_dir / "result.json").is_file():
+                name = run_dir.name.rsplit("-", 1)[0].removesuffix("-again")
+                groups.setdefault(name, []).append(runner.read_run(run_dir, settings, stats))
+        seq_len = int(folder.name[3:])
+        vocab = workload.model_config(settings.size).vocab_size
+        head[seq_len] = head_mb(stats["packed"], vocab)
+        for setting in SETTINGS:
+            results = [r for who, _ in SIDES for r in groups.get(f"{who}-{setting}", [])]
+            if results:
+                unchunked = groups.get("ours-unchunked", []) if setting == "off" else []
+                cells.setdefault(seq_len, {})[setting] = figures(results, unchunked,
+                                                                 plan["device"])
+    return cells, head, plan
+
+
 def _say(seq_len: int, setting: str, name: str, result: report.RunResult, plan: dict) -> None:
     print(f"{seq_len} tokens, checkpointing {setting}: {name}: peak "
           f"{peak_mb(result, plan['device']):,.0f} MB, {result.tokens_per_s:,.0f} real "
@@ -299,6 +339,13 @@ def _say(seq_len: int, setting: str, name: str, result: report.RunResult, plan: 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.summarize:
+        cells, head, plan = read_kept(args.summarize)
+        kept = args.summarize / "run.json"
+        started = json.loads(kept.read_text(encoding="utf-8")) if kept.is_file() else {}
+        load = (started.get("load", os.getloadavg()[0]), os.getloadavg()[0])
+        return publish(args, started.get("argv", argv), cells, head, plan, load,
+                       started.get("notes", []))
     notes = []
     missing = None if args.no_trl else trl_missing()
     if missing:
@@ -314,8 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="finetune-bench-memory-") as tmp:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "run.json").write_text(json.dumps(
+            {"argv": argv, "load": load_start, "notes": notes}), encoding="utf-8")
         cells, head, plan = run(args, workdir, env, compare_head=compare_head)
     load = (load_start, os.getloadavg()[0])
+    return publish(args, argv, cells, head, plan, load, notes)
+
+
+def publish(args: argparse.Namespace, argv: list[str], cells: dict, head: dict, plan: dict,
+            load: tuple[float, float], notes: list[str]) -> int:
+    """Print the table and the targets, update the doc, print the JSON line last."""
     line = json_line(cells, head)
     found = targets(line)
     print(markdown(cells))

@@ -129,3 +129,43 @@ def test_the_doc_section_is_written_once_and_replaced_in_place(tmp_path: Path) -
 def test_a_missing_trl_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench_memory.importlib.util, "find_spec", lambda name: None)
     assert "TRL is not installed" in bench_memory.trl_missing()
+
+
+def _kept_run(folder: Path, name: str, who: str, peak: float, *, finished: bool = True) -> None:
+    run_dir = folder / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "launch.json").write_text(json.dumps(
+        {"side": [who, "packed"], "rep": 0, "launched_unix": 0.0, "peak_rss_mb": peak}))
+    if finished:
+        (run_dir / "result.json").write_text(json.dumps(
+            {"step_ends": [1.0, 2.0, 3.0], "losses": [3.0, 2.0, 1.0], "step_tokens": [10] * 3,
+             "first_step_end_unix": 1.0}))
+
+
+def test_summarize_reads_the_finished_runs_of_a_kept_workdir(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = workload.Settings(size="small", max_seq_len=64, micro_batch_size=1, steps=3,
+                                 timing_warmup=1, rows=10)
+    folder = tmp_path / "seq64"
+    folder.mkdir()
+    (folder / "settings.json").write_text(json.dumps(settings.to_json()))
+    step = {"real": 10, "trained": 5, "rows": 1, "width": 10}
+    (folder / "prepared.json").write_text(json.dumps({"stats": {"packed": [step] * 3}}))
+    plan = {"device": "cpu", "hardware": {"name": "Test CPU"}, "precision": "fp32",
+            "attention": "sdpa", "optimizer": "adamw"}
+    (folder / "plan.json").write_text(json.dumps({"packed": plan}))
+    _kept_run(folder, "ours-off-0", "ours", 100.0)
+    _kept_run(folder, "reference-off-again-0", "reference", 150.0)
+    _kept_run(folder, "trl-off-0", "trl", 400.0)
+    _kept_run(folder, "ours-unchunked-0", "ours", 300.0)
+    _kept_run(folder, "ours-on-0", "ours", 90.0, finished=False)  # stopped: left out
+    cells, head, _ = bench_memory.read_kept(tmp_path)
+    assert list(cells) == [64] and list(cells[64]) == ["off"]
+    off = cells[64]["off"]
+    assert (off["ours"]["peak_mb"], off["reference"]["peak_mb"], off["trl"]["peak_mb"],
+            off["unchunked"]["peak_mb"]) == (100.0, 150.0, 400.0, 300.0)
+    doc = tmp_path / "doc.md"
+    assert bench_memory.main(["--summarize", str(tmp_path), "--doc", str(doc)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["loss_head_mb_saved"] == 200.0 and line["off"]["peak_vs_trl"] == 0.25
+    assert "on" not in line and "| 64 | off | TRL SFTTrainer | 400 |" in doc.read_text()
