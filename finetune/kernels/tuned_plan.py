@@ -69,13 +69,12 @@ def _decide(profile: HardwareProfile, cfg: KernelsConfig, facts: ModelFacts | No
     path = cache_path(profile, shapes)
     cached = load_tuning(path)
     decision.update(shapes=shapes.describe(), cache_file=path.name)
-    if tune:
-        tuner = MeasuringTuner(shapes, device, cached=cached, measure=measure)
-        plan(profile, cfg, facts, packing=packing, tuner=tuner)
-        decision["measured"] = measured_dict(tuner.measured)
-        decision["cache"] = "hit" if cached is not None and not tuner.seconds else "measured"
-        if write and decision["cache"] == "measured":
-            write_cache(path, {"shapes": shapes.describe(), "measured": decision["measured"]})
+    tuner = MeasuringTuner(shapes, device, cached=cached, measure=measure)
+    plan(profile, cfg, facts, packing=packing, tuner=tuner)
+    decision["measured"] = measured_dict(tuner.measured)
+    decision["cache"] = "hit" if cached is not None and not tuner.seconds else "measured"
+    if write and decision["cache"] == "measured":
+        write_cache(path, {"shapes": shapes.describe(), "measured": decision["measured"]})
     decision["seconds"] = round(time.perf_counter() - started, 3)
     return decision
 

@@ -289,3 +289,17 @@ def test_a_loss_head_candidate_is_timed_through_its_loss() -> None:
     assert step is not None
     step()
     assert calls == [(SHAPES.tokens, SHAPES.hidden)]
+
+
+def test_a_varlen_package_is_timed_one_document_at_a_time() -> None:
+    seen = []
+
+    def forward(q, k, v, scale):
+        seen.append(q.shape[2])
+        return sdpa_forward(q, k, v, scale)
+
+    candidate = AttentionCandidate("flash_like", lambda p, f: (True, ""), forward=forward,
+                                   packing_isolation="varlen")
+    step = workload("attention", candidate, SHAPES, "cpu")
+    step()
+    assert seen == [32, 32, 64]  # each document of each row, never across documents
