@@ -34,6 +34,7 @@ from finetune.kernels import (
     build_optimizer,
     plan,
 )
+from finetune.kernels.compilation import compile_decoder_layers
 from finetune.models import (
     context_length,
     load_model,
@@ -243,7 +244,7 @@ def _build_model(cfg: RunConfig, kernel_plan: KernelPlan, *, empty: bool = False
     model = apply_adapter(model, cfg.peft)
     apply_lora_kernel(model, kernel_plan.lora)
     if kernel_plan.compile:
-        model.compile()  # in place: parameter names and state_dict keys stay unchanged
+        compile_decoder_layers(model)  # in place: parameter names and keys stay unchanged
     return model
 
 
