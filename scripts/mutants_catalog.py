@@ -24,7 +24,6 @@ class Curated:
 
 _PACKING_TESTS = [
     "tests/unit/data/test_data_packing.py",
-    "--deselect", "tests/unit/data/test_data_packing.py::test_flex_block_mask_isolates",
     "tests/unit/kernels/test_packing_leak.py",
 ]
 

@@ -137,21 +137,6 @@ def test_varlen_batch_isolates_through_position_ids(model, packed):
         assert _max_doc_error(model, batch, rows, use_cache=False) < ATOL
 
 
-def test_flex_block_mask_isolates(model, packed):
-    from transformers.utils import is_torch_flex_attn_available
-
-    if not is_torch_flex_attn_available():  # any other failure of the forward is a failure
-        pytest.skip(f"torch {torch.__version__} has no flex_attention")
-    batch, rows = packed("flex_attention")
-    try:
-        model.set_attn_implementation("flex_attention")
-        with torch.no_grad():
-            error = _max_doc_error(model, batch, rows)
-    finally:
-        model.set_attn_implementation("sdpa")
-    assert error < ATOL
-
-
 def _sum_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]),
                            labels[..., 1:].reshape(-1), ignore_index=-100, reduction="sum")
