@@ -9,7 +9,9 @@ STAMP  := $(VENV)/.installed
 # `make wheelhouse PY=3.12 PLATFORM=manylinux_2_28_x86_64`: finetune and every dependency a node
 # with torch installed lacks, for that Python and platform (torch, CUDA, ROCm, Triton left out).
 # On the offline node: pip install --no-index --find-links wheelhouse finetune
+# EXTRAS="tensorboard gguf" adds those extras' dependencies (install 'finetune[tensorboard,gguf]').
 WHEELHOUSE ?= wheelhouse
+EXTRAS     ?=
 PY         ?= $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 PLATFORM   ?= manylinux_2_28_$(shell uname -m)
 
@@ -51,7 +53,7 @@ test-offline: $(STAMP)
 
 wheelhouse:
 	$(PYTHON) scripts/wheelhouse.py --out $(WHEELHOUSE) --python-version $(PY) \
-		$(foreach tag,$(PLATFORM),--platform $(tag))
+		$(foreach tag,$(PLATFORM),--platform $(tag)) $(foreach extra,$(EXTRAS),--extra $(extra))
 
 lint: $(STAMP)
 	$(BIN)/ruff check finetune recipes scripts tests

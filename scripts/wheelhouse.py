@@ -2,8 +2,8 @@
 dependency it needs, for a target Python and platform, without torch, CUDA, ROCm or Triton.
 
     python scripts/wheelhouse.py [--out wheelhouse] [--python-version 3.12]
-                                 [--platform manylinux_2_28_x86_64 ...]
-    make wheelhouse PY=3.12 PLATFORM=manylinux_2_28_x86_64
+                                 [--platform manylinux_2_28_x86_64 ...] [--extra tensorboard ...]
+    make wheelhouse PY=3.12 PLATFORM=manylinux_2_28_x86_64 EXTRAS="tensorboard gguf"
 
 Run it where the package index is reachable, copy the folder to the node, and install there:
 
@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTALL_COMMAND = "pip install --no-index --find-links {out} finetune"
 # The node's torch brings these; a wheelhouse with them would weigh gigabytes.
 GPU_STACK = re.compile(r"^(torch|triton|pytorch-triton(-.+)?|nvidia-.+|cuda-.+|rocm-.+)$")
 # Pure-Python dependencies published as source only (hydra-core pins antlr4 4.9.*, which has no
@@ -91,24 +90,37 @@ def target_options(python_version: str, platforms: list[str]) -> list[str]:
     return options
 
 
-def resolve(wheel: Path, options: list[str]) -> list[tuple[str, str]]:
-    """(name, version) of every distribution finetune needs on the target, itself excluded."""
+def requirement(wheel: Path, extras: list[str]) -> str:
+    """What pip resolves and the node installs: finetune's wheel, with its extras if asked."""
+    return f"{wheel}[{','.join(extras)}]" if extras else str(wheel)
+
+
+def install_command(out: Path, extras: list[str]) -> str:
+    """The node's install command for a wheelhouse built with `extras`."""
+    name = f"'finetune[{','.join(extras)}]'" if extras else "finetune"
+    return f"pip install --no-index --find-links {out.name} {name}"
+
+
+def resolve(wheel: Path, options: list[str], extras: list[str] = ()) -> list[tuple[str, str]]:
+    """(name, version) of every distribution finetune (with `extras`) needs on the target,
+    itself excluded."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
-            "--target", str(Path(tmp) / "target"), *options, str(wheel))
+            "--target", str(Path(tmp) / "target"), *options, requirement(wheel, list(extras)))
         items = json.loads(report.read_text())["install"]
     found = [(canonical(i["metadata"]["name"]), i["metadata"]["version"]) for i in items]
     return sorted((n, v) for n, v in found if n != "finetune")
 
 
-def build(out: Path, python_version: str, platforms: list[str]) -> dict[str, object]:
+def build(out: Path, python_version: str, platforms: list[str],
+          extras: list[str] = ()) -> dict[str, object]:
     """Fill `out`; returns what it holds and what was left to the node."""
     out.mkdir(parents=True, exist_ok=True)
     wheel = build_finetune_wheel(out)
     pip("wheel", "--no-deps", "--quiet", "-w", str(out), *SOURCE_ONLY)
     options = [*target_options(python_version, platforms), "--find-links", str(out)]
-    needed = resolve(wheel, options)
+    needed = resolve(wheel, options, extras)
     kept = [f"{n}=={v}" for n, v in needed if not GPU_STACK.match(n)]
     left_to_node = [f"{n}=={v}" for n, v in needed if GPU_STACK.match(n)]
     pip("download", "--no-deps", "--quiet", "-d", str(out), *options, *kept)
@@ -125,14 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--platform", action="append", dest="platforms",
                         help="a wheel platform tag the node accepts (repeatable; default: "
                              f"{default_platform()})")
+    parser.add_argument("--extra", action="append", dest="extras", default=[],
+                        help="a finetune extra the node needs too, e.g. tensorboard, gguf, "
+                             "qlora (repeatable; the GPU stack in it stays out)")
     args = parser.parse_args(argv)
     platforms = args.platforms or [default_platform()]
-    result = build(args.out, args.python_version, platforms)
+    result = build(args.out, args.python_version, platforms, args.extras)
     print(f"wheelhouse: {args.out} holds {result['wheels']} wheels, "
           f"{result['bytes'] / 2**20:.1f} MiB, for Python {args.python_version} on "
           f"{', '.join(platforms)}")
     print(f"wheelhouse: left to the node's own install: {', '.join(result['left_to_node'])}")
-    print(f"wheelhouse: on the node: {INSTALL_COMMAND.format(out=args.out.name)}")
+    print(f"wheelhouse: on the node: {install_command(args.out, args.extras)}")
     return 0
 
 

@@ -294,7 +294,7 @@ class MlflowTracker(_FinishOnce, MLflowTracker):
 # ---------------------------------------------------------------------------------- build
 
 _PACKAGES = {LoggerName.wandb: ("wandb", "wandb"),
-             LoggerName.tensorboard: ("tensorboard", "tensorboard"),
+             LoggerName.tensorboard: ("tensorboard", "'finetune[tensorboard]'"),
              LoggerName.mlflow: ("mlflow", "'finetune[mlflow]'")}
 
 

@@ -38,13 +38,14 @@ def test_a_config_builds_the_trackers_it_switches_on(logger_cfg, tmp_path: Path)
     assert all(isinstance(t, GeneralTracker) for t in built)  # what Accelerator(log_with=) takes
 
 
+@pytest.mark.parametrize("name", ["mlflow", "tensorboard"])
 def test_a_missing_tracker_package_is_named_with_its_install(
-        logger_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        logger_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "mlflow" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"pip install 'finetune\[mlflow\]'"):
-        build_trackers(logger_cfg(mlflow=True), tmp_path)
+                        lambda module, *a: None if module == name else real(module, *a))
+    with pytest.raises(ConfigError, match=rf"pip install 'finetune\[{name}\]'"):
+        build_trackers(logger_cfg(**{name: True}), tmp_path)
 
 
 def test_flatten_and_numbers() -> None:

@@ -28,3 +28,27 @@ def test_target_options_name_every_platform_once() -> None:
                            "cp"]
     platforms = [options[i + 1] for i, o in enumerate(options) if o == "--platform"]
     assert len(platforms) == len(set(platforms)) and "manylinux2014_x86_64" in platforms
+
+
+def test_an_extra_is_resolved_and_named_in_the_install_command(tmp_path, monkeypatch) -> None:
+    import json
+    from pathlib import Path
+
+    asked = []
+
+    def fake_pip(*args: str):
+        asked.append(args)
+        report = Path(args[args.index("--report") + 1])
+        report.write_text(json.dumps({"install": [
+            {"metadata": {"name": "finetune", "version": "0.1"}},
+            {"metadata": {"name": "Tensorboard", "version": "2.20.0"}}]}))
+
+    monkeypatch.setattr(wheelhouse, "pip", fake_pip)
+    wheel = tmp_path / "finetune-0.1-py3-none-any.whl"
+    assert wheelhouse.resolve(wheel, [], ["tensorboard", "gguf"]) == [("tensorboard", "2.20.0")]
+    assert asked[0][-1] == f"{wheel}[tensorboard,gguf]"
+    assert wheelhouse.resolve(wheel, []) and asked[1][-1] == str(wheel)
+    assert wheelhouse.install_command(tmp_path / "wh", ["tensorboard"]) == (
+        "pip install --no-index --find-links wh 'finetune[tensorboard]'")
+    assert wheelhouse.install_command(tmp_path / "wh", []) == (
+        "pip install --no-index --find-links wh finetune")
