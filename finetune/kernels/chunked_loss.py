@@ -30,8 +30,11 @@ import torch
 import torch.nn.functional as F
 
 # One chunk's fp32 logits take at most this many bytes; the chunk's transient peak is about
-# three times it (the compute-dtype logits, their fp32 copy and log-sum-exp's temporary).
-CHUNK_BYTES = 32 * 2**20
+# twice it (the logits and log-sum-exp's temporary). Each chunk reads the whole head weight
+# twice, so smaller chunks cost time where that weight outgrows the caches: on a 2-core CPU at
+# vocab 128,256 and hidden 256, 130-position chunks (64 MiB) took 1.35x the unfused loss's CPU
+# time and 65-position ones (32 MiB) 1.5x (scripts/bench_loss_head.py).
+CHUNK_BYTES = 64 * 2**20
 
 
 def chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
@@ -105,7 +108,9 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 g = g * upstream[part, None].to(g.dtype)
             if grads.hidden is not None:
                 grads.hidden[part] = g @ w
-            if grads.weight is not None:
+            if grads.weight is not None and g.dtype == grads.weight.dtype:
+                grads.weight.addmm_(g.t(), h)  # in place: no [V, H] temporary per chunk
+            elif grads.weight is not None:
                 grads.weight += (g.t() @ h).float()
             if grads.bias is not None:
                 grads.bias += g.float().sum(0)

@@ -22,11 +22,11 @@ def _workload(**fields) -> Workload:
 
 def test_chunked_loss_head_bytes_are_exact() -> None:
     rows = CHUNK_BYTES // (4 * VOCAB)
-    assert chunk_rows(VOCAB) == rows == 65
+    assert chunk_rows(VOCAB) == rows == 130
     lora = _workload(chunked_loss=True).activation_parts()
     # The gradient of the head's input (fp32 hidden states), and one chunk's logits at 8 bytes.
     assert lora["logits_kept"] == TOKENS * 4 * HIDDEN == 2_097_152
-    assert lora["logits_transient"] == rows * VOCAB * 8 == 66_693_120
+    assert lora["logits_transient"] == rows * VOCAB * 8 == 133_386_240
     full = _workload(chunked_loss=True, peft_method="none").activation_parts()
     assert full["logits_kept"] == TOKENS * 4 * HIDDEN + 4 * VOCAB * HIDDEN  # + the head's grad
     assert full["logits_transient"] == lora["logits_transient"]
