@@ -34,7 +34,7 @@ import torch
 from finetune import __version__
 from finetune.hardware.profile import HardwareProfile
 from finetune.kernels.registry import Candidate
-from finetune.kernels.workloads import TuningShapes, Workload, workload
+from finetune.kernels.workloads import NOT_TIMED, TuningShapes, Workload, workload
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,9 @@ class MeasuringTuner:
             return None
 
     def timings(self, family: str, candidates: list[Candidate]) -> dict[str, Timing]:
+        candidates = [c for c in candidates if (family, c.name) not in NOT_TIMED]
+        if len(candidates) < 2:
+            return {}
         names = [c.name for c in candidates]
         cached = self.cached.get(family, {})
         if cached and all(n in cached for n in names):

@@ -310,7 +310,7 @@ def plan(
         "fused_linear_cross_entropy",
         loss_heads_for(regs.loss_head, fused_ops.candidate.name, flce_enabled(profile, flce)),
         SETTING_TO_CANDIDATE.get(str(flce), "auto"), profile, facts,
-        check=None if skip else lambda c: check_loss_head(c, device, facts.dtype),
+        check=None if skip else lambda c: check_loss_head(c, device, facts.dtype), tuner=tuner,
     )
 
     attention_candidate = attention.candidate
@@ -330,6 +330,9 @@ def plan(
             "loss_head_reason": setting_reason(loss_head.reason, str(flce)),
             "loss_head_selfcheck": _selfcheck_status(skip, loss_head),
             "loss_head_rejected": [r.to_dict() for r in loss_head.rejected],
+            **({"loss_head_measured_ms": {n: round(t.median_ms, 4)
+                                          for n, t in loss_head.measured.items()}}
+               if loss_head.measured else {}),
         }),
         "lora": _decision("lora", lora, {}),
         "compile": _decision("compile", compile_, {}),

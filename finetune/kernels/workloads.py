@@ -274,6 +274,13 @@ def loss_head_workload(loss: Callable[..., torch.Tensor], shapes: TuningShapes,
     return step
 
 
+# Candidates never timed, and why: they trade memory, not speed, against the others, so the
+# faster one must not replace them.
+NOT_TIMED: dict[tuple[str, str], str] = {
+    ("fused_linear_cross_entropy", "unfused"):
+        "materialises the whole logits: the loss heads' choice is a memory one",
+}
+
 # Workloads of families outside attention, LoRA, the optimizer and the loss heads, by (family,
 # candidate name): a family whose candidates have no workload is not timed (the table's order
 # stands).
@@ -284,6 +291,8 @@ def workload(family: str, candidate: Candidate, shapes: TuningShapes,
              device: str) -> Workload | None:
     """The timed step of `candidate` of `family` at `shapes` on `device`; None when there is
     none (the family is then not tuned)."""
+    if (family, candidate.name) in NOT_TIMED:
+        return None
     if family == "attention" and isinstance(candidate, AttentionCandidate):
         return attention_workload(candidate, shapes, device)
     if family == "lora":

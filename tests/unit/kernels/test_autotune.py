@@ -303,3 +303,25 @@ def test_a_varlen_package_is_timed_one_document_at_a_time() -> None:
     step = workload("attention", candidate, SHAPES, "cpu")
     step()
     assert seen == [32, 32, 64]  # each document of each row, never across documents
+
+
+def test_loss_heads_are_timed_but_the_unfused_one_never_replaces_them(cpu_profile) -> None:
+    calls = []
+
+    def measure(family, candidate):
+        calls.append((family, candidate.name))
+        return ms(0.1)
+
+    tuner = MeasuringTuner(replace(SHAPES, vocab=64), "cpu", measure=measure)
+    kernel_plan = plan(cpu_profile, KernelsConfig(), FACTS, tuner=tuner)
+    assert ("fused_linear_cross_entropy", "unfused") not in calls
+    assert kernel_plan.loss_head == "chunked"  # CPU: no Liger, and unfused is not timed
+    regs = default_registries()
+    regs.loss_head.register(replace(regs.loss_head.get("chunked"), name="chunked_fast",
+                                    default_rank=0))
+    tuned = plan(cpu_profile, KernelsConfig(), FACTS, registries=regs,
+                 tuner=ReplayTuner({"fused_linear_cross_entropy": {"chunked_fast": ms(5),
+                                                                   "chunked": ms(1)}}))
+    details = tuned.kernels["fused_ops"].details
+    assert details["loss_head"] == "chunked"
+    assert details["loss_head_measured_ms"] == {"chunked_fast": 5, "chunked": 1}
