@@ -51,6 +51,7 @@ class TuningShapes:
     lora_rank: int = 8
     trainable: tuple[tuple[int, ...], ...] = field(default=())  # the optimizer's tensors
     vocab: int = 0  # the LM head's rows (the loss head's workload); 0: not timed
+    intermediate: int = 0  # the MLP's width: attention is timed with one MLP pass (0: none)
 
     @property
     def seq_len(self) -> int:
@@ -177,10 +178,38 @@ def attention_workload(candidate: AttentionCandidate, shapes: TuningShapes,
             def call() -> torch.Tensor:
                 return forward(q, k, v, scale)
 
+    # The layout decides every layer's work, not only attention's: padded rows carry their
+    # padding through the projections and the MLP too. One MLP pass over the tokens this
+    # layout holds is timed with the attention.
+    carried = q.shape[0] * q.shape[2]
+    mlp = _mlp(shapes, carried, device)
+
     def step() -> None:
         for x in (q, k, v):
             x.grad = None
         call().backward(grad)
+        if mlp is not None:
+            mlp()
+
+    return step
+
+
+def _mlp(shapes: TuningShapes, tokens: int, device: str) -> Workload | None:
+    """Forward + backward of a frozen up/down projection pair (hidden -> intermediate ->
+    hidden) over `tokens` tokens; None without an MLP width."""
+    if not shapes.intermediate:
+        return None
+    dtype = TORCH_DTYPES[shapes.dtype]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, shapes.hidden, generator=gen).to(device=device, dtype=dtype)
+    x.requires_grad_()
+    up = (torch.randn(shapes.hidden, shapes.intermediate, generator=gen) * 0.02).to(device, dtype)
+    down = (torch.randn(shapes.intermediate, shapes.hidden, generator=gen) * 0.02).to(device,
+                                                                                      dtype)
+
+    def step() -> None:
+        x.grad = None
+        (torch.nn.functional.silu(x @ up) @ down).sum().backward()
 
     return step
 

@@ -104,7 +104,8 @@ def run_shapes(cfg: RunConfig, hf_config: Any, kernel_plan: KernelPlan, device: 
     return TuningShapes(facts.num_heads, facts.num_kv_heads, facts.head_dim,
                         kernel_plan.precision, rows, packing, hidden=hidden, lora_rank=rank,
                         trainable=trainable * count,
-                        vocab=int(getattr(hf_config, "vocab_size", 0) or 0))
+                        vocab=int(getattr(hf_config, "vocab_size", 0) or 0),
+                        intermediate=int(getattr(hf_config, "intermediate_size", 0) or 0))
 
 
 def _run_seconds(cfg: RunConfig, hf_config: Any, kernel_plan: KernelPlan, world_size: int):

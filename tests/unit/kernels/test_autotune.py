@@ -325,3 +325,23 @@ def test_loss_heads_are_timed_but_the_unfused_one_never_replaces_them(cpu_profil
     details = tuned.kernels["fused_ops"].details
     assert details["loss_head"] == "chunked"
     assert details["loss_head_measured_ms"] == {"chunked_fast": 5, "chunked": 1}
+
+
+def test_padded_rows_pay_for_their_padding_in_the_mlp(monkeypatch) -> None:
+    """One MLP pass rides with the attention: over every padded position for the dense paths,
+    over the real tokens only for the varlen ones."""
+    from finetune.kernels import workloads
+
+    carried = []
+    real = workloads._mlp
+
+    def recording(shapes, tokens, device):
+        carried.append(tokens)
+        return real(shapes, tokens, device)
+
+    monkeypatch.setattr(workloads, "_mlp", recording)
+    shapes = replace(SHAPES, packing=False, rows=((8,), (64,)), intermediate=64)
+    registry = default_registries().attention
+    for name in ("sdpa", "sdpa_varlen"):
+        workload("attention", registry.get(name), shapes, "cpu")()
+    assert carried == [128, 72]  # 2 rows padded to 64, against 8 + 64 real tokens
