@@ -33,8 +33,14 @@ ALLOWED: dict[str, set[str]] = {
     "apply": {"kernel_plan", "fused_ops", "lora", "lora_linear", "sdpa", "chunked_loss"},
     # The planner calls apply's environment step before its self-checks (see planner.py).
     "planner": {"registry", "kernel_plan", "selfcheck", "apply", "sdpa", "loss_head",
-                *FAMILY_MODULES},
+                "autotune", *FAMILY_MODULES},
     "table": {"kernel_plan", "planner"},
+    # kernels.autotune: the timed steps of the candidates, the timing/choice/cache the planner
+    # asks, and the run's tuned plan (above the planner: it plans twice, rank 0 then all)
+    "workloads": {"registry", "attention", "optimizer", "kernel_plan", "lora_linear", "sdpa",
+                  "varlen_sdpa"},
+    "autotune": {"registry", "workloads"},
+    "tuned_plan": {"autotune", "kernel_plan", "planner", "registry", "workloads"},
 }
 
 
