@@ -37,6 +37,9 @@ def test_default_run_outputs(default_run: Path) -> None:
     plan = json.loads((default_run / "kernel_plan.json").read_text())
     assert plan["hardware"]["vendor"] == "cpu"
     assert plan["kernels"]["attention"]["choice"] == "sdpa_varlen"  # the CPU plan's first
+    # kernels.autotune=auto in a test session: no candidate timed, the matmul rate measured
+    assert plan["autotune"]["tuned"] is False and plan["autotune"]["matmul_tflops"]["fp32"] > 0
+    assert all(r["mfu_measured"] > 0 for r in steps) and all(r["mfu"] is None for r in steps)
     stdout = (default_run / "stdout.txt").read_text()
     assert "attention:" in stdout and "done." in stdout
     assert "packing off, padding-free rows" in stdout  # unpacked batches carry no padding
