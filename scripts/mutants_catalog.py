@@ -80,7 +80,9 @@ MODULES: dict[str, dict] = {
         "tests": ["tests/unit/kernels/test_kernel_selfcheck.py",
                   "tests/unit/kernels/test_kernel_plan_golden.py",
                   "tests/unit/kernels/test_kernel_overrides.py",
-                  "tests/unit/kernels/test_kernel_attention_ranking.py"],
+                  "tests/unit/kernels/test_kernel_attention_ranking.py",
+                  "tests/unit/kernels/test_autotune.py",
+                  "tests/unit/kernels/test_loss_head_plan.py"],
         "functions": ["_select"], "generic": 3},
     "finetune/distributed/memory.py": {
         "tests": ["tests/unit/distributed/test_memory_gathered.py",
