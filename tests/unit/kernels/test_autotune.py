@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from finetune.config.kernels import Autotune, KernelsConfig
-from finetune.hardware import detect
 from finetune.kernels import AttentionCandidate, ModelFacts, default_registries, plan
 from finetune.kernels.autotune import (
     MeasuringTuner,
@@ -37,13 +36,6 @@ RATES = {"bf16": 0.5, "fp32": 1.0}
 def ms(median: float, spread: float = 0.0) -> Timing:
     return Timing(median, median - spread, median + spread)
 
-
-@pytest.fixture(scope="module")
-def cpu_profile():
-    profile = detect()
-    if profile.vendor != "cpu":
-        pytest.skip("these tests plan for this machine's CPU")
-    return profile
 
 
 @pytest.fixture

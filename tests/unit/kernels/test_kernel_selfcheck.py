@@ -25,13 +25,6 @@ from finetune.kernels.selfcheck import check_attention, check_optimizer
 FACTS = ModelFacts(num_heads=8, num_kv_heads=2, head_dim=16)
 
 
-@pytest.fixture(scope="module")
-def cpu_profile():
-    profile = detect()
-    if profile.vendor != "cpu":
-        pytest.skip("these tests force the CPU attention paths")
-    return profile
-
 
 @pytest.mark.parametrize("name", ["sdpa", "eager"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune.config.kernels import KernelsConfig
-from finetune.hardware import detect, profile_by_name
+from finetune.hardware import profile_by_name
 from finetune.kernels import KernelOverrideError, default_registries, format_plan_table, plan
 from finetune.kernels.fused_ops import FUSED_OPS
 from finetune.kernels.loss_head import LOSS_HEAD, LossHeadCandidate, unfused_loss
@@ -17,13 +17,6 @@ from finetune.kernels.selfcheck import check_loss_head
 
 FLCE = "fused_linear_cross_entropy"
 
-
-@pytest.fixture(scope="module")
-def cpu_profile():
-    profile = detect()
-    if profile.vendor != "cpu":
-        pytest.skip("these tests self-check on the CPU")
-    return profile
 
 
 def _drops_the_last_chunk(hidden, weight, bias, targets, ignore_index):
