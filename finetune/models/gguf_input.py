@@ -135,11 +135,14 @@ def _config_inv_freq(config):
 
 def load_gguf_config(name: str):
     """The transformers config of the GGUF file `name`, with the file's rope scaling."""
+    path = gguf_path(name)
+    return _config(path, name, _reader(path, name))
+
+
+def _config(path: Path, name: str, reader):
     import numpy as np
     from transformers import AutoConfig
 
-    path = gguf_path(name)
-    reader = _reader(path, name)
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError) as exc:
@@ -226,9 +229,10 @@ def load_gguf_model(name: str, *, attn_implementation: str, dtype, quantization=
     """The causal LM in the GGUF file `name`, dequantised to `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    config = load_gguf_config(name)
     path = gguf_path(name)
-    types = sorted({t.tensor_type.name for t in _reader(path, name).tensors})
+    reader = _reader(path, name)
+    config = _config(path, name, reader)
+    types = sorted({t.tensor_type.name for t in reader.tensors})
     extra = {"quantization_config": quantization} if quantization is not None else {}
     logger.info("reading GGUF file %s through transformers: its %s tensors are dequantised to "
                 "%s; the tokenizer and chat template come from the file", path, "/".join(types),
