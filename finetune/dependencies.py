@@ -7,6 +7,7 @@ missing package and the install command (docs/distributed.md, "Offline cluster")
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from importlib import metadata
 
@@ -17,6 +18,29 @@ INSTALL_HINT = ("install them with finetune: `pip install finetune` where the pa
 
 # Import names that differ from their distribution's name.
 DISTRIBUTION_OF_MODULE = {"hydra": "hydra-core", "yaml": "pyyaml", "PIL": "pillow"}
+
+
+# finetune's extras that add an output or a command, not a different computation: (extra, the
+# module it brings, what needs it). `finetune env` lists them.
+OPTIONAL_EXTRAS = (
+    ("plot", "matplotlib", "report.png at the end of a run, finetune report --plot"),
+    ("tensorboard", "tensorboard", "logger=tensorboard"),
+    ("mlflow", "mlflow", "logger=mlflow"),
+    ("gguf", "gguf", "finetune export --format gguf"),
+    ("qlora", "bitsandbytes", "peft=qlora"),
+)
+
+
+def optional_extra_lines() -> list[str]:
+    """`finetune env`'s lines on the optional extras: installed or not, and what needs each."""
+    lines = ["optional extras (pip install 'finetune[NAME]'):"]
+    for extra, module, purpose in OPTIONAL_EXTRAS:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        lines.append(f"  {extra:<12} {'installed' if found else 'not installed':<14} {purpose}")
+    return lines
 
 
 def _canonical(name: str) -> str:

@@ -29,6 +29,7 @@ from finetune.commands.run import _process_count
 from finetune.commands.validate import MemoryReport, estimate_run, model_config
 from finetune.config.compose import compose_run_config
 from finetune.config.kernels import Autotune, FusedLinearCrossEntropy, KernelsConfig
+from finetune.dependencies import optional_extra_lines
 from finetune.errors import ConfigError
 from finetune.hardware import PROFILE_NAMES, detect, profile_by_name
 from finetune.hardware.profile import GPU_TORCH_PACKAGES, OPTIONAL_PACKAGES, HardwareProfile
@@ -216,6 +217,8 @@ def main(argv: list[str]) -> int:
         print(format_plan_table(kernel_plan))
         print()
         print("\n".join(report.lines()))
+        print()
+        print("\n".join(optional_extra_lines()))
     return 0
 
 

@@ -87,7 +87,13 @@ def plot_target(plot: Path, runs: list[str], *, force: bool) -> Path:
     """The file `--plot PLOT` writes: PLOT, PLOT/loss_curves.png for an existing folder, or
     PLOT.png when PLOT has no extension. ConfigError (exit code 2) for a format matplotlib cannot
     write, a folder that does not exist, or a file that exists (a run's own report.png, or any
-    other) unless `force`."""
+    other) unless `force`, and where matplotlib (the [plot] extra) is not installed."""
+    from finetune.metrics.report import PLOT_INSTALL, plotting_available
+
+    if not plotting_available():
+        raise ConfigError(f"--plot {plot}: drawing needs matplotlib, which is not installed "
+                          f"here; install it with `{PLOT_INSTALL}`, or leave out --plot for "
+                          "the comparison table alone.")
     from matplotlib.backend_bases import FigureCanvasBase
 
     target = Path(plot).expanduser()

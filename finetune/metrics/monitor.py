@@ -218,10 +218,15 @@ class RunMonitor:
 
     def write_report(self) -> Path | None:
         """OUTPUT_DIR/report.png from metrics.jsonl; None (with a warning) when it fails, which
-        never fails the run."""
-        from finetune.metrics.report import plot_run
+        never fails the run, and None with one line naming the [plot] extra where matplotlib
+        is not installed."""
+        from finetune.metrics.report import PLOT_INSTALL, plot_run, plotting_available
 
         path = self.run_dir / REPORT_NAME
+        if not plotting_available():
+            self.line(f"{REPORT_NAME} not drawn: matplotlib is not installed; `{PLOT_INSTALL}` "
+                      f"draws it (the figures are in {self.run_dir / 'metrics.jsonl'})")
+            return None
         try:
             plot_run(read_records(self.run_dir / "metrics.jsonl"), path,
                      title=f"{self.cfg.recipe}: {self.run_dir.name}",

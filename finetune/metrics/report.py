@@ -1,4 +1,5 @@
-"""Figures of runs, drawn with matplotlib's Agg backend (no display needed).
+"""Figures of runs, drawn with matplotlib's Agg backend (no display needed); matplotlib comes
+with the [plot] extra (`plotting_available`, `PLOT_INSTALL`).
 
 `plot_run` draws OUTPUT_DIR/report.png at the end of a run: loss and eval loss, learning rate,
 throughput and MFU, and memory, each against the optimizer step. `plot_losses` overlays the
@@ -13,6 +14,20 @@ from typing import Any
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
            "#17becf", "#7f7f7f", "#bcbd22"]
+
+
+# matplotlib is the [plot] extra (about 25 MiB with its own dependencies, left out of an
+# offline node's wheelhouse unless asked for).
+PLOT_INSTALL = "pip install 'finetune[plot]'"
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib imports here."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _pyplot():
