@@ -7,13 +7,17 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test lint install clean wheelhouse mutants test-extras test-offline
 
 # `make wheelhouse PY=3.12 PLATFORM=manylinux_2_28_x86_64`: finetune and every dependency a node
-# with torch installed lacks, for that Python and platform (torch, CUDA, ROCm, Triton left out).
-# On the offline node: pip install --no-index --find-links wheelhouse finetune
+# with torch installed lacks, for that Python and platform (torch, CUDA, ROCm, Triton and what
+# only torch needs left out). On the offline node:
+#   pip install --no-index --find-links wheelhouse finetune
 # EXTRAS="tensorboard gguf" adds those extras' dependencies (install 'finetune[tensorboard,gguf]').
-WHEELHOUSE ?= wheelhouse
-EXTRAS     ?=
-PY         ?= $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-PLATFORM   ?= manylinux_2_28_$(shell uname -m)
+# NODE_FREEZE=node-freeze.txt (the node's `python -m pip list --format=freeze`) leaves out what
+# the node has within finetune's bounds.
+WHEELHOUSE  ?= wheelhouse
+EXTRAS      ?=
+NODE_FREEZE ?=
+PY          ?= $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+PLATFORM    ?= manylinux_2_28_$(shell uname -m)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,14 +50,16 @@ test-extras: $(STAMP)
 	$(BIN)/pip install -e ".[dev,bench,mlflow,deepspeed]"
 	$(BIN)/python -m pytest -q -rs $(EXTRAS_TESTS)
 
-# The offline-node install round trip (tests/e2e/test_wheelhouse.py): builds the wheelhouse from
-# the package index, then installs it into a fresh venv with no index; 5-10 minutes, not in CI.
+# The offline-node install round trip (tests/e2e/test_wheelhouse.py): a fresh venv with torch and
+# the Hugging Face stack (the node), a wheelhouse built from the index with its freeze, then
+# installed there with no index; 5-10 minutes, not in CI.
 test-offline: $(STAMP)
 	FINETUNE_TEST_WHEELHOUSE=1 $(BIN)/python -m pytest -q -rs tests/e2e/test_wheelhouse.py
 
 wheelhouse:
 	$(PYTHON) scripts/wheelhouse.py --out $(WHEELHOUSE) --python-version $(PY) \
-		$(foreach tag,$(PLATFORM),--platform $(tag)) $(foreach extra,$(EXTRAS),--extra $(extra))
+		$(foreach tag,$(PLATFORM),--platform $(tag)) $(foreach extra,$(EXTRAS),--extra $(extra)) \
+		$(if $(NODE_FREEZE),--node-has $(NODE_FREEZE))
 
 lint: $(STAMP)
 	$(BIN)/ruff check finetune recipes scripts tests
