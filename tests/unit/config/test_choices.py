@@ -8,11 +8,11 @@ from dataclasses import fields
 from types import NoneType
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import config_dict, config_yaml
 from finetune.config.choice import Choice
-from finetune.config.compose import compose_run_config
+from finetune.config.compose import compose_dict, compose_run_config, to_run_config
 from finetune.config.schema import GROUP_SCHEMAS, PeftMethod
 from finetune.errors import ConfigError
 
@@ -58,12 +58,25 @@ def test_members_act_as_their_values(key: str, choice: type[Choice], nullable: b
         assert json.dumps(member) == json.dumps(member.value)
 
 
+@pytest.fixture(scope="module")
+def default_dict() -> DictConfig:
+    return compose_dict("lora_sft", [])
+
+
 @pytest.mark.parametrize(("key", "choice", "nullable"), CHOICE_FIELDS)
-def test_every_member_composes(key: str, choice: type[Choice], nullable: bool) -> None:
-    for value in [member.value for member in choice] + (["null"] if nullable else []):
-        cfg = compose_run_config("lora_sft", [f"{key}={value}"])
-        group, name = key.split(".")
-        got = getattr(getattr(cfg, group), name)
+def test_every_member_composes(key: str, choice: type[Choice], nullable: bool,
+                               default_dict: DictConfig) -> None:
+    """Each member is a valid run config: the last one through Hydra's command-line override
+    (its grammar reads the value), every one set on the composed config and validated."""
+    values = [member.value for member in choice] + (["null"] if nullable else [])
+    group, name = key.split(".")
+    cfg = compose_run_config("lora_sft", [f"{key}={values[-1]}"])
+    assert getattr(getattr(cfg, group), name) == (None if values[-1] == "null"
+                                                  else choice(values[-1]))
+    for value in values:
+        composed = default_dict.copy()
+        OmegaConf.update(composed, key, None if value == "null" else value)
+        got = getattr(getattr(to_run_config(composed), group), name)
         assert got == (None if value == "null" else choice(value))
 
 
