@@ -42,9 +42,9 @@ MODULES: dict[str, dict] = {
                   "tests/unit/train/test_loss_positions.py"],
         "functions": ["causal_lm_loss", "accumulate_gradients"], "generic": 3},
     "finetune/train/trainer.py": {
-        "tests": ["tests/unit/train/test_trainer_state.py", "tests/unit/train/test_resume_rng.py",
-                  "tests/unit/train/test_data_position.py",
-                  "tests/unit/train/test_resume_schedule.py"],
+        "tests": ["tests/integration/train/test_trainer_state.py", "tests/integration/train/test_resume_rng.py",
+                  "tests/integration/train/test_data_position.py",
+                  "tests/integration/train/test_resume_schedule.py"],
         "functions": ["Trainer.load_state_dict"], "generic": 2},
     "finetune/checkpoint/files.py": {
         "tests": ["tests/unit/checkpoint/test_manifest_files.py",
@@ -60,15 +60,15 @@ MODULES: dict[str, dict] = {
     "finetune/distributed/engine.py": {
         "tests": ["tests/unit/distributed/test_replicated_optimizer_state.py",
                   "tests/unit/distributed/test_deepspeed_checkpoint_refused.py",
-                  "tests/unit/distributed/test_sharded_optimizer_state.py",
+                  "tests/integration/distributed/test_sharded_optimizer_state.py",
                   "tests/unit/distributed/test_shards_one_process.py",
-                  "tests/unit/distributed/test_engine.py"],
+                  "tests/integration/distributed/test_engine.py"],
         "functions": ["load_shards", "Replicated.load_state"], "generic": 1},
     "finetune/distributed/deepspeed_config.py": {
         "tests": ["tests/unit/distributed/test_deepspeed.py"],
         "functions": ["check_overrides", "build_config"], "generic": 3},
     "recipes/dpo.py": {
-        "tests": ["tests/unit/train/test_dpo.py"],
+        "tests": ["tests/integration/train/test_dpo.py"],
         "functions": ["preference_loss", "sequence_logps"], "generic": 2},
     "finetune/kernels/lora_linear.py": {
         "tests": ["tests/unit/kernels/test_lora_linear.py"],

@@ -1,5 +1,5 @@
 """Runs on a small disk (a tmpfs; skipped where one cannot be mounted, the in-process ENOSPC
-tests in unit/train/test_save_space.py and unit/adapters/test_export_writes.py cover the rest).
+tests in integration/train/test_save_space.py and unit/adapters/test_export_writes.py cover the rest).
 
 A sharded (fsdp2) run: the space check before a save counts what every rank's shards write, so
 the save that cannot fit stops before writing, in one paragraph (exit code 1) on every rank, and
