@@ -372,9 +372,11 @@ def node_pins(result: Plan) -> dict[str, str]:
 def conflict_message(error: PipError, pins: dict[str, str]) -> str:
     """A failed constrained resolution, with the node's packages pip named in its conflict."""
     text = error.output
+    def spelled(name: str) -> str:  # pip prints names as their metadata spells them
+        return "[-_.]".join(re.escape(part) for part in name.split("-"))
+
     named = [f"{n}=={v}" for n, v in sorted(pins.items())
-             if re.search(rf"(?i)(^|[^\w.-]){re.escape(n).replace('-', '[-_.]')}([^\w.-]|$)",
-                          text)]
+             if re.search(rf"(?i)(^|[^\w.-]){spelled(n)}([^\w.-]|$)", text)]
     which = (f"the node's {', '.join(named)} conflict" if named else
              "the node's packages (pinned to their versions) conflict")
     tail = "\n".join(text.strip().splitlines()[-15:])

@@ -149,15 +149,16 @@ def test_a_constrained_resolution_that_fails_names_the_nodes_package(
                 "ERROR: Cannot install finetune because these package versions have "
                 "conflicting dependencies.\nThe conflict is caused by:\n    The user requested "
                 "(constraint) transformers==4.57.1\n    peft 0.18 depends on transformers>=4.60"
+                "\n    The user requested (constraint) huggingface_hub==0.36.0"
                 "\nERROR: ResolutionImpossible"))
         return _report()
 
     monkeypatch.setattr(wheelhouse, "resolve_report", fake_report)
-    node = {"transformers": "4.57.1", "filelock": "3.20.0"}
+    node = {"transformers": "4.57.1", "filelock": "3.20.0", "huggingface-hub": "0.36.0"}
     with pytest.raises(SystemExit) as caught:
         wheelhouse.resolve_plan(tmp_path / "finetune.whl", [], LINUX_312, node=node)
     message = str(caught.value)
-    assert "the node's transformers==4.57.1 conflict" in message
+    assert "the node's huggingface-hub==0.36.0, transformers==4.57.1 conflict" in message
     assert "filelock" not in message.split("pip says")[0]
     assert "ResolutionImpossible" in message
 
