@@ -111,3 +111,55 @@ def test_auto_is_the_default_and_other_values_are_refused_with_the_fix() -> None
             compose_run_config("lora_sft", [f"trainer.gradient_checkpointing={bad}"])
         assert "trainer.gradient_checkpointing=" in str(err.value)
         assert "must be auto" in str(err.value) and "true or false" in str(err.value)
+
+
+@pytest.mark.parametrize(("share", "enabled"), [(0.85, False), (0.95, True)])
+def test_the_margin_is_ninety_percent_of_the_budget_not_all_of_it(share: float,
+                                                                  enabled: bool) -> None:
+    # The estimate without checkpointing at 85% and at 95% of the budget: both fit the budget
+    # itself, only the first fits its 90%.
+    strategy = _strategy(2048)
+    without = strategy.estimate.total
+    choice = choose_checkpointing("auto", strategy, Budget(int(without / share), "the budget"))
+    assert choice.enabled is enabled
+
+
+def test_auto_weighs_the_estimate_of_the_runs_own_strategy_and_world_size() -> None:
+    # fsdp2 over 4 processes shards what single keeps whole: the figure compared is fsdp2's.
+    model_type, sizes = PUBLISHED_CONFIGS[LLAMA_8B]
+    workload = Workload(shape=model_shape(AutoConfig.for_model(model_type, **sizes)),
+                        peft_method="full", seq_len=2048, micro_batch_size=1)
+    strategy = choose_strategy(DistributedConfig(strategy=Strategy.fsdp2), workload,
+                               profile_by_name("h100"), 4)
+    fsdp2 = workload.estimate("fsdp2", 4).total
+    single = workload.estimate("single", 1).total
+    # A budget that fsdp2's estimate fits with its margin and single's does not.
+    budget = Budget(int(fsdp2 / 0.8), "the budget")
+    assert fsdp2 <= FIT_FRACTION * budget.bytes < single
+    choice = choose_checkpointing("auto", strategy, budget)
+    assert not choice.enabled
+    assert f"without it fsdp2 needs about {format_bytes(fsdp2)} per process" in choice.reason
+
+
+def test_a_gpu_shared_by_more_processes_than_devices_is_split_between_them() -> None:
+    h100 = profile_by_name("h100")  # 8 devices
+    whole = int(h100.memory_gb * GIB)
+    assert memory_budget(h100, 8).bytes == whole
+    assert memory_budget(h100, 16).bytes == whole // 2
+
+
+def test_the_budget_is_split_between_the_processes_on_this_machine_not_the_world() -> None:
+    # ddp over 2 nodes of 8 H100s: 16 processes, 8 here, one whole GPU each. About 48 GiB
+    # without checkpointing fits 90% of a whole H100, not 90% of half of one.
+    model_type, sizes = PUBLISHED_CONFIGS[LLAMA_8B]
+    workload = Workload(shape=model_shape(AutoConfig.for_model(model_type, **sizes)),
+                        peft_method="lora", seq_len=4096, micro_batch_size=1)
+    h100, ddp = profile_by_name("h100"), DistributedConfig(strategy=Strategy.ddp)
+    strategy = choose_strategy(ddp, workload, h100, 16, local_processes=8)
+    half = h100.memory_gb * GIB / 2
+    assert FIT_FRACTION * half < strategy.estimate.total <= FIT_FRACTION * 2 * half
+    two_nodes, _ = with_checkpointing("auto", strategy, ddp, h100, 16, local_processes=8)
+    assert not two_nodes.enabled
+    # The same 16 processes all on this machine share its 8 GPUs, two to a GPU.
+    one_node, _ = with_checkpointing("auto", strategy, ddp, h100, 16)
+    assert one_node.enabled
