@@ -203,3 +203,28 @@ def test_a_model_that_rescales_its_logits_keeps_the_unfused_head() -> None:
     installed, why = install_chunked_head(model)
     assert not installed and "final_logit_softcapping" in why
     assert chunked_head_of(model) is None
+
+
+def test_under_autocast_the_logits_are_in_the_autocast_dtype_like_the_unfused_path() -> None:
+    # fp32 inputs under bf16 autocast: the unfused head's matmul runs in bf16, and so must the
+    # chunked one's (its label log-probabilities then agree to fp32 rounding; computed in fp32
+    # they are off by about 1e-2).
+    hidden, weight, _, targets = _inputs(bias=False)
+    valid = targets != IGNORE
+
+    def unfused() -> torch.Tensor:
+        full = torch.log_softmax(F.linear(hidden, weight).float(), dim=-1)
+        return full.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) * valid
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_token_logps(hidden, weight, targets, ignore_index=IGNORE, rows=16)
+        want = unfused()
+    assert (got - want).abs().max() <= 1e-4
+    assert (unfused() - want).abs().max() > 1e-3  # the test tells bf16 from fp32 logits
+
+
+def test_a_chunk_is_as_many_positions_as_fp32_logits_fit_the_budget() -> None:
+    # 64 MiB of 4-byte logits over a 32,000 vocabulary: 67,108,864 // 128,000 = 524 positions.
+    assert chunk_rows(32_000) == 524
+    assert chunk_rows(128_256, budget=4 * 128_256 * 3 + 5) == 3
+    assert chunk_rows(10**9) == 1  # a vocabulary larger than the budget: one position
