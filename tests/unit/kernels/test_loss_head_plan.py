@@ -53,6 +53,18 @@ def test_without_liger_installed_an_h100_takes_the_chunked_loss() -> None:
     assert "liger-kernel" in kernel_plan.kernels["fused_ops"].details["loss_head_reason"]
 
 
+def test_without_the_liger_ops_an_h100_never_takes_ligers_loss_and_on_is_refused() -> None:
+    # Liger's loss is patched in with the Liger ops: with kernels.fused_ops=none it cannot run,
+    # though the device and the installed package would allow it.
+    h100 = profile_by_name("h100", "all")
+    kernel_plan = plan(h100, KernelsConfig(fused_ops="none"))
+    assert kernel_plan.loss_head == "chunked"
+    rejected = {r["name"]: r["reason"]
+                for r in kernel_plan.kernels["fused_ops"].details["loss_head_rejected"]}
+    assert rejected["liger"] == "needs kernels.fused_ops=liger (it is none)"
+    with pytest.raises(KernelOverrideError, match="needs kernels.fused_ops=liger"):
+        plan(h100, KernelsConfig(fused_ops="none", fused_linear_cross_entropy="on"))
+
 def test_where_liger_is_slow_auto_takes_the_chunked_loss_and_on_still_forces_liger() -> None:
     mi355x = profile_by_name("mi355x", "all")
     assert plan(mi355x, KernelsConfig()).loss_head == "chunked"
