@@ -89,6 +89,17 @@ MODULES: dict[str, dict] = {
                   "tests/unit/distributed/test_memory_fsdp2_gradients.py",
                   "tests/unit/distributed/test_memory.py"],
         "functions": ["Workload.estimate"], "generic": 3},
+    "finetune/kernels/chunked_loss.py": {
+        "tests": ["tests/unit/kernels/test_chunked_loss.py"],
+        "functions": ["_run", "_LinearCrossEntropy.backward", "install_chunked_head"],
+        "generic": 3},
+    "finetune/kernels/loss_head.py": {
+        "tests": ["tests/unit/kernels/test_loss_head_plan.py"],
+        "functions": ["loss_heads_for", "setting_reason"], "generic": 2},
+    "finetune/distributed/checkpointing.py": {
+        "tests": ["tests/unit/distributed/test_checkpointing.py",
+                  "tests/unit/train/test_checkpointing_auto.py"],
+        "functions": ["choose_checkpointing", "with_checkpointing"], "generic": 3},
 }
 
 # Must be killed before anything else runs: it proves the copy's code is what the tests import.
@@ -196,4 +207,80 @@ CURATED: list[Curated] = [
     Curated("finetune/distributed/memory.py",
             "layer_bytes * (2 if self.reshard_after_forward else s.layers)",
             "layer_bytes * (1 if self.reshard_after_forward else s.layers)"),
+    # -- the chunked linear + cross-entropy (kernels.fused_linear_cross_entropy=auto on CPU)
+    Curated("finetune/kernels/chunked_loss.py",  # an ignored position's loss counted
+            "values = values.masked_fill(~valid, 0.0)", "values = values"),
+    Curated("finetune/kernels/chunked_loss.py",  # the last, partial chunk dropped
+            "for start in range(0, n, rows):", "for start in range(0, n - rows + 1, rows):"),
+    Curated("finetune/kernels/chunked_loss.py",  # the backward ignores grad_output
+            "hidden = (grads.hidden.float() * scale).to(grads.hidden.dtype)",
+            "hidden = grads.hidden"),
+    Curated("finetune/kernels/chunked_loss.py",
+            "weight = None if grads.weight is None else grads.weight * scale",
+            "weight = None if grads.weight is None else grads.weight"),
+    Curated("finetune/kernels/chunked_loss.py",  # the trainable head's weight gradient dropped
+            "(need[0], need[1] and not defer, need[2] and not defer))",
+            "(need[0], False, need[2] and not defer))"),
+    Curated("finetune/kernels/chunked_loss.py",  # the log-probability's sign
+            "values = (picked - lse) if per_token else (lse - picked)",
+            "values = (lse - picked) if per_token else (lse - picked)"),
+    Curated("finetune/kernels/chunked_loss.py",  # logits in fp32 under bf16 autocast
+            "return torch.get_autocast_dtype(device)",
+            "return torch.promote_types(hidden.dtype, weight.dtype)"),
+    Curated("finetune/kernels/chunked_loss.py",  # the budget counted in 2-byte logits
+            "return max(1, budget // (4 * vocab))", "return max(1, budget // (2 * vocab))"),
+    Curated("finetune/kernels/chunked_loss.py",  # the summed loss averaged instead
+            "return values if per_token else values.sum()",
+            "return values if per_token else values.mean()"),
+    # The chunked head's loss not divided by the window's token count.
+    Curated("finetune/train/loss.py",
+            "return model(**inputs, logits_to_keep=keep, use_cache=False).logits / num_items",
+            "return model(**inputs, logits_to_keep=keep, use_cache=False).logits",
+            tests=("tests/unit/kernels/test_chunked_loss.py",)),
+    # The loss positions of a batch without them: only those trained in every row.
+    Curated("finetune/train/loss.py",
+            "keep = torch.nonzero((targets != IGNORE_INDEX).any(dim=0)).flatten()",
+            "keep = torch.nonzero((targets != IGNORE_INDEX).all(dim=0)).flatten()"),
+    # -- the collate's host-side boundaries and loss positions
+    Curated("finetune/data/collate.py",  # cu_seq_lens without its leading 0
+            "offsets = torch.from_numpy(np.cumsum([0, *lengths]).astype(np.int32))",
+            "offsets = torch.from_numpy(np.cumsum(lengths).astype(np.int32))"),
+    Curated("finetune/data/collate.py",  # max_length the row's, not the longest document's
+            "longest = max(lengths, default=0)", "longest = sum(lengths)"),
+    Curated("finetune/data/collate.py",  # a position kept only when every row trains it
+            "np.flatnonzero((labels[:, 1:] != IGNORE_INDEX).any(axis=0))",
+            "np.flatnonzero((labels[:, 1:] != IGNORE_INDEX).all(axis=0))"),
+    # -- the loss-head candidates
+    Curated("finetune/kernels/loss_head.py",  # the self-check's reference a mean, not a sum
+            'return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets,\n'
+            '                           ignore_index=ignore_index, reduction="sum")',
+            'return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets,\n'
+            '                           ignore_index=ignore_index, reduction="mean")'),
+    Curated("finetune/kernels/loss_head.py",
+            "default_rank=1, loss=_chunked_loss)", "default_rank=3, loss=_chunked_loss)"),
+    Curated("finetune/kernels/loss_head.py",
+            'SETTING_TO_CANDIDATE: dict[str, str] = {"on": "liger", "chunked": "chunked", '
+            '"off": "unfused"}',
+            'SETTING_TO_CANDIDATE: dict[str, str] = {"on": "liger", "chunked": "chunked", '
+            '"off": "chunked"}'),
+    Curated("finetune/kernels/loss_head.py", "    if fused_ops != \"liger\":",
+            "    if fused_ops == \"liger\":"),
+    Curated("finetune/kernels/loss_head.py", "    elif not liger_flce[0]:",
+            "    elif liger_flce[0]:"),
+    # -- gradient checkpointing's auto
+    Curated("finetune/distributed/checkpointing.py",  # the 90% margin dropped
+            "limit = FIT_FRACTION * budget.bytes", "limit = budget.bytes"),
+    Curated("finetune/distributed/checkpointing.py",  # the budget comparison flipped
+            "if without.total <= limit:", "if without.total >= limit:"),
+    Curated("finetune/distributed/checkpointing.py",  # the estimate with checkpointing compared
+            "without = replace(workload, gradient_checkpointing=False).estimate(",
+            "without = replace(workload, gradient_checkpointing=True).estimate("),
+    Curated("finetune/distributed/checkpointing.py",  # the estimate of another strategy
+            "        str(strategy.strategy), world, offload)\n    limit",
+            "        \"single\", world, offload)\n    limit"),
+    Curated("finetune/distributed/checkpointing.py",  # a GPU shared by processes: whole memory
+            "budget = device_budget(profile, local_processes)",
+            "budget = device_budget(profile, 1)"),
+    Curated("finetune/distributed/checkpointing.py",  # CPU: this process's memory not added
+            "return Budget(available + own_rss,", "return Budget(available,"),
 ]
