@@ -60,6 +60,9 @@ NODE_ROOT = "torch"
 SOURCE_ONLY = ("antlr4-python3-runtime==4.9.3",)
 # Rounds of "resolve, pin what the node has in bounds, resolve again" before giving up on more.
 MAX_ROUNDS = 4
+# How long a resolution pinned to the node's versions may take: where the pins fit no release of
+# the other packages, pip backtracks through their older releases, which can take hours.
+PINNED_RESOLVE_TIMEOUT_S = 300
 
 
 def canonical(name: str) -> str:
@@ -80,16 +83,27 @@ class PipError(SystemExit):
         self.output = output
 
 
-def pip(*args: str) -> subprocess.CompletedProcess[str]:
+def pip_tail(output: str, lines: int = 15) -> str:
+    """pip's last lines, without its warnings (a configured index folder that is missing...)."""
+    kept = [line for line in output.strip().splitlines() if not line.startswith("WARNING:")]
+    return "\n".join(kept[-lines:])
+
+
+def pip(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     """Run this interpreter's pip; raise PipError (a SystemExit) with pip's own last lines on
-    failure."""
+    failure or after `timeout` seconds."""
     command = [sys.executable, "-m", "pip", *args]
-    proc = subprocess.run(command, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
+                         for part in (exc.stdout or "", exc.stderr or ""))
+        raise PipError(f"wheelhouse: `pip {args[0]}` did not finish within {timeout:.0f} s:\n"
+                       f"{pip_tail(output)}", output) from None
     if proc.returncode != 0:
         output = proc.stdout + proc.stderr
-        tail = "\n".join(output.strip().splitlines()[-15:])
-        raise PipError(f"wheelhouse: `pip {args[0]}` failed (exit {proc.returncode}):\n{tail}",
-                       output)
+        raise PipError(f"wheelhouse: `pip {args[0]}` failed (exit {proc.returncode}):\n"
+                       f"{pip_tail(output)}", output)
     return proc
 
 
@@ -143,7 +157,8 @@ def install_command(out: Path, extras: list[str]) -> str:
 def resolve_report(wheel: Path, options: list[str], extras: Iterable[str] = (),
                    constraints: dict[str, str] | None = None) -> list[dict]:
     """The `install` items of pip's resolution report for finetune (with `extras`) on the
-    target, each package pinned to `constraints` (name -> version) where given."""
+    target, each package pinned to `constraints` (name -> version) where given (then within
+    PINNED_RESOLVE_TIMEOUT_S)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         pinned: list[str] = []
@@ -153,7 +168,19 @@ def resolve_report(wheel: Path, options: list[str], extras: Iterable[str] = (),
             pinned = ["-c", str(pins)]
         pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
             "--target", str(Path(tmp) / "target"), *options, *pinned,
-            requirement(wheel, extras))
+            requirement(wheel, extras),
+            **({"timeout": PINNED_RESOLVE_TIMEOUT_S} if pinned else {}))
+        return json.loads(report.read_text())["install"]
+
+
+def pinned_report(pins: dict[str, str], options: list[str]) -> list[dict]:
+    """The `install` items (metadata) of exactly the node's pinned versions, their own
+    dependencies not resolved: a quick look at what each requires of the others."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        pip("install", "--dry-run", "--ignore-installed", "--no-deps", "--quiet", "--report",
+            str(report), "--target", str(Path(tmp) / "target"), *options,
+            *(f"{n}=={v}" for n, v in sorted(pins.items())))
         return json.loads(report.read_text())["install"]
 
 
@@ -328,10 +355,10 @@ class Plan:
 
 
 def plan(items: list[dict], environments: list[dict[str, str]], extras: Iterable[str] = (),
-         node: dict[str, str] | None = None) -> Plan:
+         node: dict[str, str] | None = None, refused: dict[str, str] | None = None) -> Plan:
     """Split a resolution report: what finetune (with `extras`) reaches without passing through
     torch is brought, except the GPU stack and what the node has in bounds; the rest is the
-    node's."""
+    node's. `refused`: node packages brought anyway, with the reason (`pin_conflicts`)."""
     extras = [canonical(e) for e in extras]
     graph = Graph.from_report(items, environments)
     needed = graph.reachable("finetune", extras, stop=[NODE_ROOT])
@@ -348,7 +375,7 @@ def plan(items: list[dict], environments: list[dict[str, str]], extras: Iterable
                     result.gpu_out_of_bounds[name] = why
             continue
         if name in node:
-            why = out_of_bounds(graph, name, node[name], extras)
+            why = (refused or {}).get(name) or out_of_bounds(graph, name, node[name], extras)
             if why is None:
                 result.node_keeps.append((name, node[name]))
                 continue
@@ -369,20 +396,47 @@ def node_pins(result: Plan) -> dict[str, str]:
     return pins
 
 
+def pin_conflicts(items: list[dict], pins: dict[str, str],
+                  environments: list[dict[str, str]]) -> dict[str, str]:
+    """Pins another pinned package's own requirement breaks (a node whose transformers wants
+    huggingface-hub<1.0 beside a huggingface-hub 2.4), each with the reason: `items` are the
+    pinned versions' metadata (`pinned_report`). Left pinned, they would make pip backtrack
+    for hours and fail; unpinned, the wheelhouse brings a version that fits."""
+    graph = Graph.from_report(items, environments)
+    broken: dict[str, str] = {}
+    for owner, edges in sorted(graph.edges.items()):
+        for edge in edges:
+            if (edge.name == owner or edge.name not in pins or edge.requirement is None
+                    or not edge_present(edge, environments, ())):
+                continue
+            spec = edge.requirement.specifier
+            try:
+                fits = spec.contains(Version(pins[edge.name]), prereleases=True)
+            except InvalidVersion:
+                fits = True
+            if not fits:
+                broken.setdefault(edge.name, f"the node has {pins[edge.name]}; the node's "
+                                             f"{owner} {graph.versions[owner]} requires "
+                                             f"{edge.name}{spec}")
+    return broken
+
+
+def _spelled(name: str) -> str:
+    """A pattern for `name` however pip prints it (huggingface_hub, huggingface-hub)."""
+    return "[-_.]".join(re.escape(part) for part in name.split("-"))
+
+
 def conflict_message(error: PipError, pins: dict[str, str]) -> str:
     """A failed constrained resolution, with the node's packages pip named in its conflict."""
     text = error.output
-    def spelled(name: str) -> str:  # pip prints names as their metadata spells them
-        return "[-_.]".join(re.escape(part) for part in name.split("-"))
-
     named = [f"{n}=={v}" for n, v in sorted(pins.items())
-             if re.search(rf"(?i)(^|[^\w.-]){spelled(n)}([^\w.-]|$)", text)]
+             if re.search(rf"(?i)(^|[^\w.-]){_spelled(n)}([^\w.-]|$)", text)]
     which = (f"the node's {', '.join(named)} conflict" if named else
              "the node's packages (pinned to their versions) conflict")
-    tail = "\n".join(text.strip().splitlines()[-15:])
     return (f"wheelhouse: {which} with what finetune needs; no wheelhouse built, as it could not "
             f"install there. Upgrade or remove them on the node, or leave them out of "
-            f"--node-has to bring pip's choice instead. pip says:\n{tail}")
+            f"--node-has to bring pip's choice instead. pip says ({error}):\n"
+            f"{pip_tail(text)}")
 
 
 def resolve_plan(wheel: Path, options: list[str], environments: list[dict[str, str]],
@@ -391,17 +445,20 @@ def resolve_plan(wheel: Path, options: list[str], environments: list[dict[str, s
     changing (a pin can bring another node package into bounds)."""
     extras = list(extras)
     pins: dict[str, str] = {}
+    refused: dict[str, str] = {}
     result = plan(resolve_report(wheel, options, extras), environments, extras, node)
     for _ in range(MAX_ROUNDS):
         wanted = node_pins(result)
         if not node or wanted == pins:
             break
-        pins = wanted
         try:
+            clash = pin_conflicts(pinned_report(wanted, options), wanted, environments)
+            refused.update(clash)
+            pins = {n: v for n, v in wanted.items() if n not in clash}
             items = resolve_report(wheel, options, extras, pins)
         except PipError as exc:
-            raise SystemExit(conflict_message(exc, pins)) from None
-        result = plan(items, environments, extras, node)
+            raise SystemExit(conflict_message(exc, wanted)) from None
+        result = plan(items, environments, extras, node, refused)
     return result
 
 

@@ -133,12 +133,45 @@ def test_pins_are_resolved_again_until_they_settle(monkeypatch: pytest.MonkeyPat
         return _report("5.0.0", hub_bound=">=1.0")
 
     monkeypatch.setattr(wheelhouse, "resolve_report", fake_report)
+    monkeypatch.setattr(wheelhouse, "pinned_report", _fake_pinned_report)
     node = {"transformers": "4.57.1", "huggingface-hub": "0.36.0"}
     result = wheelhouse.resolve_plan(tmp_path / "finetune.whl", [], LINUX_312, node=node)
     assert asked == [{}, {"transformers": "4.57.1"},
                      {"transformers": "4.57.1", "huggingface-hub": "0.36.0"}]
     assert dict(result.node_keeps) == node
     assert not {"transformers", "huggingface-hub"} & _brought(result)
+
+
+def _fake_pinned_report(pins: dict[str, str], options) -> list[dict]:
+    """The pinned versions' metadata as the index has it: transformers 4.x wants a hub < 1."""
+    hub = "<1.0,>=0.34" if pins.get("transformers", "5").startswith("4.") else ">=1.0"
+    requires = {"transformers": [f"huggingface-hub{hub}", "filelock"],
+                "huggingface-hub": ["filelock"]}
+    return [_item(name, version, *requires.get(name, [])) for name, version in pins.items()]
+
+
+def test_a_node_package_another_node_package_rules_out_is_brought_not_pinned(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The node's transformers 4.57 wants huggingface-hub<1.0 and the node has 2.4: pinning
+    both would leave pip backtracking for hours; hub is brought instead, with the reason."""
+    asked: list[dict] = []
+
+    def fake_report(wheel, options, extras=(), constraints=None):
+        asked.append(dict(constraints or {}))
+        if "transformers" in (constraints or {}):
+            return _report("4.57.1")
+        return _report("5.0.0", hub_bound=">=1.0")
+
+    monkeypatch.setattr(wheelhouse, "resolve_report", fake_report)
+    monkeypatch.setattr(wheelhouse, "pinned_report", _fake_pinned_report)
+    node = {"transformers": "4.57.1", "huggingface-hub": "2.4.0"}
+    result = wheelhouse.resolve_plan(tmp_path / "finetune.whl", [], LINUX_312, node=node)
+    assert all("huggingface-hub" not in pins for pins in asked)
+    assert dict(result.node_keeps) == {"transformers": "4.57.1"}
+    assert ("huggingface-hub", "0.36.0") in result.bring
+    assert result.replaced["huggingface-hub"] == (
+        "the node has 2.4.0; the node's transformers 4.57.1 requires "
+        "huggingface-hub<1.0,>=0.34")
 
 
 def test_a_constrained_resolution_that_fails_names_the_nodes_package(
@@ -154,6 +187,7 @@ def test_a_constrained_resolution_that_fails_names_the_nodes_package(
         return _report()
 
     monkeypatch.setattr(wheelhouse, "resolve_report", fake_report)
+    monkeypatch.setattr(wheelhouse, "pinned_report", _fake_pinned_report)
     node = {"transformers": "4.57.1", "filelock": "3.20.0", "huggingface-hub": "0.36.0"}
     with pytest.raises(SystemExit) as caught:
         wheelhouse.resolve_plan(tmp_path / "finetune.whl", [], LINUX_312, node=node)
