@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in sorted(chosen.replaced.items()):
         print(f"wheelhouse: bringing {name}=={dict(chosen.bring)[name]}: {why}")
     for name, why in sorted(chosen.gpu_out_of_bounds.items()):
-        print(f"wheelhouse: warning: {why}; install a {name} in range on the node (the "
+        print(f"wheelhouse: warning: {name}: {why}; install a {name} in range on the node (the "
               "wheelhouse never holds the GPU stack)")
     print(f"wheelhouse: left to the node (torch and what only torch needs): "
           f"{_names(chosen.torch_only)}")
