@@ -50,3 +50,6 @@ if __name__ == "__main__":
     grads = window_gradients(Path(run_dir), strategy, overrides)
     if os.environ.get("RANK", "0") == "0":
         torch.save(grads, out)
+    if torch.distributed.is_initialized():  # no rank leaves while the other still talks to it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

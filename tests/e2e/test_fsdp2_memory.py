@@ -43,6 +43,15 @@ def _status(field: str) -> int:
     raise AssertionError(f"no {field} in /proc/self/status")
 
 
+def _warm_up_peft() -> None:
+    """peft's first get_peft_model imports its optional backends (since peft 0.22, bitsandbytes
+    where it is installed: about 50 MB of host memory), which are not the weights: one on a
+    throwaway layer does that before measuring."""
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=1, target_modules=["0"]))
+
+
 def _rank(rank: int, model_dir: str, data: str, out: str, port: int) -> None:
     """One rank: the run's own setup (plan, strategy, engine, accelerator, then setup), with
     its host memory measured around setup."""
@@ -66,6 +75,7 @@ def _rank(rank: int, model_dir: str, data: str, out: str, port: int) -> None:
     # weights: import it before measuring.
     for module in ("peft", "torch.distributed.fsdp", "torch.distributed.checkpoint.state_dict"):
         importlib.import_module(module)
+    _warm_up_peft()
     before = _reset_peak()
     parts = setup(cfg, kernel_plan, recipe, runtime.accelerator, runtime.engine, run_dir=run_dir)
     peak = _status("VmHWM")
