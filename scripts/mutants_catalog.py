@@ -93,6 +93,9 @@ MODULES: dict[str, dict] = {
         "tests": ["tests/unit/kernels/test_chunked_loss.py"],
         "functions": ["_run", "_LinearCrossEntropy.backward", "install_chunked_head"],
         "generic": 3},
+    "finetune/kernels/autotune.py": {
+        "tests": ["tests/unit/kernels/test_autotune.py", "tests/unit/commands/test_env_autotune.py"],
+        "functions": ["within_noise", "pick", "auto_decision"], "generic": 3},
     "finetune/kernels/loss_head.py": {
         "tests": ["tests/unit/kernels/test_loss_head_plan.py"],
         "functions": ["loss_heads_for", "setting_reason"], "generic": 2},
@@ -200,6 +203,22 @@ CURATED: list[Curated] = [
             "        if False:\n"
             "            raise KernelOverrideError(\n"
             "                family, requested, f\"{requested} failed its self-check: {failure}\","),
+    # -- kernel autotuning: the measured choice, when to tune, the cache and the broadcast
+    Curated("finetune/kernels/autotune.py", "return slow - fast <= NOISE * fast or overlap",
+            "return slow - fast <= NOISE * fast and overlap"),
+    Curated("finetune/kernels/autotune.py",
+            "chosen = next(n for n in timed if n == fastest or within_noise(timings[n], best))",
+            "chosen = fastest"),
+    Curated("finetune/kernels/autotune.py", "if run_seconds >= AUTO_FACTOR * estimate:",
+            "if run_seconds >= estimate:"),
+    Curated("finetune/kernels/autotune.py", "    if under_test:\n", "    if False:\n"),
+    Curated("finetune/kernels/autotune.py",
+            '"shapes": shapes.signature() if shapes else None}', '"shapes": None}'),
+    Curated("finetune/kernels/autotune.py",
+            'all(isinstance(rates.get(k), float) for k in ("bf16", "fp32"))',
+            'any(isinstance(rates.get(k), float) for k in ("bf16", "fp32"))'),
+    Curated("finetune/kernels/autotune.py", "    broadcast(box)\n    return box[0]",
+            "    broadcast(box)\n    return value"),
     # -- memory estimate
     Curated("finetune/distributed/memory.py", "gradients=grads + unsharded_grads,",
             "gradients=grads,"),

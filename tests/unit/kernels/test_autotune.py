@@ -215,6 +215,25 @@ def test_matmul_rate_is_measured_once_and_cached(cpu_profile, cache) -> None:
     assert calls == ["cpu"]
 
 
+def test_a_cache_missing_one_dtypes_rate_is_measured_again(cpu_profile, cache) -> None:
+    path = cache_path(cpu_profile, None)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"tflops": {"bf16": 0.5}}))  # no fp32 rate: an older or cut file
+    calls = []
+    rates, cached = matmul_rates(cpu_profile, "cpu", measure=lambda d: calls.append(d) or RATES)
+    assert (rates, cached, calls) == (RATES, False, ["cpu"])
+    assert json.loads(path.read_text())["tflops"] == RATES
+
+
+def test_each_workload_shape_has_its_own_cache_file(cpu_profile) -> None:
+    """Timings measured at one model's shapes are never read back for another's."""
+    other = replace(SHAPES, hidden=64)
+    assert cache_path(cpu_profile, SHAPES) == cache_path(cpu_profile, SHAPES)
+    assert cache_path(cpu_profile, SHAPES) != cache_path(cpu_profile, other)
+    assert cache_path(cpu_profile, None) not in (cache_path(cpu_profile, SHAPES),
+                                                 cache_path(cpu_profile, other))
+
+
 def test_time_workload_takes_the_median_after_warmup() -> None:
     ticks = iter([0, 5, 5, 5,  # two warm-up runs, 5 s and 0 s (not counted)
                   10, 10.001, 20, 20.003, 30, 30.002, 40, 40.010, 50, 50.002])
