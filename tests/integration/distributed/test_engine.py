@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from finetune.checkpoint.trainable import trainable_state
 from finetune.config.schema import PeftConfig
@@ -21,37 +20,7 @@ from finetune.distributed.engine import (
     save_shards,
 )
 from finetune.errors import CheckpointError, ConfigError
-
-
-class _Accelerator:
-    """What the engines use of accelerate's Accelerator, for one CPU process."""
-
-    device = torch.device("cpu")
-    num_processes = 1
-    native_amp = False
-
-    def prepare(self, model, optimizer):
-        return model, optimizer
-
-    def prepare_optimizer(self, optimizer, device_placement=None):
-        return optimizer
-
-    def unscale_gradients(self):
-        pass
-
-    def clip_grad_norm_(self, params, max_norm):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-
-@pytest.fixture
-def one_rank():
-    """A one-rank gloo process group for the test, removed after it."""
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if owned:
-        dist.destroy_process_group()
+from tests.integration.distributed.conftest import CpuAccelerator
 
 
 def _lora_model(tiny_model_dir: Path, seed: int = 0) -> torch.nn.Module:
@@ -72,7 +41,7 @@ def _train_step(model: torch.nn.Module, optimizer, engine) -> float:
     ids = torch.arange(2, 34).reshape(2, 16)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    norm = engine.clip_grad_norm(_Accelerator(), list(trainable_state(model).values()), 1.0)
+    norm = engine.clip_grad_norm(CpuAccelerator(), list(trainable_state(model).values()), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
@@ -115,9 +84,9 @@ def test_build_engine_refusals() -> None:
 def test_fsdp2_shards_and_trains_like_the_plain_model(tiny_model_dir: Path, one_rank) -> None:
     plain = _lora_model(tiny_model_dir)
     replicated = Replicated("single")
-    plain, plain_opt = replicated.prepare(_Accelerator(), plain, _adamw)
+    plain, plain_opt = replicated.prepare(CpuAccelerator(), plain, _adamw)
     sharded_engine = FullyShard()
-    sharded, sharded_opt = sharded_engine.prepare(_Accelerator(), _lora_model(tiny_model_dir),
+    sharded, sharded_opt = sharded_engine.prepare(CpuAccelerator(), _lora_model(tiny_model_dir),
                                                   _adamw)
     assert type(sharded).__name__.startswith("FSDP")
     for _ in range(2):
@@ -132,7 +101,7 @@ def test_fsdp2_shards_and_trains_like_the_plain_model(tiny_model_dir: Path, one_
 def test_sharded_checkpoint_loads_into_either_engine(tiny_model_dir: Path, tmp_path: Path,
                                                      one_rank) -> None:
     engine = FullyShard()
-    model, optimizer = engine.prepare(_Accelerator(), _lora_model(tiny_model_dir), _adamw)
+    model, optimizer = engine.prepare(CpuAccelerator(), _lora_model(tiny_model_dir), _adamw)
     _train_step(model, optimizer, engine)
     trainable, optim_state, shards = engine.save_state(model, optimizer)
     assert trainable == {} and optim_state == {} and shards is not None
@@ -143,7 +112,7 @@ def test_sharded_checkpoint_loads_into_either_engine(tiny_model_dir: Path, tmp_p
 
     # A plain model (another seed: other adapter weights) takes the shards' weights and state.
     replicated = Replicated("single")
-    plain, plain_opt = replicated.prepare(_Accelerator(), _lora_model(tiny_model_dir, seed=1),
+    plain, plain_opt = replicated.prepare(CpuAccelerator(), _lora_model(tiny_model_dir, seed=1),
                                           _adamw)
     replicated.load_state(plain, plain_opt, tmp_path, {}, {})
     for name, value in trainable_state(plain).items():
@@ -152,7 +121,7 @@ def test_sharded_checkpoint_loads_into_either_engine(tiny_model_dir: Path, tmp_p
 
     # And a sharded one.
     other = FullyShard()
-    again, again_opt = other.prepare(_Accelerator(), _lora_model(tiny_model_dir, seed=2), _adamw)
+    again, again_opt = other.prepare(CpuAccelerator(), _lora_model(tiny_model_dir, seed=2), _adamw)
     other.load_state(again, again_opt, tmp_path, {}, {})
     for name, value in trainable_state(again).items():
         assert torch.equal(_full(value).detach(), saved[name]), name
@@ -161,13 +130,13 @@ def test_sharded_checkpoint_loads_into_either_engine(tiny_model_dir: Path, tmp_p
 
 def test_replicated_checkpoint_loads_into_fsdp2(tiny_model_dir: Path, one_rank) -> None:
     replicated = Replicated("single")
-    plain, plain_opt = replicated.prepare(_Accelerator(), _lora_model(tiny_model_dir), _adamw)
+    plain, plain_opt = replicated.prepare(CpuAccelerator(), _lora_model(tiny_model_dir), _adamw)
     _train_step(plain, plain_opt, replicated)
     trainable, optim_state, _ = replicated.save_state(plain, plain_opt)
     trainable = {n: t.detach().clone() for n, t in trainable.items()}
 
     engine = FullyShard()
-    model, optimizer = engine.prepare(_Accelerator(), _lora_model(tiny_model_dir, seed=3), _adamw)
+    model, optimizer = engine.prepare(CpuAccelerator(), _lora_model(tiny_model_dir, seed=3), _adamw)
     # Copies: loading distributes the given tensors in place (a checkpoint's come from disk).
     engine.load_state(model, optimizer, Path("ckpt"), dict(trainable), copy.deepcopy(optim_state))
     for name, value in trainable_state(model).items():

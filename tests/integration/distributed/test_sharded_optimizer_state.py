@@ -7,35 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from finetune.checkpoint.trainable import trainable_state
 from finetune.config.schema import PeftConfig
 from finetune.distributed.engine import FullyShard, Replicated, _optimizer_by_name, save_shards
+from tests.integration.distributed.conftest import CpuAccelerator
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-class _Accelerator:
-    device = torch.device("cpu")
-    num_processes = 1
-    native_amp = False
-
-    def prepare(self, model, optimizer):
-        return model, optimizer
-
-    def prepare_optimizer(self, optimizer, device_placement=None):
-        return optimizer
-
-
-@pytest.fixture
-def one_rank():
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if owned:
-        dist.destroy_process_group()
 
 
 def _lora_model(tiny_model_dir: Path, seed: int) -> torch.nn.Module:
@@ -75,7 +53,7 @@ def _moments(model: torch.nn.Module, optimizer) -> dict[str, dict[str, torch.Ten
 def test_a_sharded_checkpoint_gives_back_the_optimizer_moments(
         tiny_model_dir: Path, tmp_path: Path, one_rank, target: str) -> None:
     engine = FullyShard()
-    model, optimizer = engine.prepare(_Accelerator(), _lora_model(tiny_model_dir, 0), _adamw)
+    model, optimizer = engine.prepare(CpuAccelerator(), _lora_model(tiny_model_dir, 0), _adamw)
     _train_steps(model, optimizer, 2)
     saved = _moments(model, optimizer)
     assert saved and all(m["exp_avg_sq"].abs().sum() > 0 for m in saved.values())
@@ -83,7 +61,7 @@ def test_a_sharded_checkpoint_gives_back_the_optimizer_moments(
     save_shards(shards, tmp_path)
 
     loader = FullyShard() if target == "fsdp2" else Replicated("single")
-    fresh, fresh_opt = loader.prepare(_Accelerator(), _lora_model(tiny_model_dir, 1), _adamw)
+    fresh, fresh_opt = loader.prepare(CpuAccelerator(), _lora_model(tiny_model_dir, 1), _adamw)
     _train_steps(fresh, fresh_opt, 1)  # moments of its own, which the load must replace
     loader.load_state(fresh, fresh_opt, tmp_path, {}, {})
     loaded = _moments(fresh, fresh_opt)
