@@ -124,6 +124,18 @@ def test_pins_are_resolved_again_until_they_settle(monkeypatch: pytest.MonkeyPat
                                                    tmp_path: Path) -> None:
     """Unpinned, pip picks transformers 5 (which needs huggingface-hub>=1), so the node's hub
     0.36 looks out of bounds; pinned to the node's transformers 4.57, it is in bounds."""
+    asked = _fake_index(monkeypatch)
+    node = {"transformers": "4.57.1", "huggingface-hub": "0.36.0"}
+    result = wheelhouse.resolve_plan(tmp_path / "finetune.whl", [], LINUX_312, node=node)
+    assert asked == [{}, {"transformers": "4.57.1"},
+                     {"transformers": "4.57.1", "huggingface-hub": "0.36.0"}]
+    assert dict(result.node_keeps) == node
+    assert not {"transformers", "huggingface-hub"} & _brought(result)
+
+
+def _fake_index(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """pip's resolutions as the index would give them: unpinned, transformers 5 (which needs
+    huggingface-hub>=1); with transformers pinned, 4.57.1. Returns the pins each call was given."""
     asked: list[dict] = []
 
     def fake_report(wheel, options, extras=(), constraints=None):
@@ -134,12 +146,7 @@ def test_pins_are_resolved_again_until_they_settle(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(wheelhouse, "resolve_report", fake_report)
     monkeypatch.setattr(wheelhouse, "pinned_report", _fake_pinned_report)
-    node = {"transformers": "4.57.1", "huggingface-hub": "0.36.0"}
-    result = wheelhouse.resolve_plan(tmp_path / "finetune.whl", [], LINUX_312, node=node)
-    assert asked == [{}, {"transformers": "4.57.1"},
-                     {"transformers": "4.57.1", "huggingface-hub": "0.36.0"}]
-    assert dict(result.node_keeps) == node
-    assert not {"transformers", "huggingface-hub"} & _brought(result)
+    return asked
 
 
 def _fake_pinned_report(pins: dict[str, str], options) -> list[dict]:
@@ -154,16 +161,7 @@ def test_a_node_package_another_node_package_rules_out_is_brought_not_pinned(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The node's transformers 4.57 wants huggingface-hub<1.0 and the node has 2.4: pinning
     both would leave pip backtracking for hours; hub is brought instead, with the reason."""
-    asked: list[dict] = []
-
-    def fake_report(wheel, options, extras=(), constraints=None):
-        asked.append(dict(constraints or {}))
-        if "transformers" in (constraints or {}):
-            return _report("4.57.1")
-        return _report("5.0.0", hub_bound=">=1.0")
-
-    monkeypatch.setattr(wheelhouse, "resolve_report", fake_report)
-    monkeypatch.setattr(wheelhouse, "pinned_report", _fake_pinned_report)
+    asked = _fake_index(monkeypatch)
     node = {"transformers": "4.57.1", "huggingface-hub": "2.4.0"}
     result = wheelhouse.resolve_plan(tmp_path / "finetune.whl", [], LINUX_312, node=node)
     assert all("huggingface-hub" not in pins for pins in asked)
