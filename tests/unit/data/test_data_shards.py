@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,10 +137,17 @@ def test_a_worker_that_dies_is_redone_in_this_process(tokenizer, data_cfg, tmp_p
     path = write_lines(tmp_path / "d.jsonl", alpaca_lines(alpaca_rows(60)))
     expected = tokenize(tokenizer, data_cfg, str(path), 1)
     parent, original = os.getpid(), FastEncoder._encode_rows
+    died = tmp_path / "child-died"
 
     def dies_in_a_child(*args, **kwargs):
         if os.getpid() != parent:
+            died.touch()
             os._exit(3)
+        # This process takes pieces too: it waits until the child has taken one and died, or
+        # on a fast run it could take every piece before the child starts.
+        deadline = time.monotonic() + 60  # a wait for the child, not a timing check
+        while not died.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(FastEncoder, "_encode_rows", dies_in_a_child)
